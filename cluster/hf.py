@@ -1,0 +1,204 @@
+"""The `hf` backend: transformers on CPU or GPU. One instance per Ray actor, loaded once, reused for every shard.
+
+- `HFGenerator`: batched `generate` with left padding, greedy by default, seeded sampling as an option.
+- `HFLoglikScorer`: length-normalised log p(answer | prompt) under a judge LM (a proxy reward).
+- `HFClassifierScorer`: an `AutoModelForSequenceClassification` reward model; the score is its raw logit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
+
+from cluster import models
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _tokenizer(path, trust_remote_code: bool, padding_side: str):
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tok.padding_side = padding_side
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def render_chat(tok, query: str, answer: str | None = None) -> str:
+    """The prompt as the model's chat template renders it; a plain Q/A layout where the model has none."""
+    if getattr(tok, "chat_template", None):
+        msgs = [{"role": "user", "content": query}]
+        return tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    return f"Question: {query}\nAnswer:"
+
+
+class _StopStrings(StoppingCriteria):
+    """Stop a row once its generated text contains a stop string. (transformers' own `stop_strings` builds
+    tables over the whole vocabulary on every call: seconds for Gemma's 262k tokens.)"""
+
+    def __init__(self, tok, stop: list[str], prompt_len: int):
+        self.tok, self.stop, self.prompt_len = tok, stop, prompt_len
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kw) -> torch.Tensor:
+        texts = self.tok.batch_decode(input_ids[:, self.prompt_len:], skip_special_tokens=True)
+        return torch.tensor([any(s in t for s in self.stop) for t in texts], device=input_ids.device)
+
+
+@dataclass
+class Generation:
+    response: str
+    prompt_tokens: int
+    new_tokens: int
+    finish_reason: str
+
+
+class HFGenerator:
+    def __init__(self, model: str, dtype: str = "bfloat16", threads: int = 1, trust_remote_code: bool = False):
+        torch.set_num_threads(threads)
+        path = models.resolve(model)
+        self.device = _device()
+        self.tok = _tokenizer(path, trust_remote_code, "left")
+        self.model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code).to(self.device).eval()
+        self.max_context = int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
+        # The first generate in a process is 2-5x slower on CPU: pay it here, not inside the first shard.
+        self.generate(["Hello"], max_new_tokens=2)
+
+    def render(self, query: str) -> str:
+        return render_chat(self.tok, query)
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[str], max_new_tokens: int = 48, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int = 0, stop: list[str] | None = None, batch_size: int = 8) -> list[Generation]:
+        out: list[Generation] = []
+        stop = [s for s in (stop or []) if s]
+        # Prompts longer than the context are truncated from the left (documented), never a crash.
+        max_prompt = max(8, self.max_context - max_new_tokens)
+        bos = self.tok.bos_token
+        if bos:  # chat templates usually carry BOS already; plain templates need it (Gemma is lost without it)
+            prompts = [p if p.startswith(bos) else bos + p for p in prompts]
+        for start in range(0, len(prompts), batch_size):
+            batch = prompts[start:start + batch_size]
+            enc = self.tok(batch, return_tensors="pt", padding=True, truncation=True, max_length=max_prompt,
+                           add_special_tokens=False, return_token_type_ids=False).to(self.device)
+            kw: dict = {"max_new_tokens": max_new_tokens, "pad_token_id": self.tok.pad_token_id}
+            if temperature > 0:
+                torch.manual_seed(seed + start)
+                kw.update(do_sample=True, temperature=temperature, top_p=top_p)
+            else:
+                kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+            if stop:
+                prompt_len = enc["input_ids"].shape[1]
+                kw["stopping_criteria"] = StoppingCriteriaList([_StopStrings(self.tok, stop, prompt_len)])
+            ids = self.model.generate(**enc, **kw)[:, enc["input_ids"].shape[1]:]
+            for row, mask in zip(ids.tolist(), enc["attention_mask"].tolist(), strict=True):
+                out.append(self._finish(row, sum(mask), max_new_tokens, stop))
+        return out
+
+    def _finish(self, row: list[int], prompt_tokens: int, max_new: int, stop: list[str]) -> Generation:
+        eos = self.model.generation_config.eos_token_id
+        # finished rows are padded: the answer ends at the first EOS or pad token
+        eos = set(eos if isinstance(eos, list) else [eos]) | {self.tok.eos_token_id, self.tok.pad_token_id}
+        n = len(row)
+        for i, t in enumerate(row):
+            if t in eos:
+                n = i
+                break
+        text = self.tok.decode(row[:n], skip_special_tokens=True)
+        cut = min((text.find(s) for s in stop if s in text), default=-1)
+        stopped = n < len(row) or cut >= 0 or len(row) < max_new
+        if cut >= 0:
+            text = text[:cut]
+        return Generation(text.strip(), prompt_tokens, n, "stop" if stopped else "length")
+
+
+class HFLoglikScorer:
+    """Mean log-probability per answer token under a judge LM: a proxy reward that needs no reward model.
+
+    Known biases (documented in README): it prefers short, generic and the judge's own phrasing.
+    """
+
+    def __init__(self, model: str, dtype: str = "bfloat16", threads: int = 1, trust_remote_code: bool = False,
+                 max_length: int = 512):
+        torch.set_num_threads(threads)
+        path = models.resolve(model)
+        self.device = _device()
+        self.tok = _tokenizer(path, trust_remote_code, "left")
+        self.model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code).to(self.device).eval()
+        self.max_length = max_length
+
+    @torch.inference_mode()
+    def score(self, queries: list[str], answers: list[str], batch_size: int = 8) -> list[float | None]:
+        rows = []
+        for q, a in zip(queries, answers, strict=True):
+            ans = self.tok(a, add_special_tokens=False)["input_ids"][: self.max_length // 2]
+            pre = self.tok(render_chat(self.tok, q), add_special_tokens=False)["input_ids"]
+            pre = pre[-(self.max_length - len(ans)):]  # keep the end of a long prompt
+            rows.append((pre, ans))
+        out: list[float | None] = []
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start:start + batch_size]
+            width = max(len(p) + len(a) for p, a in batch)
+            keep = max(len(a) for _, a in batch) + 1
+            # Left padding puts every answer at the end, so the LM head only runs on the last `keep`
+            # positions (a full-vocabulary log-softmax over whole prompts dominated the cost).
+            ids = torch.full((len(batch), width), self.tok.pad_token_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for i, (p, a) in enumerate(batch):
+                ids[i, width - len(p) - len(a):] = torch.tensor(p + a)
+                mask[i, width - len(p) - len(a):] = 1
+            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                logits_to_keep=keep).logits.float()
+            logp = torch.log_softmax(logits[:, :-1], dim=-1)  # position j predicts token width - keep + j + 1
+            tgt = ids[:, width - keep + 1:].to(self.device)
+            tok_logp = logp.gather(-1, tgt[..., None])[..., 0]
+            for i, (_, a) in enumerate(batch):
+                out.append(float(tok_logp[i, keep - 1 - len(a):].mean()) if a else None)
+        return out
+
+
+class HFClassifierScorer:
+    """A sequence-classification reward model: the score is the raw logit of (query, answer)."""
+
+    def __init__(self, model: str, dtype: str = "bfloat16", threads: int = 1, trust_remote_code: bool = False,
+                 max_length: int = 512):
+        torch.set_num_threads(threads)
+        path = models.resolve(model)
+        self.device = _device()
+        self.tok = _tokenizer(path, trust_remote_code, "left")
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code).to(self.device).eval()
+        if self.model.config.num_labels != 1:
+            raise models.ModelSourceError(
+                f"{model}: a reward model must have num_labels=1 (has {self.model.config.num_labels})")
+        if self.model.config.pad_token_id is None:
+            self.model.config.pad_token_id = self.tok.pad_token_id
+        self.max_length = max_length
+
+    def render(self, query: str, answer: str) -> str:
+        if getattr(self.tok, "chat_template", None):
+            msgs = [{"role": "user", "content": query}, {"role": "assistant", "content": answer}]
+            return self.tok.apply_chat_template(msgs, tokenize=False)
+        return f"Question: {query}\nAnswer: {answer}"
+
+    @torch.inference_mode()
+    def score(self, queries: list[str], answers: list[str], batch_size: int = 8) -> list[float | None]:
+        texts = [self.render(q, a) for q, a in zip(queries, answers, strict=True)]
+        out: list[float | None] = []
+        for start in range(0, len(texts), batch_size):
+            enc = self.tok(texts[start:start + batch_size], return_tensors="pt", padding=True, truncation=True,
+                           max_length=self.max_length).to(self.device)
+            out += [float(x) for x in self.model(**enc).logits[:, 0].float().tolist()]
+        return out

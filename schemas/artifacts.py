@@ -1,0 +1,106 @@
+"""The pyarrow schema of every artifact, where each lives in the store, and fingerprints.
+
+A cell is one Parquet file per (stage, fingerprint, shard). Its path is deterministic, so "the cell exists and
+validates" means "this work is done": resume and relabel compute only missing cells.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import pyarrow as pa
+
+SCHEMA_VERSION = "1"
+
+QUERIES = pa.schema([
+    pa.field("query_id", pa.string(), nullable=False),
+    pa.field("text", pa.string(), nullable=False),
+    pa.field("input_tags", pa.list_(pa.string()), nullable=False),
+    pa.field("reference", pa.string()),
+    pa.field("split", pa.string()),  # "train" | "test" if the input fixes it; null = by a hash of query_id
+    pa.field("source_line", pa.int64(), nullable=False),  # 1-based line/row of the input file
+])
+
+TAGS = pa.schema([
+    pa.field("query_id", pa.string(), nullable=False),
+    pa.field("tags", pa.list_(pa.string()), nullable=False),
+])
+
+GENERATIONS = pa.schema([
+    pa.field("query_id", pa.string(), nullable=False),
+    pa.field("response", pa.string(), nullable=False),
+    pa.field("prompt_tokens", pa.int32(), nullable=False),
+    pa.field("new_tokens", pa.int32(), nullable=False),
+    pa.field("finish_reason", pa.string(), nullable=False),  # "stop" | "length"
+])
+
+SCORES = pa.schema([
+    pa.field("query_id", pa.string(), nullable=False),
+    pa.field("score", pa.float64()),  # null: no score for this row (e.g. no reference answer)
+])
+
+LABELS = pa.schema([
+    pa.field("query_id", pa.string(), nullable=False),
+    pa.field("text", pa.string(), nullable=False),
+    pa.field("split", pa.string(), nullable=False),
+    pa.field("tags", pa.list_(pa.string()), nullable=False),
+    pa.field("rewards", pa.list_(pa.float64()), nullable=False),  # combined reward per expert (expert order)
+    pa.field("soft", pa.list_(pa.float64()), nullable=False),  # s(q) = softmax(rewards / T)
+    pa.field("target", pa.list_(pa.float64()), nullable=False),  # s*(q), tag-enhanced
+])
+
+SCHEMAS: dict[str, pa.Schema] = {
+    "queries": QUERIES, "tags": TAGS, "generations": GENERATIONS, "scores": SCORES, "labels": LABELS,
+}
+
+
+def fingerprint(obj: Any, n: int = 12) -> str:
+    """Hash of a JSON-able object (canonical: sorted keys, no whitespace)."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:n]
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.parquet"
+
+
+def shard_index(name: str) -> int:
+    return int(name.removeprefix("shard-").removesuffix(".parquet"))
+
+
+# Deterministic store-relative paths of every artifact.
+def queries_path(shard: int) -> str:
+    return f"queries/{shard_name(shard)}"
+
+
+def tags_path(tagger_fp: str, shard: int) -> str:
+    return f"tags/{tagger_fp}/{shard_name(shard)}"
+
+
+def generation_path(expert: str, fp: str, shard: int) -> str:
+    return f"generations/{expert}-{fp}/{shard_name(shard)}"
+
+
+def score_path(rm: str, rm_fp: str, expert: str, expert_fp: str, shard: int) -> str:
+    return f"scores/{rm}-{rm_fp}/{expert}-{expert_fp}/{shard_name(shard)}"
+
+
+def labels_path(labels_fp: str) -> str:
+    return f"labels/{labels_fp}/labels.parquet"
+
+
+def router_dir(router_fp: str) -> str:
+    return f"routers/{router_fp}"
+
+
+def evaluation_dir(eval_fp: str) -> str:
+    return f"evaluations/{eval_fp}"
+
+
+def run_manifest_path(run_id: str) -> str:
+    return f"runs/{run_id}/manifest.json"
+
+
+CHAMPION_PATH = "champion.json"

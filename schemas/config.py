@@ -1,0 +1,228 @@
+"""Pydantic config models: YAML in, validated once at the edge, YAML out.
+
+Every model forbids unknown keys so that a typo fails with the key's path instead of being ignored.
+Fields that change a step's output feed its fingerprint (see `schemas/fingerprint.py`); operational knobs
+(pool size, batch size, threads, resources) are kept in `Resources` and never do.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def check_name(v: str) -> str:
+    if not NAME_RE.match(v):
+        raise ValueError(f"name {v!r} must match {NAME_RE.pattern} (it becomes a path component)")
+    return v
+
+
+class ConfigError(ValueError):
+    """A config or input problem, reported as one line that names the file and key."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Resources(Strict):
+    """Operational knobs: never part of a fingerprint."""
+
+    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per actor.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per actor.")
+    pool_size: int = Field(1, ge=1, description="Actors in this model's pool.")
+    batch_size: int = Field(8, ge=1, description="Prompts per model call inside an actor.")
+    threads: int = Field(1, ge=1, description="torch intra-op threads per actor (1 is fastest on a busy 2-core CPU).")
+
+
+class Sampling(Strict):
+    max_new_tokens: int = Field(48, ge=1, le=8192, description="Upper bound on generated tokens.")
+    temperature: float = Field(0.0, ge=0, description="0 = greedy decoding; > 0 = seeded sampling.")
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int = Field(0, description="Sampling seed (per shard: seed + shard index).")
+    stop: list[str] = Field(default_factory=list, description="Stop strings; the answer is cut before the first.")
+
+
+class ModelRef(Strict):
+    """Where model weights come from: `packaged:<name>` (see cluster/models.py) or a local HF directory."""
+
+    model: str = Field(description="`packaged:<name>` or a local directory with an HF model.")
+    revision: str | None = Field(None, description="Weights revision for local dirs; part of the fingerprint.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("bfloat16", description="Compute dtype.")
+    trust_remote_code: bool = Field(False, description="Allow model code from the model dir (off by default).")
+
+
+class ExpertSpec(ModelRef):
+    name: str = Field(description="Unique expert name; used in artifact paths and the router's outputs.")
+    backend: Literal["hf"] = Field("hf", description="Model backend (hf = transformers).")
+    prompt: str = Field("chat", description="Prompt template: `chat` (the tokenizer's chat template) or a file "
+                        "name in tasks/prompts/ or a path to a template with a {query} placeholder.")
+    sampling: Sampling = Field(default_factory=Sampling)
+    resources: Resources = Field(default_factory=Resources)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return check_name(v)
+
+
+class RewardSpec(Strict):
+    name: str = Field(description="Unique reward model name.")
+    kind: Literal["loglik", "classifier", "verifiable"] = Field(
+        description="loglik = length-normalised log p(answer | prompt) under a judge LM (a proxy reward); "
+        "classifier = AutoModelForSequenceClassification reward model (raw logit); "
+        "verifiable = 1/0 match against the query's reference answer (null where there is none).")
+    model: str | None = Field(None, description="Model for loglik/classifier (as in ModelRef.model).")
+    revision: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    trust_remote_code: bool = False
+    prompt: str = Field("chat", description="How (query, answer) is rendered for the judge/classifier.")
+    max_length: int = Field(512, ge=16, description="Token limit of the scored text; longer text is truncated "
+                            "from the left of the prompt.")
+    weight: float = Field(1.0, description="Weight of this score in the combined reward.")
+    resources: Resources = Field(default_factory=Resources)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return check_name(v)
+
+    @model_validator(mode="after")
+    def _needs_model(self) -> RewardSpec:
+        if self.kind != "verifiable" and not self.model:
+            raise ValueError(f"reward model {self.name!r} of kind {self.kind!r} needs `model`")
+        return self
+
+
+class DataConfig(Strict):
+    path: str = Field(description="Query file: .jsonl, .parquet or .csv.")
+    text_field: str = Field("text", description="Column with the query text.")
+    id_field: str | None = Field(None, description="Column with a stable id; default: hash of the text.")
+    tags_field: str | None = Field(None, description="Column with a tag or a list of tags.")
+    reference_field: str | None = Field(None, description="Column with a reference answer (verifiable reward).")
+    shard_size: int = Field(16, ge=1, description="Queries per shard (fixed once a store has shards).")
+    test_fraction: float = Field(0.25, ge=0, lt=1, description="Share of queries held out for evaluation "
+                                 "(chosen by a hash of the query id, so it is stable as data grows).")
+    limit: int | None = Field(None, ge=1, description="Use only the first N queries of the file.")
+
+
+class TaggerConfig(Strict):
+    kind: Literal["column", "none"] = Field("column", description="column = tags from data.tags_field.")
+
+
+class AggregateConfig(Strict):
+    beta: float = Field(0.3, ge=0, le=1, description="s* = beta*s + (1-beta)*mean of tag means (paper: 0.3).")
+    temperature: float = Field(1.0, gt=0, description="Softmax temperature over rewards.")
+
+
+class RouterConfig(Strict):
+    encoder: str = Field("packaged:all-minilm-l6-v2", description="Encoder: packaged name or local HF dir.")
+    pooling: Literal["mean", "cls"] = "mean"
+    max_length: int = Field(128, ge=8, le=4096)
+    loss: Literal["kl", "kl_reverse", "hard"] = Field(
+        "kl", description="kl = KL(s*||router) (soft cross-entropy); kl_reverse = KL(router||s*); "
+        "hard = cross-entropy on argmax(s*).")
+    epochs: int = Field(5, ge=1)
+    lr: float = Field(5e-5, gt=0)
+    weight_decay: float = Field(5e-7, ge=0)
+    batch_size: int = Field(16, ge=1)
+    seed: int = 0
+    num_workers: int = Field(1, ge=1, description="Ray Train workers.")
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+
+
+class RayConfig(Strict):
+    address: str | None = Field(None, description="None = embedded local Ray; `auto` or ray://... to join.")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of the embedded local Ray (default: all).")
+
+
+class StoreConfig(Strict):
+    url: str = Field(description="Local directory or s3://bucket/prefix.")
+    options: dict[str, str] = Field(default_factory=dict, description="fsspec/s3fs options (endpoint_url, ...); "
+                                    "never written into artifacts.")
+
+
+class FlowConfig(Strict):
+    name: str = Field("zooter", description="Human name of this labeling job.")
+    store: StoreConfig
+    data: DataConfig
+    tagger: TaggerConfig = Field(default_factory=TaggerConfig)
+    experts: list[ExpertSpec]
+    reward_models: list[RewardSpec]
+    aggregate: AggregateConfig = Field(default_factory=AggregateConfig)
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @field_validator("store", mode="before")
+    @classmethod
+    def _store(cls, v: object) -> object:
+        return {"url": v} if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _pools(self) -> FlowConfig:
+        if not self.experts:
+            raise ValueError("experts: at least one expert is required")
+        if not self.reward_models:
+            raise ValueError("reward_models: at least one reward model is required")
+        for key, specs in (("experts", self.experts), ("reward_models", self.reward_models)):
+            names = [s.name for s in specs]
+            dup = sorted({n for n in names if names.count(n) > 1})
+            if dup:
+                raise ValueError(f"{key}: duplicate name(s) {dup}")
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _loc(err: dict) -> str:
+    return ".".join(str(p) for p in err["loc"]) or "<root>"
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> FlowConfig:
+    """Read a YAML config; relative data/model paths resolve against the config file's directory."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    for k, v in (overrides or {}).items():
+        raw[k] = v
+    base = path.resolve().parent
+    try:
+        cfg = FlowConfig.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        more = f" (+{len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
+        raise ConfigError(f"{path}: {_loc(err)}: {err['msg']}{more}") from None
+    return resolve_paths(cfg, base)
+
+
+def _resolve(p: str | None, base: Path) -> str | None:
+    if p is None or p.startswith("packaged:") or "://" in p or Path(p).is_absolute():
+        return p
+    return str((base / p).resolve())
+
+
+def resolve_paths(cfg: FlowConfig, base: Path) -> FlowConfig:
+    """Make relative paths absolute so actors on any node see the same files."""
+    store = cfg.store.model_copy(update={"url": _resolve(cfg.store.url, base)})
+    data = cfg.data.model_copy(update={"path": _resolve(cfg.data.path, base)})
+    experts = [e.model_copy(update={"model": _resolve(e.model, base)}) for e in cfg.experts]
+    rms = [r.model_copy(update={"model": _resolve(r.model, base)}) for r in cfg.reward_models]
+    router = cfg.router.model_copy(update={"encoder": _resolve(cfg.router.encoder, base)})
+    return cfg.model_copy(update={"store": store, "data": data, "experts": experts,
+                                  "reward_models": rms, "router": router})

@@ -1,0 +1,67 @@
+"""The run manifest: `runs/<run_id>/manifest.json`, the lineage a user inspects.
+
+Config (with store options redacted), every fingerprint, the cells each stage computed or reused, row counts,
+timings and package versions.
+"""
+
+from __future__ import annotations
+
+import platform
+import uuid
+from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
+
+from pydantic import BaseModel, ConfigDict, Field
+
+PACKAGES = ("zooter-flow", "torch", "transformers", "ray", "prefect", "polars", "pyarrow", "s3fs")
+
+
+def new_run_id() -> str:
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for p in PACKAGES:
+        try:
+            out[p] = version(p)
+        except PackageNotFoundError:
+            out[p] = "not installed"
+    return out
+
+
+class StageRecord(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    fingerprint: str
+    cells_computed: int = 0
+    cells_reused: int = 0
+    rows: int = 0
+    new_tokens: int = 0
+    seconds: float = 0.0
+
+
+class RunManifest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    run_id: str
+    flow: str
+    status: str = "running"
+    started: str = Field(default_factory=lambda: datetime.now(UTC).isoformat())
+    finished: str | None = None
+    config: dict
+    versions: dict[str, str] = Field(default_factory=package_versions)
+    shards: list[int] = Field(default_factory=list)
+    queries: int = 0
+    new_queries: int = 0
+    tagger: str | None = None
+    generate: list[StageRecord] = Field(default_factory=list)
+    score: list[StageRecord] = Field(default_factory=list)
+    labels: str | None = None
+    label_rows: int = 0
+    router: str | None = None
+    evaluation: str | None = None
+    timings: dict[str, float] = Field(default_factory=dict)
+
+    @property
+    def cells_computed(self) -> int:
+        return sum(s.cells_computed for s in self.generate + self.score)

@@ -1,0 +1,116 @@
+"""aggregate: rewards -> soft labels s(q) -> tag-enhanced targets s*(q), all in Polars over the cells.
+
+    r_i(q)  = sum_k w_k * score_k(q, answer_i)        (null scores are skipped; see `combine`)
+    s(q)    = softmax_i(r_i(q) / T)
+    s_t     = mean of s(q) over *training* queries carrying tag t
+    s*(q)   = beta * s(q) + (1 - beta) * mean_{t in T(q)} s_t     (s*(q) = s(q) when q has no known tag)
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import polars as pl
+
+from schemas.artifacts import LABELS, fingerprint, labels_path, queries_path, score_path, tags_path
+from schemas.store import Store
+
+CODE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ScoreSource:
+    rm: str
+    rm_fp: str
+    weight: float
+
+
+def hash_split(query_ids: list[str], test_fraction: float) -> list[str]:
+    """Stable train/test assignment from the id alone (Polars' hash is not stable across versions)."""
+    def one(q: str) -> str:
+        u = int(hashlib.sha256(f"split:{q}".encode()).hexdigest()[:8], 16) / 2**32
+        return "test" if u < test_fraction else "train"
+    return [one(q) for q in query_ids]
+
+
+def combine(scores: pl.LazyFrame) -> pl.LazyFrame:
+    """(query_id, expert, weight, score) -> (query_id, expert, reward).
+
+    Rule for missing scores: a null score is left out of the weighted sum; an expert with no score at all for a
+    query gets that query's lowest reward (it is never preferred), and a query no expert has a score for is dropped.
+    """
+    r = (scores.group_by("query_id", "expert")
+         .agg(pl.when(pl.col("score").is_not_null().any())
+              .then((pl.col("weight") * pl.col("score")).sum()).otherwise(None).alias("reward")))
+    return (r.with_columns(pl.col("reward").fill_null(pl.col("reward").min().over("query_id")))
+            .filter(pl.col("reward").is_not_null()))
+
+
+def softmax(rewards: pl.LazyFrame, temperature: float) -> pl.LazyFrame:
+    """Add s = softmax over experts of reward / T, per query (max-shifted for stability)."""
+    z = (pl.col("reward") - pl.col("reward").max().over("query_id")) / temperature
+    return (rewards.with_columns(z.exp().alias("_e"))
+            .with_columns((pl.col("_e") / pl.col("_e").sum().over("query_id")).alias("soft")).drop("_e"))
+
+
+def tag_enhance(soft: pl.LazyFrame, queries: pl.LazyFrame, beta: float) -> pl.LazyFrame:
+    """Add target = beta * s + (1 - beta) * mean of the train tag means of the query's tags."""
+    per = soft.join(queries.select("query_id", "split", "tags"), on="query_id")
+    tag_means = (per.filter(pl.col("split") == "train").explode("tags").drop_nulls("tags")
+                 .group_by("tags", "expert").agg(pl.col("soft").mean().alias("s_t")))
+    q_tag = (per.select("query_id", "expert", "tags").explode("tags")
+             .join(tag_means, on=["tags", "expert"], how="inner")
+             .group_by("query_id", "expert").agg(pl.col("s_t").mean().alias("s_tags")))
+    return (per.join(q_tag, on=["query_id", "expert"], how="left")
+            .with_columns(pl.when(pl.col("s_tags").is_null()).then(pl.col("soft"))
+                          .otherwise(beta * pl.col("soft") + (1 - beta) * pl.col("s_tags")).alias("target")))
+
+
+def labels_fingerprint(experts: list[tuple[str, str]], sources: list[ScoreSource], tagger_fp: str,
+                       shards: list[int], beta: float, temperature: float, test_fraction: float) -> str:
+    return fingerprint({"experts": experts, "scores": [s.__dict__ for s in sources], "tagger": tagger_fp,
+                        "shards": shards, "beta": beta, "temperature": temperature,
+                        "test_fraction": test_fraction, "code": CODE_VERSION})
+
+
+def scan_scores(store: Store, experts: list[tuple[str, str]], sources: list[ScoreSource],
+                shards: list[int]) -> pl.LazyFrame:
+    """Every score cell as one long frame: (query_id, score, expert, rm, weight)."""
+    return pl.concat([
+        store.scan([score_path(src.rm, src.rm_fp, name, efp, s) for s in shards])
+        .with_columns(pl.lit(name).alias("expert"), pl.lit(src.rm).alias("rm"), pl.lit(src.weight).alias("weight"))
+        for src in sources for name, efp in experts])
+
+
+def build_labels(store: Store, experts: list[tuple[str, str]], sources: list[ScoreSource], tagger_fp: str,
+                 shards: list[int], beta: float, temperature: float, test_fraction: float) -> pl.DataFrame:
+    """One row per query with rewards / soft / target as lists in `experts` order."""
+    q = store.scan([queries_path(s) for s in shards]).select("query_id", "text", "split").collect()
+    q = q.with_columns(pl.col("split").fill_null(pl.Series(hash_split(q["query_id"].to_list(), test_fraction))))
+    tags = store.scan([tags_path(tagger_fp, s) for s in shards])
+    queries = q.lazy().join(tags, on="query_id", how="left").with_columns(
+        pl.col("tags").fill_null(pl.lit([], dtype=pl.List(pl.String))))
+    rewards = combine(scan_scores(store, experts, sources, shards))
+    target = tag_enhance(softmax(rewards, temperature), queries, beta)
+    order = pl.DataFrame({"expert": [n for n, _ in experts], "_i": list(range(len(experts)))}).lazy()
+    wide = (target.join(order, on="expert").sort("query_id", "_i")
+            .group_by("query_id", maintain_order=True)
+            .agg(pl.col("reward").alias("rewards"), pl.col("soft"), pl.col("target"), pl.len().alias("_n"))
+            .filter(pl.col("_n") == len(experts)).drop("_n"))
+    return (queries.join(wide, on="query_id").select(LABELS.names).sort("query_id").collect())
+
+
+def run_aggregate(store: Store, experts: list[tuple[str, str]], sources: list[ScoreSource], tagger_fp: str,
+                  shards: list[int], beta: float, temperature: float, test_fraction: float) -> tuple[str, int]:
+    """Write the labels artifact unless it exists; returns (labels fingerprint, rows)."""
+    fp = labels_fingerprint(experts, sources, tagger_fp, shards, beta, temperature, test_fraction)
+    rel = labels_path(fp)
+    if store.valid_cell(rel, LABELS, fp):
+        return fp, store.read_meta(rel)["rows"]
+    df = build_labels(store, experts, sources, tagger_fp, shards, beta, temperature, test_fraction)
+    store.write_table(rel, df.to_arrow(), LABELS, {
+        "stage": "labels", "fingerprint": fp, "experts": [n for n, _ in experts],
+        "expert_fingerprints": dict(experts), "scores": [s.__dict__ for s in sources], "tagger": tagger_fp,
+        "beta": beta, "temperature": temperature, "test_fraction": test_fraction, "rows": df.height})
+    return fp, df.height

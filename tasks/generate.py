@@ -1,0 +1,106 @@
+"""generate: every expert answers every query, one Parquet cell per (expert fingerprint, shard).
+
+The pure parts (prompt rendering, the fingerprint, building a cell from a model's outputs) live here; the
+expert's Ray actor pool comes from `cluster/`. A cell that exists and validates is never computed again.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+from tqdm.auto import tqdm
+
+from cluster import models
+from cluster.backends import generator_builder
+from cluster.pool import run_pool
+from schemas.artifacts import GENERATIONS, QUERIES, fingerprint, generation_path, queries_path
+from schemas.config import ConfigError, ExpertSpec
+from schemas.store import Store
+
+CODE_VERSION = 1  # bump when a change here alters generated text
+
+
+def template_text(prompt: str) -> str:
+    """`chat`, a template name from tasks/prompts/, or a path to a template file with a {query} placeholder."""
+    if prompt == "chat":
+        return "chat"
+    builtin = files("tasks") / "prompts" / f"{prompt}.txt"
+    path = Path(str(builtin)) if builtin.is_file() else Path(prompt)
+    if not path.is_file():
+        raise ConfigError(f"prompt {prompt!r}: not `chat`, a template in tasks/prompts/, or a file")
+    text = path.read_text(encoding="utf-8")
+    if "{query}" not in text:
+        raise ConfigError(f"prompt template {path}: has no {{query}} placeholder")
+    return text
+
+
+def expert_fingerprint(spec: ExpertSpec) -> str:
+    """Everything that changes the answers, nothing that does not (pool size, threads, resources)."""
+    d: dict[str, Any] = spec.model_dump(mode="json", exclude={"name", "resources", "model", "revision"})
+    d.update(weights=models.identity(spec.model, spec.revision), template=template_text(spec.prompt),
+             code=CODE_VERSION)
+    if spec.sampling.temperature > 0:  # the random stream is drawn per batch: batch size shapes sampled output
+        d["batch_size"] = spec.resources.batch_size
+    return fingerprint(d)
+
+
+def render(model: Any, template: str, texts: list[str]) -> list[str]:
+    if template == "chat":
+        return [model.render(t) for t in texts]
+    return [template.replace("{query}", t) for t in texts]
+
+
+def generate_cell(model: Any, spec: ExpertSpec, fp: str, store: Store, shard: int) -> dict:
+    """Answer one shard and write its cell (runs inside the expert's actor)."""
+    t0 = time.perf_counter()
+    q = store.read_table(queries_path(shard), QUERIES)
+    prompts = render(model, template_text(spec.prompt), q["text"].to_pylist())
+    s = spec.sampling
+    gens = model.generate(prompts, max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
+                          seed=s.seed + shard * 100_003, stop=s.stop, batch_size=spec.resources.batch_size)
+    table = pa.table({
+        "query_id": q["query_id"],
+        "response": [g.response for g in gens],
+        "prompt_tokens": pa.array([g.prompt_tokens for g in gens], pa.int32()),
+        "new_tokens": pa.array([g.new_tokens for g in gens], pa.int32()),
+        "finish_reason": [g.finish_reason for g in gens],
+    })
+    store.write_table(generation_path(spec.name, fp, shard), table, GENERATIONS, {
+        "stage": "generations", "fingerprint": fp, "shard": shard, "expert": spec.name,
+        "spec": spec.model_dump(mode="json", exclude={"resources"})})
+    return {"shard": shard, "rows": table.num_rows, "new_tokens": sum(g.new_tokens for g in gens),
+            "seconds": time.perf_counter() - t0}
+
+
+@dataclass
+class StageResult:
+    name: str
+    fingerprint: str
+    computed: list[int] = field(default_factory=list)
+    skipped: list[int] = field(default_factory=list)
+    rows: int = 0
+    new_tokens: int = 0
+    seconds: float = 0.0
+
+
+def run_generate(store: Store, spec: ExpertSpec, shards: list[int]) -> StageResult:
+    fp = expert_fingerprint(spec)
+    res = StageResult(spec.name, fp)
+    todo = []
+    for s in shards:
+        (res.skipped if store.valid_cell(generation_path(spec.name, fp, s), GENERATIONS, fp) else todo).append(s)
+    t0 = time.perf_counter()
+    jobs = [(generate_cell, (spec, fp, store, s)) for s in todo]
+    for out in tqdm(run_pool(generator_builder(spec), jobs, spec.resources), total=len(jobs),
+                    desc=f"generate {spec.name}", unit="shard", disable=not jobs):
+        res.computed.append(out["shard"])
+        res.rows += out["rows"]
+        res.new_tokens += out["new_tokens"]
+    res.seconds = time.perf_counter() - t0
+    res.computed.sort()
+    return res

@@ -1,0 +1,72 @@
+"""train_router: fit encoder + linear head on the tag-enhanced targets with Ray Train; save the router in the store.
+
+Training rows are the labels' `train` split; a slice of them (by a hash of the id) is held out for validation
+and picks the best epoch. The router directory is written file by file with `router.json` last, so a router
+exists exactly when its `router.json` does.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import polars as pl
+
+from cluster import models
+from cluster.router import build, save
+from cluster.train import fit
+from schemas.artifacts import LABELS, fingerprint, labels_path, router_dir
+from schemas.config import RouterConfig
+from schemas.store import Store
+from tasks.aggregate import hash_split
+
+CODE_VERSION = 1
+VAL_FRACTION = 0.15
+
+
+def router_fingerprint(cfg: RouterConfig, labels_fp: str) -> str:
+    d = cfg.model_dump(mode="json", exclude={"use_gpu", "cpus_per_worker", "encoder"})
+    d.update(labels=labels_fp, encoder=models.identity(cfg.encoder), code=CODE_VERSION)
+    return fingerprint(d)
+
+
+def train_val(labels: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    train = labels.filter(pl.col("split") == "train")
+    is_val = pl.Series(hash_split(train["query_id"].to_list(), VAL_FRACTION)) == "test"
+    if train.height < 8:  # too few rows to hold any out
+        is_val = pl.Series([False] * train.height)
+    return train.filter(~is_val), train.filter(is_val)
+
+
+def run_train_router(store: Store, labels_fp: str, cfg: RouterConfig) -> tuple[str, dict]:
+    """Train unless this exact router exists; returns (router fingerprint, router.json contents)."""
+    fp = router_fingerprint(cfg, labels_fp)
+    rel = router_dir(fp)
+    if store.exists(f"{rel}/router.json"):
+        return fp, store.read_json(f"{rel}/router.json")
+    labels = pl.from_arrow(store.read_table(labels_path(labels_fp), LABELS))
+    experts = store.read_meta(labels_path(labels_fp))["experts"]
+    train, val = train_val(labels)
+    if train.height == 0:
+        raise ValueError(f"labels {labels_fp}: no training rows (data.test_fraction leaves none)")
+    with tempfile.TemporaryDirectory(prefix="zooter-train-") as tmp:
+        tmp_p = Path(tmp)
+        train.select("text", "target").write_parquet(tmp_p / "train.parquet")
+        val.select("text", "target").write_parquet(tmp_p / "val.parquet")
+        loop_cfg = {**cfg.model_dump(mode="json"), "experts": experts, "labels_fingerprint": labels_fp,
+                    "train_path": str(tmp_p / "train.parquet"), "val_path": str(tmp_p / "val.parquet"),
+                    "threads": max(1, int(cfg.cpus_per_worker))}
+        storage = store.path(f"{rel}/ray_train") if store.local else store.uri(f"{rel}/ray_train")
+        payload, history = fit(loop_cfg, storage, "train", cfg.num_workers, cfg.use_gpu, cfg.cpus_per_worker)
+        model, tok = build(cfg.encoder, len(experts), cfg.pooling)
+        model.load_state_dict(payload["model"])
+        meta = {"router_fingerprint": fp, "labels_fingerprint": labels_fp, "experts": experts,
+                "encoder": cfg.encoder, "pooling": cfg.pooling, "max_length": cfg.max_length,
+                "config": cfg.model_dump(mode="json"), "best_epoch": payload["epoch"], "history": history,
+                "train_rows": train.height, "val_rows": val.height}
+        out = tmp_p / "router"
+        save(model, tok, out, meta)
+        for f in sorted(p for p in out.rglob("*") if p.is_file() and p.name != "router.json"):
+            store.write_bytes(f"{rel}/{f.relative_to(out).as_posix()}", f.read_bytes())
+        store.write_bytes(f"{rel}/router.json", (out / "router.json").read_bytes())
+    return fp, meta

@@ -1,0 +1,137 @@
+"""Shared fixtures: offline env, one Ray session and one Prefect harness per test run, tiny random models."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["DO_NOT_TRACK"] = "1"
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+os.environ.setdefault("ZOOTER_CACHE", str(Path(__file__).resolve().parents[1] / ".zooter" / "cache"))
+
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+
+
+def minilm_dir() -> Path:
+    from cluster.models import PACKAGED
+
+    return PACKAGED["all-minilm-l6-v2"].files()[0].parent
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """Tiny random HF models built from a config (fully offline), with the packaged MiniLM tokenizer.
+
+    head_dim 32 keeps them usable by vLLM's CPU attention too."""
+    import torch
+    from transformers import (
+        AutoTokenizer,
+        BertConfig,
+        BertForSequenceClassification,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
+
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("tiny")
+    tok = AutoTokenizer.from_pretrained(minilm_dir())
+    tok.eos_token = "[SEP]"
+    out = {}
+    for name, seed in (("lm_a", 1), ("lm_b", 2)):
+        torch.manual_seed(seed)
+        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
+                          eos_token_id=tok.sep_token_id, bos_token_id=tok.cls_token_id,
+                          pad_token_id=tok.pad_token_id)
+        LlamaForCausalLM(cfg).save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+        out[name] = root / name
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=2, num_labels=1, max_position_embeddings=512)
+    BertForSequenceClassification(cfg).save_pretrained(root / "rm")
+    tok.save_pretrained(root / "rm")
+    out["rm"] = root / "rm"
+    return out
+
+
+@pytest.fixture(scope="session")
+def ray_session(tmp_path_factory):
+    """One local Ray for the whole run; its temp dir lives under pytest's tmp dir."""
+    import ray
+
+    tmp = tmp_path_factory.mktemp("ray")
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=str(tmp), object_store_memory=256 * 1024**2,
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "ZOOTER_CACHE": os.environ["ZOOTER_CACHE"]}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One temporary Prefect API for the whole run (starting one costs ~20 s)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+QUERIES = [
+    {"id": f"q{i}", "text": t, "tags": [tag], **({"reference": ref} if ref else {})}
+    for i, (t, tag, ref) in enumerate([
+        ("What is 2 + 3?", "math", "5"), ("What is 10 - 4?", "math", "6"), ("What is 3 * 3?", "math", "9"),
+        ("Write a line about rain.", "writing", None), ("Write a line about snow.", "writing", None),
+        ("Write a line about the sea.", "writing", None), ("Name a primary colour.", "trivia", None),
+        ("Name a planet.", "trivia", None), ("Name an ocean.", "trivia", None),
+        ("Reverse the word cat.", "coding", None), ("Sort 3 1 2.", "coding", None),
+        ("Print hello in Python.", "coding", None),
+    ])
+]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def tiny_config(tmp_path, tiny_models):
+    """A complete config on tiny models; returns a writer so tests can tweak it first."""
+
+    def make(**changes) -> Path:
+        data = write_jsonl(tmp_path / "queries.jsonl", QUERIES)
+        res = {"num_cpus": 1, "batch_size": 4, "threads": 1}
+        cfg = {
+            "name": "tiny",
+            "store": str(tmp_path / "store"),
+            "data": {"path": str(data), "text_field": "text", "id_field": "id", "tags_field": "tags",
+                     "reference_field": "reference", "shard_size": 4, "test_fraction": 0.25},
+            "experts": [
+                {"name": "a", "model": str(tiny_models["lm_a"]), "dtype": "float32", "prompt": "fewshot_qa",
+                 "sampling": {"max_new_tokens": 6}, "resources": res},
+                {"name": "b", "model": str(tiny_models["lm_b"]), "dtype": "float32",
+                 "sampling": {"max_new_tokens": 6}, "resources": res},
+            ],
+            "reward_models": [
+                {"name": "judge", "kind": "loglik", "model": str(tiny_models["lm_a"]), "dtype": "float32",
+                 "resources": res},
+                {"name": "rm", "kind": "classifier", "model": str(tiny_models["rm"]), "dtype": "float32",
+                 "weight": 0.5, "resources": res},
+                {"name": "exact", "kind": "verifiable"},
+            ],
+            "router": {"epochs": 2, "batch_size": 4, "max_length": 32},
+        }
+        for k, v in changes.items():
+            cfg[k] = v
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        return path
+
+    return make

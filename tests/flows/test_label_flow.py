@@ -1,0 +1,109 @@
+"""The whole label flow with Prefect and Ray on tiny models: every artifact validates, rerun computes nothing."""
+
+import json
+
+import polars as pl
+import pytest
+import yaml
+
+from schemas.artifacts import (
+    CHAMPION_PATH,
+    GENERATIONS,
+    LABELS,
+    QUERIES,
+    SCORES,
+    TAGS,
+    generation_path,
+    labels_path,
+    queries_path,
+    router_dir,
+    score_path,
+    tags_path,
+)
+from schemas.store import Store
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def flow_run(tmp_path_factory, tiny_models, ray_session, prefect_harness):
+    from tests.conftest import QUERIES as ROWS
+    from tests.conftest import write_jsonl
+
+    tmp = tmp_path_factory.mktemp("flow")
+    res = {"num_cpus": 1, "batch_size": 4, "threads": 1}
+    cfg = {
+        "store": str(tmp / "store"),
+        "data": {"path": str(write_jsonl(tmp / "q.jsonl", ROWS)), "id_field": "id", "tags_field": "tags",
+                 "reference_field": "reference", "shard_size": 4, "test_fraction": 0.25},
+        "experts": [
+            {"name": "a", "model": str(tiny_models["lm_a"]), "dtype": "float32", "prompt": "fewshot_qa",
+             "sampling": {"max_new_tokens": 6, "stop": ["\n"]}, "resources": res},
+            {"name": "b", "model": str(tiny_models["lm_b"]), "dtype": "float32",
+             "sampling": {"max_new_tokens": 6}, "resources": res},
+        ],
+        "reward_models": [
+            {"name": "judge", "kind": "loglik", "model": str(tiny_models["lm_a"]), "dtype": "float32",
+             "resources": res},
+            {"name": "rm", "kind": "classifier", "model": str(tiny_models["rm"]), "dtype": "float32",
+             "weight": 0.5, "resources": res},
+            {"name": "exact", "kind": "verifiable"},
+        ],
+        "router": {"epochs": 2, "batch_size": 4, "max_length": 32},
+    }
+    path = tmp / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    from flows.label import label_flow
+
+    first = label_flow(str(path))
+    second = label_flow(str(path))
+    return Store(cfg["store"]), first, second
+
+
+def test_every_artifact_validates_with_expected_rows(flow_run):
+    store, first, _ = flow_run
+    m = first["manifest"]
+    assert m["status"] == "completed" and m["queries"] == 12 and m["shards"] == [0, 1, 2]
+    for s in m["shards"]:
+        assert store.read_table(queries_path(s), QUERIES).num_rows == 4
+        assert store.read_table(tags_path(m["tagger"], s), TAGS).num_rows == 4
+    gen_fps = {g["name"]: g["fingerprint"] for g in m["generate"]}
+    for g in m["generate"]:
+        assert (g["cells_computed"], g["rows"]) == (3, 12)
+        for s in m["shards"]:
+            t = store.read_table(generation_path(g["name"], g["fingerprint"], s), GENERATIONS)
+            assert t.num_rows == 4 and len(t["query_id"].unique()) == 4
+    for r in m["score"]:
+        assert (r["cells_computed"], r["rows"]) == (6, 24)
+        for e, efp in gen_fps.items():
+            for s in m["shards"]:
+                assert store.read_table(score_path(r["name"], r["fingerprint"], e, efp, s), SCORES).num_rows == 4
+    labels = pl.from_arrow(store.read_table(labels_path(m["labels"]), LABELS))
+    assert labels.height == 12 == m["label_rows"]
+    assert set(labels["split"]) == {"train", "test"}
+    for col in ("rewards", "soft", "target"):
+        assert labels[col].list.len().to_list() == [2] * 12
+    assert labels["target"].list.sum().to_list() == pytest.approx([1.0] * 12)
+    router = store.read_json(f"{router_dir(m['router'])}/router.json")
+    assert router["experts"] == ["a", "b"] and router["labels_fingerprint"] == m["labels"]
+    assert len(router["history"]) == 2
+    assert store.read_json(CHAMPION_PATH)["router"] == router_dir(m["router"])
+    manifest = json.loads(store.fs.cat(store.path(f"runs/{m['run_id']}/manifest.json")))
+    assert manifest["versions"]["prefect"].startswith("3.")
+
+
+def test_report_has_every_strategy(flow_run):
+    _, first, _ = flow_run
+    strategies = [r["strategy"] for r in first["report"]["rows"]]
+    for s in ("router", "best_single", "random", "oracle", "rm_ranking", "expert:a", "expert:b"):
+        assert any(x.startswith(s) for x in strategies), s
+    assert {"reward", "rm:judge", "rm:rm", "rm:exact", "expert_calls"} <= set(first["report"]["rows"][0])
+
+
+def test_rerun_computes_no_cells_and_reuses_everything(flow_run):
+    _, first, second = flow_run
+    m1, m2 = first["manifest"], second["manifest"]
+    assert sum(s["cells_computed"] for s in m2["generate"] + m2["score"]) == 0
+    assert sum(s["cells_reused"] for s in m2["generate"] + m2["score"]) == 6 + 18
+    assert (m2["labels"], m2["router"], m2["evaluation"]) == (m1["labels"], m1["router"], m1["evaluation"])
+    assert m2["run_id"] != m1["run_id"]

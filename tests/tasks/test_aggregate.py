@@ -1,0 +1,97 @@
+"""The label math: softmax, tag means, beta edge cases, null handling, on hand-computed values."""
+
+import math
+
+import polars as pl
+import pytest
+
+from tasks.aggregate import combine, hash_split, softmax, tag_enhance
+
+
+def _rewards(rows):
+    return pl.DataFrame(rows, schema=["query_id", "expert", "reward"], orient="row").lazy()
+
+
+def test_softmax_matches_hand_computation():
+    out = softmax(_rewards([("q", "a", 1.0), ("q", "b", 2.0), ("q", "c", 0.0)]), 1.0).collect().sort("expert")
+    z = [math.exp(1), math.exp(2), math.exp(0)]
+    assert out["soft"].to_list() == pytest.approx([v / sum(z) for v in z])
+
+
+def test_softmax_temperature_sharpens_and_flattens():
+    r = _rewards([("q", "a", 1.0), ("q", "b", 0.0)])
+    hot = softmax(r, 10.0).collect().sort("expert")["soft"][0]
+    cold = softmax(r, 0.1).collect().sort("expert")["soft"][0]
+    assert hot == pytest.approx(math.exp(0.1) / (math.exp(0.1) + 1))
+    assert 0.5 < hot < cold < 1.0
+
+
+def test_softmax_is_stable_for_large_rewards():
+    out = softmax(_rewards([("q", "a", 1000.0), ("q", "b", 999.0)]), 1.0).collect().sort("expert")
+    assert out["soft"].to_list() == pytest.approx([1 / (1 + math.exp(-1)), math.exp(-1) / (1 + math.exp(-1))])
+
+
+def _soft():
+    # two train queries tagged "t" and one test query tagged "t" plus an unseen tag
+    return pl.DataFrame({
+        "query_id": ["q1", "q1", "q2", "q2", "q3", "q3"],
+        "expert": ["a", "b"] * 3,
+        "soft": [0.8, 0.2, 0.4, 0.6, 0.1, 0.9],
+    }).lazy()
+
+
+def _queries():
+    return pl.DataFrame({"query_id": ["q1", "q2", "q3"], "split": ["train", "train", "test"],
+                         "tags": [["t"], ["t", "u"], ["t", "new"]]}).lazy()
+
+
+def _target(beta):
+    out = tag_enhance(_soft(), _queries(), beta).collect().sort("query_id", "expert")
+    return {(r["query_id"], r["expert"]): r["target"] for r in out.iter_rows(named=True)}
+
+
+def test_tag_enhancement_hand_computed():
+    # s_t(a) = mean(0.8, 0.4) = 0.6, s_u(a) = 0.4 (only q2 is tagged u); beta = 0.3
+    t = _target(0.3)
+    assert t[("q1", "a")] == pytest.approx(0.3 * 0.8 + 0.7 * 0.6)
+    assert t[("q2", "a")] == pytest.approx(0.3 * 0.4 + 0.7 * (0.6 + 0.4) / 2)
+    # q3 is a test query: its tags use the train means; the unseen tag "new" is ignored
+    assert t[("q3", "b")] == pytest.approx(0.3 * 0.9 + 0.7 * 0.4)
+    for q in ("q1", "q2", "q3"):
+        assert t[(q, "a")] + t[(q, "b")] == pytest.approx(1.0)
+
+
+def test_beta_one_is_plain_soft_labels_and_beta_zero_is_tag_means():
+    t1, t0 = _target(1.0), _target(0.0)
+    assert t1[("q2", "b")] == pytest.approx(0.6)
+    assert t0[("q1", "a")] == pytest.approx(0.6)
+    assert t0[("q2", "a")] == pytest.approx(0.5)
+
+
+def test_query_without_known_tags_keeps_its_soft_label():
+    q = pl.DataFrame({"query_id": ["q1", "q2", "q3"], "split": ["train", "train", "test"],
+                      "tags": [[], [], ["never-seen"]]}).lazy()
+    out = tag_enhance(_soft(), q, 0.3).collect().sort("query_id", "expert")
+    assert out["target"].to_list() == pytest.approx(out["soft"].to_list())
+
+
+def test_combine_weights_and_null_rule():
+    scores = pl.DataFrame({
+        "query_id": ["q", "q", "q", "q", "q", "q", "z", "z"],
+        "expert": ["a", "a", "b", "b", "c", "c", "a", "b"],
+        "weight": [1.0, 2.0] * 4,
+        "score": [0.5, 1.0, -1.0, None, None, None, None, None],
+    }).lazy()
+    out = combine(scores).collect().sort("query_id", "expert")
+    got = {(r["query_id"], r["expert"]): r["reward"] for r in out.iter_rows(named=True)}
+    assert got[("q", "a")] == pytest.approx(0.5 + 2 * 1.0)
+    assert got[("q", "b")] == pytest.approx(-1.0)  # the null score is left out
+    assert got[("q", "c")] == pytest.approx(-1.0)  # no score at all: the query's lowest reward
+    assert not any(q == "z" for q, _ in got)  # nobody scored z: dropped
+
+
+def test_hash_split_is_stable_and_roughly_proportional():
+    ids = [f"id{i}" for i in range(2000)]
+    a, b = hash_split(ids, 0.25), hash_split(list(reversed(ids)), 0.25)
+    assert a == list(reversed(b))
+    assert 0.2 < a.count("test") / len(ids) < 0.3

@@ -1,0 +1,54 @@
+"""score: the verifiable reward, the loglik scorer against a brute-force computation, the classifier RM path."""
+
+import pytest
+import torch
+
+from cluster.hf import HFClassifierScorer, HFLoglikScorer, render_chat
+from schemas.config import RewardSpec
+from tasks.score import rm_fingerprint, verify
+
+
+@pytest.mark.parametrize("answer,ref,want", [
+    ("7 + 5 = 12.", "12", 1.0), ("It costs $12,000 in total", "12000", 1.0), ("x = 38", "38", 1.0),
+    ("about 19%", "19", 1.0), ("first 3 then 4", "3", 0.0), ("no number", "5", 0.0),
+    ("The capital is Paris.", "paris", 1.0), ("Lyon", "Paris", 0.0), ("anything", None, None),
+    ("anything", "  ", None),
+])
+def test_verify(answer, ref, want):
+    assert verify(answer, ref) == want
+
+
+def test_loglik_scorer_matches_unbatched_brute_force(tiny_models):
+    s = HFLoglikScorer(str(tiny_models["lm_a"]), dtype="float32")
+    qs = ["What is 2 + 3?", "Write a long line about the weather today please", "Hi"]
+    ans = ["five", "It rains and rains over the hills", ""]
+    got = s.score(qs, ans, batch_size=3)
+    assert got[2] is None  # an empty answer has no per-token mean
+    for q, a, g in zip(qs[:2], ans[:2], got[:2], strict=True):
+        p = s.tok(render_chat(s.tok, q), add_special_tokens=False)["input_ids"]
+        aa = s.tok(a, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            lp = torch.log_softmax(s.model(torch.tensor([p + aa])).logits.float(), -1)[0]
+        want = float(torch.stack([lp[len(p) - 1 + j, aa[j]] for j in range(len(aa))]).mean())
+        assert g == pytest.approx(want, abs=1e-4)
+
+
+def test_classifier_rm_scores_raw_logits(tiny_models):
+    s = HFClassifierScorer(str(tiny_models["rm"]), dtype="float32")
+    a = s.score(["q1", "q2"], ["short", "a much longer answer here"], batch_size=2)
+    b = s.score(["q2"], ["a much longer answer here"], batch_size=1)
+    assert len(a) == 2 and all(isinstance(x, float) for x in a)
+    assert a[1] == pytest.approx(b[0], abs=1e-4)  # batching/padding does not change a score
+
+
+def test_causal_lm_is_not_a_classifier_rm(tiny_models):
+    with pytest.raises(Exception):  # noqa: B017 - transformers raises its own type for a wrong architecture
+        HFClassifierScorer(str(tiny_models["lm_a"]), dtype="float32")
+
+
+def test_rm_fingerprint_ignores_weight_and_resources(tiny_models):
+    base = RewardSpec(name="j", kind="loglik", model=str(tiny_models["lm_a"]))
+    same = RewardSpec(name="j2", kind="loglik", model=str(tiny_models["lm_a"]), weight=3.0,
+                      resources={"pool_size": 4, "batch_size": 2})
+    other = RewardSpec(name="j", kind="loglik", model=str(tiny_models["lm_a"]), max_length=64)
+    assert rm_fingerprint(base) == rm_fingerprint(same) != rm_fingerprint(other)
