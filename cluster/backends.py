@@ -1,32 +1,59 @@
 """Backend registry: a model spec -> a zero-argument builder that an actor calls once to load its model.
 
-Builders are `functools.partial` objects of backend classes, so they pickle by reference and the model is
-only ever loaded inside the actor.
+Builders are `functools.partial` objects of backend classes (or a `Fallback` of them), so they pickle by
+reference and the model is only ever loaded inside the actor.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from functools import partial
 from typing import Any
 
 from schemas.config import ExpertSpec, RewardSpec
 
+log = logging.getLogger("zooter.backends")
+
+
+class Fallback:
+    """Build with the first builder that works (e.g. vLLM's pooling runner, else transformers)."""
+
+    def __init__(self, *builders: Callable[[], Any]):
+        self.builders = builders
+
+    def __call__(self) -> Any:
+        for b in self.builders[:-1]:
+            try:
+                return b()
+            except Exception as e:  # noqa: BLE001 - any failure to build means: use the next backend
+                log.warning("%s failed (%s: %s); falling back", getattr(b, "func", b), type(e).__name__, e)
+        return self.builders[-1]()
+
 
 def generator_builder(spec: ExpertSpec) -> Callable[[], Any]:
-    if spec.backend == "hf":
-        from cluster.hf import HFGenerator
+    common = dict(dtype=spec.dtype, threads=spec.resources.threads, trust_remote_code=spec.trust_remote_code)
+    if spec.backend == "vllm":
+        from cluster.vllm_backend import VLLMGenerator
 
-        return partial(HFGenerator, spec.model, dtype=spec.dtype, threads=spec.resources.threads,
-                       trust_remote_code=spec.trust_remote_code)
-    raise ValueError(f"expert {spec.name!r}: unknown backend {spec.backend!r}; choose one of ['hf']")
+        return partial(VLLMGenerator, spec.model, max_model_len=spec.max_model_len,
+                       tensor_parallel_size=spec.tensor_parallel_size, **common)
+    from cluster.hf import HFGenerator
+
+    return partial(HFGenerator, spec.model, **common)
 
 
 def scorer_builder(rm: RewardSpec) -> Callable[[], Any]:
     from cluster.hf import HFClassifierScorer, HFLoglikScorer
 
-    cls = {"loglik": HFLoglikScorer, "classifier": HFClassifierScorer}.get(rm.kind)
-    if cls is None:
-        raise ValueError(f"reward model {rm.name!r}: kind {rm.kind!r} runs without a model")
-    return partial(cls, rm.model, dtype=rm.dtype, threads=rm.resources.threads,
-                   trust_remote_code=rm.trust_remote_code, max_length=rm.max_length)
+    if rm.kind == "verifiable":
+        raise ValueError(f"reward model {rm.name!r}: kind 'verifiable' runs without a model")
+    common = dict(dtype=rm.dtype, threads=rm.resources.threads, trust_remote_code=rm.trust_remote_code,
+                  max_length=rm.max_length)
+    hf = partial(HFLoglikScorer if rm.kind == "loglik" else HFClassifierScorer, rm.model, **common)
+    if rm.backend == "vllm":
+        from cluster.vllm_backend import VLLMClassifierScorer
+
+        return Fallback(partial(VLLMClassifierScorer, rm.model, tensor_parallel_size=rm.tensor_parallel_size,
+                                **common), hf)
+    return hf

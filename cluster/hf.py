@@ -27,12 +27,17 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _tokenizer(path, trust_remote_code: bool, padding_side: str):
+def _load(auto_cls, ref: str, dtype: str, threads: int, trust_remote_code: bool):
+    """Tokenizer (left padding) and model, loaded once per actor."""
+    torch.set_num_threads(threads)
+    path = models.resolve(ref)
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    tok.padding_side = padding_side
+    tok.padding_side = "left"
+    tok.truncation_side = "left"  # long prompts keep their end (the question and the generation prompt)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    return tok
+    model = auto_cls.from_pretrained(path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    return tok, model.to(_device()).eval()
 
 
 def render_chat(tok, query: str, answer: str | None = None) -> str:
@@ -65,12 +70,8 @@ class Generation:
 
 class HFGenerator:
     def __init__(self, model: str, dtype: str = "bfloat16", threads: int = 1, trust_remote_code: bool = False):
-        torch.set_num_threads(threads)
-        path = models.resolve(model)
-        self.device = _device()
-        self.tok = _tokenizer(path, trust_remote_code, "left")
-        self.model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code).to(self.device).eval()
+        self.tok, self.model = _load(AutoModelForCausalLM, model, dtype, threads, trust_remote_code)
+        self.device = self.model.device
         self.max_context = int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
         # The first generate in a process is 2-5x slower on CPU: pay it here, not inside the first shard.
         self.generate(["Hello"], max_new_tokens=2)
@@ -131,12 +132,8 @@ class HFLoglikScorer:
 
     def __init__(self, model: str, dtype: str = "bfloat16", threads: int = 1, trust_remote_code: bool = False,
                  max_length: int = 512):
-        torch.set_num_threads(threads)
-        path = models.resolve(model)
-        self.device = _device()
-        self.tok = _tokenizer(path, trust_remote_code, "left")
-        self.model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code).to(self.device).eval()
+        self.tok, self.model = _load(AutoModelForCausalLM, model, dtype, threads, trust_remote_code)
+        self.device = self.model.device
         self.max_length = max_length
 
     @torch.inference_mode()
@@ -174,12 +171,8 @@ class HFClassifierScorer:
 
     def __init__(self, model: str, dtype: str = "bfloat16", threads: int = 1, trust_remote_code: bool = False,
                  max_length: int = 512):
-        torch.set_num_threads(threads)
-        path = models.resolve(model)
-        self.device = _device()
-        self.tok = _tokenizer(path, trust_remote_code, "left")
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code).to(self.device).eval()
+        self.tok, self.model = _load(AutoModelForSequenceClassification, model, dtype, threads, trust_remote_code)
+        self.device = self.model.device
         if self.model.config.num_labels != 1:
             raise models.ModelSourceError(
                 f"{model}: a reward model must have num_labels=1 (has {self.model.config.num_labels})")

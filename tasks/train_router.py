@@ -32,7 +32,7 @@ def router_fingerprint(cfg: RouterConfig, labels_fp: str) -> str:
 
 def train_val(labels: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     train = labels.filter(pl.col("split") == "train")
-    is_val = pl.Series(hash_split(train["query_id"].to_list(), VAL_FRACTION)) == "test"
+    is_val = pl.Series(hash_split(train["query_id"].to_list(), VAL_FRACTION, salt="val")) == "test"
     if train.height < 8:  # too few rows to hold any out
         is_val = pl.Series([False] * train.height)
     return train.filter(~is_val), train.filter(is_val)

@@ -101,37 +101,36 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def tiny_flow_config(tmp: Path, tiny_models: dict[str, Path], **changes) -> Path:
+    """Write a complete config on tiny models (12 queries, 3 shards, 2 experts, 3 reward models)."""
+    res = {"num_cpus": 1, "batch_size": 4, "threads": 1}
+    cfg = {
+        "name": "tiny",
+        "store": str(tmp / "store"),
+        "data": {"path": str(write_jsonl(tmp / "queries.jsonl", QUERIES)), "text_field": "text", "id_field": "id",
+                 "tags_field": "tags", "reference_field": "reference", "shard_size": 4, "test_fraction": 0.25},
+        "experts": [
+            {"name": "a", "model": str(tiny_models["lm_a"]), "dtype": "float32", "prompt": "fewshot_qa",
+             "sampling": {"max_new_tokens": 6, "stop": ["\n"]}, "resources": res},
+            {"name": "b", "model": str(tiny_models["lm_b"]), "dtype": "float32",
+             "sampling": {"max_new_tokens": 6}, "resources": res},
+        ],
+        "reward_models": [
+            {"name": "judge", "kind": "loglik", "model": str(tiny_models["lm_a"]), "dtype": "float32",
+             "resources": res},
+            {"name": "rm", "kind": "classifier", "model": str(tiny_models["rm"]), "dtype": "float32",
+             "weight": 0.5, "resources": res},
+            {"name": "exact", "kind": "verifiable"},
+        ],
+        "router": {"epochs": 2, "batch_size": 4, "max_length": 32},
+        **changes,
+    }
+    path = tmp / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
 @pytest.fixture
 def tiny_config(tmp_path, tiny_models):
-    """A complete config on tiny models; returns a writer so tests can tweak it first."""
-
-    def make(**changes) -> Path:
-        data = write_jsonl(tmp_path / "queries.jsonl", QUERIES)
-        res = {"num_cpus": 1, "batch_size": 4, "threads": 1}
-        cfg = {
-            "name": "tiny",
-            "store": str(tmp_path / "store"),
-            "data": {"path": str(data), "text_field": "text", "id_field": "id", "tags_field": "tags",
-                     "reference_field": "reference", "shard_size": 4, "test_fraction": 0.25},
-            "experts": [
-                {"name": "a", "model": str(tiny_models["lm_a"]), "dtype": "float32", "prompt": "fewshot_qa",
-                 "sampling": {"max_new_tokens": 6}, "resources": res},
-                {"name": "b", "model": str(tiny_models["lm_b"]), "dtype": "float32",
-                 "sampling": {"max_new_tokens": 6}, "resources": res},
-            ],
-            "reward_models": [
-                {"name": "judge", "kind": "loglik", "model": str(tiny_models["lm_a"]), "dtype": "float32",
-                 "resources": res},
-                {"name": "rm", "kind": "classifier", "model": str(tiny_models["rm"]), "dtype": "float32",
-                 "weight": 0.5, "resources": res},
-                {"name": "exact", "kind": "verifiable"},
-            ],
-            "router": {"epochs": 2, "batch_size": 4, "max_length": 32},
-        }
-        for k, v in changes.items():
-            cfg[k] = v
-        path = tmp_path / "config.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        return path
-
-    return make
+    """A writer of a complete tiny config, so a test can change keys first."""
+    return lambda **changes: tiny_flow_config(tmp_path, tiny_models, **changes)

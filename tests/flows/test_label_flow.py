@@ -4,8 +4,8 @@ import json
 
 import polars as pl
 import pytest
-import yaml
 
+from flows.label import label_flow
 from schemas.artifacts import (
     CHAMPION_PATH,
     GENERATIONS,
@@ -21,43 +21,18 @@ from schemas.artifacts import (
     tags_path,
 )
 from schemas.store import Store
+from tests.conftest import tiny_flow_config
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def flow_run(tmp_path_factory, tiny_models, ray_session, prefect_harness):
-    from tests.conftest import QUERIES as ROWS
-    from tests.conftest import write_jsonl
-
     tmp = tmp_path_factory.mktemp("flow")
-    res = {"num_cpus": 1, "batch_size": 4, "threads": 1}
-    cfg = {
-        "store": str(tmp / "store"),
-        "data": {"path": str(write_jsonl(tmp / "q.jsonl", ROWS)), "id_field": "id", "tags_field": "tags",
-                 "reference_field": "reference", "shard_size": 4, "test_fraction": 0.25},
-        "experts": [
-            {"name": "a", "model": str(tiny_models["lm_a"]), "dtype": "float32", "prompt": "fewshot_qa",
-             "sampling": {"max_new_tokens": 6, "stop": ["\n"]}, "resources": res},
-            {"name": "b", "model": str(tiny_models["lm_b"]), "dtype": "float32",
-             "sampling": {"max_new_tokens": 6}, "resources": res},
-        ],
-        "reward_models": [
-            {"name": "judge", "kind": "loglik", "model": str(tiny_models["lm_a"]), "dtype": "float32",
-             "resources": res},
-            {"name": "rm", "kind": "classifier", "model": str(tiny_models["rm"]), "dtype": "float32",
-             "weight": 0.5, "resources": res},
-            {"name": "exact", "kind": "verifiable"},
-        ],
-        "router": {"epochs": 2, "batch_size": 4, "max_length": 32},
-    }
-    path = tmp / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    from flows.label import label_flow
-
+    path = tiny_flow_config(tmp, tiny_models)
     first = label_flow(str(path))
     second = label_flow(str(path))
-    return Store(cfg["store"]), first, second
+    return Store(str(tmp / "store")), first, second
 
 
 def test_every_artifact_validates_with_expected_rows(flow_run):
