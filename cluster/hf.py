@@ -69,6 +69,8 @@ class Generation:
 
 
 class HFGenerator:
+    backend = "hf"
+
     def __init__(self, model: str, dtype: str = "bfloat16", threads: int = 1, trust_remote_code: bool = False):
         self.tok, self.model = _load(AutoModelForCausalLM, model, dtype, threads, trust_remote_code)
         self.device = self.model.device
@@ -130,6 +132,8 @@ class HFLoglikScorer:
     Known biases (documented in README): it prefers short, generic and the judge's own phrasing.
     """
 
+    backend = "hf"
+
     def __init__(self, model: str, dtype: str = "bfloat16", threads: int = 1, trust_remote_code: bool = False,
                  max_length: int = 512):
         self.tok, self.model = _load(AutoModelForCausalLM, model, dtype, threads, trust_remote_code)
@@ -168,6 +172,8 @@ class HFLoglikScorer:
 
 class HFClassifierScorer:
     """A sequence-classification reward model: the score is the raw logit of (query, answer)."""
+
+    backend = "hf"
 
     def __init__(self, model: str, dtype: str = "bfloat16", threads: int = 1, trust_remote_code: bool = False,
                  max_length: int = 512):

@@ -13,6 +13,8 @@ from typing import Any
 
 import ray
 from ray.util import ActorPool
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from schemas.config import RayConfig, Resources
 
@@ -52,20 +54,33 @@ class ModelActor:
         return fn(self.model, *args)
 
 
+def _actor(build: Callable[[], Any], res: Resources, tp: int):
+    opts: dict[str, Any] = {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus, "max_restarts": 2,
+                            "max_task_retries": 2}
+    pg = None
+    if tp > 1:
+        # Tensor parallel: the engine's workers each take one GPU of a placement group that the actor (and
+        # everything it starts) is scheduled into; the actor itself holds no GPU.
+        pg = placement_group([{"GPU": 1, "CPU": 1}] * tp, strategy="PACK")
+        ray.get(pg.ready())
+        opts.update(num_gpus=0, scheduling_strategy=PlacementGroupSchedulingStrategy(
+            placement_group=pg, placement_group_capture_child_tasks=True))
+    return ModelActor.options(**opts).remote(build), pg
+
+
 def run_pool(build: Callable[[], Any], jobs: Iterable[tuple[Callable[..., Any], tuple]],
-             res: Resources) -> Iterator[Any]:
+             res: Resources, tp: int = 1) -> Iterator[Any]:
     """Start `res.pool_size` actors that each build the model once, feed them the jobs, yield results as they
     finish (unordered), then release the actors so their CPUs/GPUs go to the next pool."""
     jobs = list(jobs)
     if not jobs:
         return
-    size = min(res.pool_size, len(jobs))
-    actors = [ModelActor.options(num_cpus=res.num_cpus, num_gpus=res.num_gpus,
-                                 max_restarts=2, max_task_retries=2).remote(build)
-              for _ in range(size)]
+    started = [_actor(build, res, tp) for _ in range(min(res.pool_size, len(jobs)))]
     try:
-        pool = ActorPool(actors)
+        pool = ActorPool([a for a, _ in started])
         yield from pool.map_unordered(lambda a, job: a.run.remote(job[0], *job[1]), jobs)
     finally:
-        for a in actors:
+        for a, pg in started:
             ray.kill(a)
+            if pg is not None:
+                remove_placement_group(pg)

@@ -38,6 +38,8 @@ def _engine(ref: str, dtype: str, trust_remote_code: bool, max_model_len: int | 
 
 
 class VLLMGenerator:
+    backend = "vllm"
+
     def __init__(self, model: str, dtype: str = "bfloat16", threads: int = 1, trust_remote_code: bool = False,
                  max_model_len: int | None = 2048, tensor_parallel_size: int = 1):
         torch.set_num_threads(threads)
@@ -72,6 +74,8 @@ class VLLMGenerator:
 
 class VLLMClassifierScorer:
     """A `*ForSequenceClassification` reward model on vLLM's pooling runner; the score is the raw logit."""
+
+    backend = "vllm"
 
     def __init__(self, model: str, dtype: str = "bfloat16", threads: int = 1, trust_remote_code: bool = False,
                  max_length: int = 512, tensor_parallel_size: int = 1):

@@ -13,7 +13,8 @@ from rich.table import Table
 from schemas.config import ConfigError, load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Zooter: reward-guided routing to expert LLMs.")
-console = Console()
+# Wide enough for the evaluation table when output goes to a file or CI log (no terminal width to detect).
+console = Console(width=None if sys.stdout.isatty() else 150)
 
 
 def _fail(msg: str) -> None:
@@ -32,6 +33,10 @@ def _preflight(config: Path):
     return cfg, queries
 
 
+def _cell(v: object) -> str:
+    return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
 def report_table(report: dict) -> Table:
     rows = report["rows"]
     keys = [k for k in rows[0] if k != "strategy"]
@@ -40,8 +45,7 @@ def report_table(report: dict) -> Table:
     for k in keys:
         t.add_column(k, justify="right")
     for r in rows:
-        t.add_row(r["strategy"], *[f"{r[k]:.4f}" if isinstance(r.get(k), float) else str(r.get(k, ""))
-                                   for k in keys])
+        t.add_row(r["strategy"], *[_cell(r.get(k)) for k in keys])
     return t
 
 

@@ -96,7 +96,8 @@ def run_generate(store: Store, spec: ExpertSpec, shards: list[int]) -> StageResu
         (res.skipped if store.valid_cell(generation_path(spec.name, fp, s), GENERATIONS, fp) else todo).append(s)
     t0 = time.perf_counter()
     jobs = [(generate_cell, (spec, fp, store, s)) for s in todo]
-    for out in tqdm(run_pool(generator_builder(spec), jobs, spec.resources), total=len(jobs),
+    pool = run_pool(generator_builder(spec), jobs, spec.resources, spec.tensor_parallel_size)
+    for out in tqdm(pool, total=len(jobs),
                     desc=f"generate {spec.name}", unit="shard", disable=not jobs):
         res.computed.append(out["shard"])
         res.rows += out["rows"]

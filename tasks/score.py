@@ -77,7 +77,8 @@ def score_cell(model: Any, rm: RewardSpec, rm_fp: str, expert: str, expert_fp: s
     table = pa.table({"query_id": q["query_id"], "score": pa.array(scores, pa.float64())})
     store.write_table(score_path(rm.name, rm_fp, expert, expert_fp, shard), table, SCORES, {
         "stage": "scores", "fingerprint": rm_fp, "shard": shard, "reward_model": rm.name, "expert": expert,
-        "expert_fingerprint": expert_fp, "spec": rm.model_dump(mode="json", exclude={"resources"})})
+        "expert_fingerprint": expert_fp, "backend_used": getattr(model, "backend", None),
+        "spec": rm.model_dump(mode="json", exclude={"resources"})})
     return {"shard": shard, "rows": table.num_rows, "seconds": time.perf_counter() - t0}
 
 
@@ -96,7 +97,7 @@ def run_score(store: Store, rm: RewardSpec, experts: list[ExpertSpec], shards: l
     if rm.kind == "verifiable":
         results = (fn(None, *args) for fn, args in jobs)
     else:
-        results = run_pool(scorer_builder(rm), jobs, rm.resources)
+        results = run_pool(scorer_builder(rm), jobs, rm.resources, rm.tensor_parallel_size)
     for out in tqdm(results, total=len(jobs), desc=f"score {rm.name}", unit="cell", disable=not jobs):
         res.computed.append(out["shard"])
         res.rows += out["rows"]

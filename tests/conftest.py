@@ -36,6 +36,7 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
         BertForSequenceClassification,
         LlamaConfig,
         LlamaForCausalLM,
+        LlamaForSequenceClassification,
     )
 
     torch.manual_seed(0)
@@ -57,6 +58,14 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     BertForSequenceClassification(cfg).save_pretrained(root / "rm")
     tok.save_pretrained(root / "rm")
     out["rm"] = root / "rm"
+    # a decoder reward model, the shape real RMs (Skywork-Reward, QwenRM) have
+    torch.manual_seed(3)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512, num_labels=1,
+                      eos_token_id=tok.sep_token_id, bos_token_id=tok.cls_token_id, pad_token_id=tok.pad_token_id)
+    LlamaForSequenceClassification(cfg).save_pretrained(root / "rm_llama")
+    tok.save_pretrained(root / "rm_llama")
+    out["rm_llama"] = root / "rm_llama"
     return out
 
 
