@@ -1,16 +1,22 @@
-"""Benchmark: what the Ray actor pool costs over calling the backend directly, on the same shards, in one run.
+"""Benchmark: generation throughput of the backends and of the project's actor pool, same prompts, one run.
 
-(a) direct: one HFGenerator in this process answers every shard (`generate_cell`), model load included;
-(b) pool: `run_generate` through a one-actor Ray pool, actor start and model load included.
-Writes benchmarks/results/pool_overhead.json; the goal is (b) >= 0.9 x (a) in tokens/s.
+    (a) vllm_bare  a bare `vllm.LLM.generate` over all prompts in this process (engine start excluded)
+    (b) vllm_pool  the same model through the project's Ray actor pool (`run_generate`, backend vllm)
+    (c) hf_pool    the same model through the actor pool with the hf backend
+    (d) hf_direct  the hf backend called in this process (`generate_cell` per shard)
 
-    make bench                      # packaged SmolLM2, 4 shards x 8 prompts x 24 tokens
-    python benchmarks/run.py --shards 2 --tokens 8
+For the pools, `steady` counts only the shard jobs (reading the shard, generating, writing the cell) and
+`end_to_end` adds actor start and model load. Results go to benchmarks/results/generation.json; the goal is
+(b) steady >= 0.9 x (a).
+
+    make bench                               # packaged SmolLM2, 48 MT-Bench prompts x 32 tokens, fp32
+    python benchmarks/run.py --prompts 16 --tokens 8
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import tempfile
@@ -19,15 +25,20 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+
+def _rate(tokens: int, seconds: float) -> dict:
+    return {"new_tokens": tokens, "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 2)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="packaged:smollm2-135m-instruct")
-    ap.add_argument("--shards", type=int, default=4)
-    ap.add_argument("--shard-size", type=int, default=8)
-    ap.add_argument("--tokens", type=int, default=24)
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "pool_overhead.json"))
+    ap.add_argument("--prompts", type=int, default=48)
+    ap.add_argument("--shard-size", type=int, default=16)
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "generation.json"))
     args = ap.parse_args()
 
     import ray
@@ -35,36 +46,67 @@ def main() -> None:
     from cluster.hf import HFGenerator
     from schemas.config import DataConfig, ExpertSpec
     from schemas.store import Store
-    from tasks.generate import expert_fingerprint, generate_cell, run_generate
+    from tasks.generate import expert_fingerprint, generate_cell, render, run_generate
     from tasks.ingest import read_queries, write_shards
 
     data = Path(__file__).resolve().parents[1] / "examples" / "data" / "mtbench.jsonl"
-    spec = ExpertSpec(name="bench", model=args.model, dtype="float32",
-                      sampling={"max_new_tokens": args.tokens}, resources={"batch_size": args.shard_size})
-    results = {}
+    queries = read_queries(DataConfig(path=str(data), limit=args.prompts))
+    has_vllm = importlib.util.find_spec("vllm") is not None
+    res: dict = {"setup": vars(args) | {"cpus": os.cpu_count(), "dtype": "float32", "greedy": True}}
+
+    def spec(backend: str) -> ExpertSpec:
+        return ExpertSpec(name=f"bench-{backend}", model=args.model, backend=backend, dtype="float32",
+                          max_model_len=1024, sampling={"max_new_tokens": args.tokens},
+                          resources={"batch_size": args.shard_size, "num_cpus": 1, "threads": 1})
+
     with tempfile.TemporaryDirectory() as tmp:
-        queries = read_queries(DataConfig(path=str(data), limit=args.shards * args.shard_size))
-        shards = []
-        for name in ("direct", "pool"):
+        def fresh(name: str) -> tuple[Store, list[int]]:
             store = Store(f"{tmp}/{name}")
-            shards = write_shards(store, queries, args.shard_size).shards
+            return store, write_shards(store, queries, args.shard_size).shards
+
+        # (d) hf in this process
+        store, shards = fresh("hf_direct")
+        g = HFGenerator(args.model, dtype="float32", threads=1)
+        t = time.perf_counter()
+        toks = sum(generate_cell(g, spec("hf"), expert_fingerprint(spec("hf")), store, s)["new_tokens"]
+                   for s in shards)
+        res["hf_direct"] = _rate(toks, time.perf_counter() - t)
+        prompts = render(g, "chat", queries["text"].to_list())
+        del g
+
+        # (a) bare vLLM in this process, same rendered prompts
+        if has_vllm:
+            from vllm import LLM, SamplingParams
+
+            from cluster.models import resolve
+
+            llm = LLM(model=str(resolve(args.model)), dtype="float32", max_model_len=1024, enforce_eager=True)
+            llm.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0), use_tqdm=False)  # warm-up
             t = time.perf_counter()
-            if name == "direct":
-                model = HFGenerator(spec.model, dtype=spec.dtype, threads=1)
-                tokens = sum(generate_cell(model, spec, expert_fingerprint(spec), store, s)["new_tokens"]
-                             for s in shards)
-                del model
-            else:
-                ray.init(num_cpus=1, include_dashboard=False, _temp_dir=f"{tmp}/ray")
-                tokens = run_generate(store, spec, shards).new_tokens
-                ray.shutdown()
-            secs = time.perf_counter() - t
-            results[name] = {"seconds": round(secs, 2), "new_tokens": tokens, "tokens_per_s": round(tokens / secs, 2)}
-    results["ratio_pool_over_direct"] = round(results["pool"]["tokens_per_s"] / results["direct"]["tokens_per_s"], 3)
-    results["setup"] = vars(args) | {"cpus": os.cpu_count()}
+            outs = llm.generate(prompts, SamplingParams(max_tokens=args.tokens, temperature=0), use_tqdm=False)
+            res["vllm_bare"] = _rate(sum(len(o.outputs[0].token_ids) for o in outs), time.perf_counter() - t)
+            del llm, outs
+
+        ray.init(num_cpus=2, include_dashboard=False, _temp_dir=f"{tmp}/ray")
+        for backend in ["hf"] + (["vllm"] if has_vllm else []):
+            store, shards = fresh(f"{backend}_pool")
+            t = time.perf_counter()
+            r = run_generate(store, spec(backend), shards)
+            total = time.perf_counter() - t
+            res[f"{backend}_pool"] = {"steady": _rate(r.new_tokens, r.job_seconds),
+                                      "end_to_end": _rate(r.new_tokens, total)}
+        ray.shutdown()
+
+    if has_vllm:
+        res["ratio_vllm_pool_steady_over_bare"] = round(
+            res["vllm_pool"]["steady"]["tokens_per_s"] / res["vllm_bare"]["tokens_per_s"], 3)
+        res["ratio_vllm_bare_over_hf_direct"] = round(
+            res["vllm_bare"]["tokens_per_s"] / res["hf_direct"]["tokens_per_s"], 3)
+    res["ratio_hf_pool_steady_over_direct"] = round(
+        res["hf_pool"]["steady"]["tokens_per_s"] / res["hf_direct"]["tokens_per_s"], 3)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2))
-    print(json.dumps(results, indent=2))
+    Path(args.out).write_text(json.dumps(res, indent=2))
+    print(json.dumps(res, indent=2))
 
 
 if __name__ == "__main__":

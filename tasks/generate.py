@@ -85,7 +85,8 @@ class StageResult:
     skipped: list[int] = field(default_factory=list)
     rows: int = 0
     new_tokens: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # wall time of the stage, actor start and model load included
+    job_seconds: float = 0.0  # summed time inside the shard jobs (read, model, write)
 
 
 def run_generate(store: Store, spec: ExpertSpec, shards: list[int]) -> StageResult:
@@ -102,6 +103,7 @@ def run_generate(store: Store, spec: ExpertSpec, shards: list[int]) -> StageResu
         res.computed.append(out["shard"])
         res.rows += out["rows"]
         res.new_tokens += out["new_tokens"]
+        res.job_seconds += out["seconds"]
     res.seconds = time.perf_counter() - t0
     res.computed.sort()
     return res
