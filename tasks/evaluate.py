@@ -16,6 +16,11 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
+from cluster.router import Router
+from schemas.artifacts import LABELS, evaluation_dir, fingerprint, labels_path, router_dir
+from schemas.store import Store
+from tasks.aggregate import ScoreSource, scan_scores
+
 RANKED = "ranked"
 
 
@@ -103,13 +108,9 @@ def to_markdown(report: dict) -> str:
             f"{report['best_single']}.\n")
 
 
-def run_evaluate(store, labels_fp: str, router_fp: str, sources: list, experts: list[tuple[str, str]],
-                 shards: list[int]) -> tuple[str, dict]:
+def run_evaluate(store: Store, labels_fp: str, router_fp: str, sources: list[ScoreSource],
+                 experts: list[tuple[str, str]], shards: list[int]) -> tuple[str, dict]:
     """Load labels, the router and the test scores from the store; write report.json and report.md."""
-    from cluster.router import Router
-    from schemas.artifacts import LABELS, evaluation_dir, fingerprint, labels_path, router_dir
-    from tasks.aggregate import scan_scores
-
     fp = fingerprint({"labels": labels_fp, "router": router_fp, "code": 1})
     rel = evaluation_dir(fp)
     if store.exists(f"{rel}/report.json"):
