@@ -92,10 +92,14 @@ class Router:
 
     @classmethod
     def from_store(cls, store, rel_dir: str) -> Router:
-        """Copy a router directory out of a (possibly remote) store into a temp dir and load it."""
+        """Copy what inference needs (not the Ray Train checkpoints) out of a possibly remote store; load it."""
         tmp = Path(tempfile.mkdtemp(prefix="zooter-router-"))
         try:
-            store.fs.get(store.path(rel_dir) + "/", str(tmp) + "/", recursive=True)
+            for name in ("router.json", "router.safetensors"):
+                store.fs.get(store.path(f"{rel_dir}/{name}"), str(tmp / name))
+            (tmp / "encoder").mkdir()
+            for name in store.ls(f"{rel_dir}/encoder"):
+                store.fs.get(store.path(f"{rel_dir}/encoder/{name}"), str(tmp / "encoder" / name))
             return cls(tmp)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -91,14 +91,17 @@ def _validate(model, val, kind: str) -> dict:
     return {"val_loss": total / n, "val_top1": agree / n}
 
 
-def fit(cfg: dict, storage_path: str, name: str, num_workers: int, use_gpu: bool,
-        cpus_per_worker: float) -> tuple[dict, list[dict]]:
-    """Run the TorchTrainer; return the best checkpoint's payload and every epoch's metrics."""
+def fit(cfg: dict, storage_path: str, name: str, num_workers: int, use_gpu: bool, cpus_per_worker: float,
+        storage_filesystem=None) -> tuple[dict, list[dict]]:
+    """Run the TorchTrainer; return the best checkpoint's payload and every epoch's metrics.
+
+    Checkpoints go to `storage_path`: a local directory, or a path inside `storage_filesystem` (a pyarrow
+    filesystem wrapping the store's, so remote stores keep their endpoint and credentials)."""
     trainer = TorchTrainer(
         train_loop, train_loop_config=cfg,
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cpus_per_worker}),
-        run_config=RunConfig(name=name, storage_path=storage_path,
+        run_config=RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_filesystem,
                              checkpoint_config=CheckpointConfig(num_to_keep=1)),
     )
     result = trainer.fit()

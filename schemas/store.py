@@ -17,6 +17,7 @@ import fsspec
 import polars as pl
 import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from schemas.artifacts import SCHEMA_VERSION
@@ -32,8 +33,11 @@ class Store:
     def __init__(self, url: str, options: dict[str, Any] | None = None):
         self.url = url.rstrip("/")
         self.options = dict(options or {})
-        self.fs, self.root = fsspec.core.url_to_fs(self.url, **self.options)
-        self.local = self.fs.protocol in ("file", "local") or "file" in self.fs.protocol
+        remote = "://" in self.url and not self.url.startswith("file://")
+        # Other processes (actors) write cells: a remote store must not answer from a stale listing cache.
+        extra = {"use_listings_cache": False, "skip_instance_cache": True} if remote else {}
+        self.fs, self.root = fsspec.core.url_to_fs(self.url, **extra, **self.options)
+        self.local = not remote
 
     def __repr__(self) -> str:
         return f"Store({self.url!r})"
@@ -127,6 +131,10 @@ class Store:
         except ArtifactError:
             return False
         return meta.get("fingerprint") == fingerprint and _same_fields(got, schema)
+
+    def arrow_fs(self) -> pafs.FileSystem:
+        """This store's filesystem for pyarrow users (Ray Train checkpoints): same endpoint and credentials."""
+        return pafs.PyFileSystem(pafs.FSSpecHandler(self.fs))
 
     def scan(self, rels: list[str]) -> pl.LazyFrame:
         """A lazy Polars frame over cells (streams; works for local and remote stores)."""

@@ -56,8 +56,8 @@ def run_train_router(store: Store, labels_fp: str, cfg: RouterConfig) -> tuple[s
         loop_cfg = {**cfg.model_dump(mode="json"), "experts": experts, "labels_fingerprint": labels_fp,
                     "train_path": str(tmp_p / "train.parquet"), "val_path": str(tmp_p / "val.parquet"),
                     "threads": max(1, int(cfg.cpus_per_worker))}
-        storage = store.path(f"{rel}/ray_train") if store.local else store.uri(f"{rel}/ray_train")
-        payload, history = fit(loop_cfg, storage, "train", cfg.num_workers, cfg.use_gpu, cfg.cpus_per_worker)
+        payload, history = fit(loop_cfg, store.path(f"{rel}/ray_train"), "train", cfg.num_workers, cfg.use_gpu,
+                               cfg.cpus_per_worker, None if store.local else store.arrow_fs())
         model, tok = build(cfg.encoder, len(experts), cfg.pooling)
         model.load_state_dict(payload["model"])
         meta = {"router_fingerprint": fp, "labels_fingerprint": labels_fp, "experts": experts,

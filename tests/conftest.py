@@ -12,6 +12,7 @@ os.environ["DO_NOT_TRACK"] = "1"
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.setdefault("ZOOTER_CACHE", str(Path(__file__).resolve().parents[1] / ".zooter" / "cache"))
 
 import pytest  # noqa: E402
@@ -79,6 +80,27 @@ def ray_session(tmp_path_factory):
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "ZOOTER_CACHE": os.environ["ZOOTER_CACHE"]}})
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 API (moto's server) on 127.0.0.1 and a free port, with one bucket `zooter`.
+    Yields the store options; the credentials are recognisable so tests can grep artifacts for them."""
+    import socket
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    opts = {"endpoint_url": f"http://127.0.0.1:{port}", "key": "AKIAZOOTERTESTKEY", "secret": "zooter-s3-secret-0042"}
+    boto3.client("s3", endpoint_url=opts["endpoint_url"], aws_access_key_id=opts["key"],
+                 aws_secret_access_key=opts["secret"], region_name="us-east-1").create_bucket(Bucket="zooter")
+    yield opts
+    server.stop()
 
 
 @pytest.fixture(scope="session")
