@@ -79,6 +79,52 @@ def run(config: Path, json_out: bool = typer.Option(False, "--json", help="Print
 
 
 @app.command()
+def inspect(store: str = typer.Argument(help="Local directory or s3://bucket/prefix."),
+            run_id: str = typer.Option(None, "--run", help="Show this run instead of the latest completed one."),
+            json_out: bool = typer.Option(False, "--json", help="Print everything as JSON.")) -> None:
+    """Runs, cell matrix, label summary and champion of a store (reads manifests and Parquet only)."""
+    from schemas.store import Store
+    from tasks.inspect import inspect_store
+
+    try:
+        info = inspect_store(Store(store), run_id)
+    except ValueError as e:
+        _fail(str(e))
+    if json_out:
+        sys.stdout.write(json.dumps(info, default=str) + "\n")
+        return
+    t = Table("run", "status", "queries", "computed", "reused", "seconds", title=f"Runs in {store}")
+    for r in info["runs"]:
+        t.add_row(r["run_id"], r["status"][:40], str(r["queries"]), str(r["cells_computed"]),
+                  str(r["cells_reused"]), "-" if r["seconds"] is None else f"{r['seconds']:.0f}")
+    console.print(t)
+    cells = info["cells"]
+    t = Table("stage", "expert", *[str(s) for s in cells["shards"]], title=f"Cells of run {info['run']} (shard)")
+    mark = lambda ok: "[green]done[/green]" if ok else "[red]missing[/red]"  # noqa: E731
+    for e, done in cells["generations"].items():
+        t.add_row("generate", e, *map(mark, done))
+    for rm, per in cells["scores"].items():
+        for e, done in per.items():
+            t.add_row(f"score:{rm}", e, *map(mark, done))
+    console.print(t)
+    if "labels" in info:
+        lab = info["labels"]
+        t = Table("expert", "mean reward", "win rate", title=f"Labels ({lab['rows']} queries)")
+        for r in lab["experts"]:
+            t.add_row(r["expert"], _cell(r["mean_reward"]), _cell(r["win_rate"]))
+        console.print(t)
+        names = [r["expert"] for r in lab["experts"]]
+        t = Table("tag", "n", *names, title="Mean target probability by tag")
+        for r in lab["tag_target"]:
+            t.add_row(r["tag"], str(r["n"]), *[_cell(r[e]) for e in names])
+        console.print(t)
+    if "champion" in info:
+        c = info["champion"]
+        console.print(f"champion: {c['router']} (run {c['run_id']}, router reward {_cell(c['reward'])}), "
+                      f"evaluation {c['evaluation']}")
+
+
+@app.command()
 def models() -> None:
     """List the models that ship inside installed packages (usable as `packaged:<name>`)."""
     from cluster.models import PACKAGED

@@ -82,3 +82,25 @@ def test_rerun_computes_no_cells_and_reuses_everything(flow_run):
     assert sum(s["cells_reused"] for s in m2["generate"] + m2["score"]) == 6 + 18
     assert (m2["labels"], m2["router"], m2["evaluation"]) == (m1["labels"], m1["router"], m1["evaluation"])
     assert m2["run_id"] != m1["run_id"]
+
+
+def test_inspect_reads_runs_cells_labels_and_champion(flow_run):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    store, first, second = flow_run
+    res = CliRunner().invoke(app, ["inspect", store.url, "--json"])
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.output)
+    assert [r["run_id"] for r in info["runs"]] == [first["manifest"]["run_id"], second["manifest"]["run_id"]]
+    assert info["cells"]["generations"] == {"a": [True] * 3, "b": [True] * 3}
+    assert all(all(v) for per in info["cells"]["scores"].values() for v in per.values())
+    assert {r["expert"] for r in info["labels"]["experts"]} == {"a", "b"}
+    assert sum(r["win_rate"] for r in info["labels"]["experts"]) == pytest.approx(1.0)
+    assert {r["tag"] for r in info["labels"]["tag_target"]} == {"math", "writing", "trivia", "coding"}
+    assert info["champion"]["router"] == f"routers/{first['manifest']['router']}"
+    text = CliRunner().invoke(app, ["inspect", store.url])
+    assert text.exit_code == 0 and "done" in text.output and "champion" in text.output
+    bad = CliRunner().invoke(app, ["inspect", store.url, "--run", "nope"])
+    assert bad.exit_code == 2 and "not in" in bad.output

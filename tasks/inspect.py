@@ -1,0 +1,74 @@
+"""inspect: what a store holds, from manifests, Parquet footers and the labels table (no model, no Ray).
+
+Runs and their manifests, the cell matrix of the chosen run (expert x shard for generations, and the same for
+every reward model: done / missing), per-expert mean reward and win rate, a tag x expert table of mean target
+probability, and the champion router with its evaluation.
+"""
+
+from __future__ import annotations
+
+import polars as pl
+
+from schemas.artifacts import CHAMPION_PATH, GENERATIONS, LABELS, SCORES, generation_path, labels_path, score_path
+from schemas.store import Store
+
+
+def runs(store: Store) -> list[dict]:
+    out = []
+    for run_id in store.ls("runs"):
+        if store.exists(f"runs/{run_id}/manifest.json"):
+            m = store.read_json(f"runs/{run_id}/manifest.json")
+            out.append({"run_id": run_id, "status": m["status"], "started": m["started"], "queries": m["queries"],
+                        "cells_computed": sum(s["cells_computed"] for s in m["generate"] + m["score"]),
+                        "cells_reused": sum(s["cells_reused"] for s in m["generate"] + m["score"]),
+                        "labels": m["labels"], "router": m["router"], "seconds": m["timings"].get("total_s")})
+    return sorted(out, key=lambda r: r["started"])
+
+
+def cell_matrix(store: Store, manifest: dict) -> dict:
+    """For the run's experts and reward models: per shard, is the cell there and valid?"""
+    shards = manifest["shards"]
+    gens = {g["name"]: g["fingerprint"] for g in manifest["generate"]}
+    matrix = {"shards": shards, "generations": {}, "scores": {}}
+    for e, fp in gens.items():
+        matrix["generations"][e] = [store.valid_cell(generation_path(e, fp, s), GENERATIONS, fp) for s in shards]
+    for r in manifest["score"]:
+        matrix["scores"][r["name"]] = {
+            e: [store.valid_cell(score_path(r["name"], r["fingerprint"], e, efp, s), SCORES, r["fingerprint"])
+                for s in shards] for e, efp in gens.items()}
+    return matrix
+
+
+def label_summary(store: Store, labels_fp: str) -> dict:
+    experts = store.read_meta(labels_path(labels_fp))["experts"]
+    df = pl.from_arrow(store.read_table(labels_path(labels_fp), LABELS))
+    wide = df.select(
+        "tags",
+        *[pl.col("rewards").list.get(i).alias(f"r:{e}") for i, e in enumerate(experts)],
+        *[pl.col("target").list.get(i).alias(e) for i, e in enumerate(experts)],
+        pl.col("rewards").list.arg_max().alias("winner"))
+    per_expert = [{"expert": e, "mean_reward": wide[f"r:{e}"].mean(),
+                   "win_rate": (wide["winner"] == i).mean()} for i, e in enumerate(experts)]
+    by_tag = (wide.explode("tags").drop_nulls("tags").group_by("tags")
+              .agg(pl.len().alias("n"), *[pl.col(e).mean() for e in experts]).sort("tags").rename({"tags": "tag"}))
+    return {"rows": df.height, "experts": per_expert, "tag_target": by_tag.to_dicts()}
+
+
+def inspect_store(store: Store, run_id: str | None = None) -> dict:
+    all_runs = runs(store)
+    if not all_runs:
+        raise ValueError(f"{store.url}: no runs in this store (runs/*/manifest.json)")
+    ids = [r["run_id"] for r in all_runs]
+    if run_id is not None and run_id not in ids:
+        raise ValueError(f"--run {run_id!r}: not in {store.url}; runs are {ids}")
+    chosen = run_id or next((r["run_id"] for r in reversed(all_runs) if r["status"] == "completed"), ids[-1])
+    manifest = store.read_json(f"runs/{chosen}/manifest.json")
+    out = {"store": store.url, "runs": all_runs, "run": chosen, "manifest": manifest,
+           "cells": cell_matrix(store, manifest)}
+    if manifest.get("labels"):
+        out["labels"] = label_summary(store, manifest["labels"])
+    if store.exists(CHAMPION_PATH):
+        champ = store.read_json(CHAMPION_PATH)
+        report = f"{champ['evaluation']}/report.json"
+        out["champion"] = {**champ, "report": store.read_json(report)["rows"] if store.exists(report) else None}
+    return out
