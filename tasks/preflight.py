@@ -6,6 +6,8 @@ model kinds, and the whole query file. Raises a `ConfigError` whose one-line mes
 
 from __future__ import annotations
 
+import warnings
+
 import polars as pl
 
 from cluster.models import ModelSourceError, check_source
@@ -25,6 +27,10 @@ def preflight(cfg: FlowConfig) -> pl.DataFrame:
         if rm.model:
             _source(f"reward_models.{i}.model", rm.model)
     _source("router.encoder", cfg.router.encoder)
+    for key, spec in [*(("experts", e) for e in cfg.experts), *(("reward_models", r) for r in cfg.reward_models)]:
+        if spec.trust_remote_code:
+            warnings.warn(f"{key}: {spec.name!r} sets trust_remote_code: code from {spec.model} will run",
+                          stacklevel=2)
     return read_queries(cfg.data)
 
 

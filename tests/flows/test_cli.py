@@ -62,3 +62,16 @@ def test_validate_ok(tiny_config):
 def test_models_lists_packaged():
     res = runner.invoke(app, ["models"])
     assert res.exit_code == 0 and "packaged:qwen2.5-coder-0.5b-instruct" in res.output
+
+
+def test_trust_remote_code_warns(tiny_config):
+    import warnings
+
+    from schemas.config import load_config
+    from tasks.preflight import preflight
+
+    path = _edit(tiny_config(), lambda c: c["experts"][0].update(trust_remote_code=True))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        preflight(load_config(path))
+    assert any("trust_remote_code" in str(w.message) for w in caught)
