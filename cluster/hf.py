@@ -41,11 +41,14 @@ def _load(auto_cls, ref: str, dtype: str, threads: int, trust_remote_code: bool)
 
 
 def render_chat(tok, query: str, answer: str | None = None) -> str:
-    """The prompt as the model's chat template renders it; a plain Q/A layout where the model has none."""
+    """The prompt as the model's chat template renders it (with the answer as the assistant turn when given,
+    for reward models); a plain Question/Answer layout where the model has no template."""
     if getattr(tok, "chat_template", None):
         msgs = [{"role": "user", "content": query}]
-        return tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-    return f"Question: {query}\nAnswer:"
+        if answer is None:
+            return tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        return tok.apply_chat_template([*msgs, {"role": "assistant", "content": answer}], tokenize=False)
+    return f"Question: {query}\nAnswer:" + ("" if answer is None else f" {answer}")
 
 
 class _StopStrings(StoppingCriteria):
@@ -186,15 +189,9 @@ class HFClassifierScorer:
             self.model.config.pad_token_id = self.tok.pad_token_id
         self.max_length = max_length
 
-    def render(self, query: str, answer: str) -> str:
-        if getattr(self.tok, "chat_template", None):
-            msgs = [{"role": "user", "content": query}, {"role": "assistant", "content": answer}]
-            return self.tok.apply_chat_template(msgs, tokenize=False)
-        return f"Question: {query}\nAnswer: {answer}"
-
     @torch.inference_mode()
     def score(self, queries: list[str], answers: list[str], batch_size: int = 8) -> list[float | None]:
-        texts = [self.render(q, a) for q, a in zip(queries, answers, strict=True)]
+        texts = [render_chat(self.tok, q, a) for q, a in zip(queries, answers, strict=True)]
         out: list[float | None] = []
         for start in range(0, len(texts), batch_size):
             enc = self.tok(texts[start:start + batch_size], return_tensors="pt", padding=True, truncation=True,

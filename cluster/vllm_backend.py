@@ -84,15 +84,10 @@ class VLLMClassifierScorer:
         self.tok = self.llm.get_tokenizer()
         self.max_length = max_length
 
-    def render(self, query: str, answer: str) -> str:
-        from cluster.hf import HFClassifierScorer
-
-        return HFClassifierScorer.render(self, query, answer)
-
     def score(self, queries: list[str], answers: list[str], batch_size: int = 8) -> list[float | None]:
         from vllm import PoolingParams, TokensPrompt
 
-        inputs = [TokensPrompt(prompt_token_ids=self.tok(self.render(q, a), truncation=True,
+        inputs = [TokensPrompt(prompt_token_ids=self.tok(render_chat(self.tok, q, a), truncation=True,
                                                          max_length=self.max_length)["input_ids"])
                   for q, a in zip(queries, answers, strict=True)]
         outs = self.llm.classify(inputs, pooling_params=PoolingParams(use_activation=False), use_tqdm=False)
