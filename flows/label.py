@@ -11,10 +11,10 @@ from datetime import UTC, datetime
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from cluster.pool import connect
+from cluster.pool import PLACEMENTS, connect, pool_key
 from schemas.artifacts import evaluation_dir, run_manifest_path
 from schemas.config import FlowConfig, load_config
-from schemas.manifest import RunManifest, StageRecord, new_run_id
+from schemas.manifest import ChampionDecision, RunManifest, StageRecord, new_run_id
 from schemas.store import Store
 from tasks.aggregate import ScoreSource, run_aggregate
 from tasks.evaluate import run_evaluate
@@ -33,10 +33,11 @@ def step(fn, name: str):
     return task(fn, name=name, cache_policy=NO_CACHE)
 
 
-def _record(r: StageResult) -> StageRecord:
+def _record(r: StageResult, job: str) -> StageRecord:
+    nodes = PLACEMENTS.get(pool_key(job, r.name), []) if r.computed else []
     return StageRecord(name=r.name, fingerprint=r.fingerprint, cells_computed=len(r.computed),
                        cells_reused=len(r.skipped), rows=r.rows, new_tokens=r.new_tokens,
-                       seconds=round(r.seconds, 2))
+                       seconds=round(r.seconds, 2), nodes=nodes)
 
 
 def redacted(cfg: FlowConfig) -> dict:
@@ -47,11 +48,17 @@ def redacted(cfg: FlowConfig) -> dict:
 
 @flow(name="zooter-label", log_prints=True)
 def label_flow(config_path: str) -> dict:
+    return label_dag(config_path, "label")
+
+
+def label_dag(config_path: str, flow_name: str) -> dict:
+    """The DAG both flows run; `relabel` is this on the current config (content-addressed cells make it compute
+    only what is missing)."""
     log = get_run_logger()
     cfg = load_config(config_path)
     queries = preflight(cfg)  # fails before any model loads or anything is written
     store = Store(cfg.store.url, cfg.store.options)
-    m = RunManifest(run_id=new_run_id(), flow="label", config=redacted(cfg))
+    m = RunManifest(run_id=new_run_id(), flow=flow_name, config=redacted(cfg))
     t = time.perf_counter()
 
     try:
@@ -65,10 +72,10 @@ def label_flow(config_path: str) -> dict:
 
         connect(cfg.ray)
         gens = [step(run_generate, name=f"generate-{e.name}").submit(store, e, ing.shards) for e in cfg.experts]
-        m.generate = [_record(g.result()) for g in gens]
+        m.generate = [_record(g.result(), "generate_cell") for g in gens]
         scores = [step(run_score, name=f"score-{rm.name}").submit(store, rm, cfg.experts, ing.shards)
                   for rm in cfg.reward_models]
-        m.score = [_record(s.result()) for s in scores]
+        m.score = [_record(s.result(), "score_cell") for s in scores]
         log.info("generation + scoring: %d cells computed, %d reused", m.cells_computed,
                  sum(s.cells_reused for s in m.generate + m.score))
 
@@ -80,7 +87,9 @@ def label_flow(config_path: str) -> dict:
         m.router, _ = step(run_train_router, name="train_router")(store, m.labels, cfg.router)
         m.evaluation, report = step(run_evaluate, name="evaluate")(store, m.labels, m.router, sources, experts,
                                                                   ing.shards)
-        step(publish, name="publish")(store, m.router, m.evaluation, report, m.run_id)
+        m.champion = ChampionDecision(**step(publish, name="publish")(store, m.router, m.evaluation, report,
+                                                                      m.run_id))
+        log.info("champion/challenger: %s (%s)", m.champion.decision, m.champion.reason)
     except BaseException as e:
         # A failed run still leaves its lineage: what it computed before the failure, and why it stopped.
         m.status, m.finished = f"failed: {type(e).__name__}: {e}", datetime.now(UTC).isoformat()

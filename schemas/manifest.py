@@ -39,6 +39,20 @@ class StageRecord(BaseModel):
     rows: int = 0
     new_tokens: int = 0
     seconds: float = 0.0
+    nodes: list[str] = Field(default_factory=list, description="Ray node ids the stage's actors ran on.")
+
+
+class ChampionDecision(BaseModel):
+    """Champion/challenger at publish: the run's router replaces the champion only if it is not worse."""
+
+    model_config = ConfigDict(extra="forbid")
+    decision: str  # "promoted" | "kept"
+    reason: str
+    challenger: str  # router fingerprint of this run
+    challenger_reward: float | None
+    champion: str | None = None  # router fingerprint of the champion before this run (None: there was none)
+    champion_reward: float | None = None  # the champion's reward on this run's held-out split
+    compared_on: str | None = None  # labels fingerprint whose test split both rewards are measured on
 
 
 class RunManifest(BaseModel):
@@ -56,10 +70,12 @@ class RunManifest(BaseModel):
     tagger: str | None = None
     generate: list[StageRecord] = Field(default_factory=list)
     score: list[StageRecord] = Field(default_factory=list)
+    embed: StageRecord | None = None  # query embeddings for a frozen-encoder router
     labels: str | None = None
     label_rows: int = 0
     router: str | None = None
     evaluation: str | None = None
+    champion: ChampionDecision | None = None
     timings: dict[str, float] = Field(default_factory=dict)
 
     @property

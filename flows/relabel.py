@@ -1,0 +1,18 @@
+"""The relabel flow: the label DAG on the current config after an expert pool changed.
+
+Only missing cells are computed (cells are content-addressed), labels are re-aggregated over the current pool,
+the router is retrained and evaluated, and it replaces the champion only if it is not worse (tasks/publish.py).
+The `zooter-relabel` deployment (prefect.yaml, `zooter serve`) runs it on a schedule and on the
+`zooter.experts.changed` event that `zooter experts add|remove` emits.
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from flows.label import label_dag
+
+
+@flow(name="zooter-relabel", log_prints=True)
+def relabel_flow(config_path: str) -> dict:
+    return label_dag(config_path, "relabel")
