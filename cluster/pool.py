@@ -6,8 +6,10 @@ functions from `tasks/` (`fn(model, *args)`), so the step logic stays testable w
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -24,6 +26,15 @@ log = logging.getLogger("zooter.cluster")
 PROJECT_MODULES = ["flows", "tasks", "cluster", "schemas"]
 
 _ENV_PASSTHROUGH = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "ZOOTER_CACHE", "AWS_EC2_METADATA_DISABLED")
+
+# Where each pool's actors ran: pool key ("<job function>:<spec name>", see `pool_key`) -> Ray node ids of its
+# last run in this process. The flow copies it into the run manifest, the lineage of a multi-node run.
+PLACEMENTS: dict[str, list[str]] = {}
+_placements_lock = threading.Lock()
+
+
+def pool_key(fn: Callable[..., Any], spec: Any) -> str:
+    return f"{getattr(fn, '__name__', fn)}:{getattr(spec, 'name', spec)}"
 
 
 def connect(cfg: RayConfig) -> None:
@@ -53,11 +64,18 @@ class ModelActor:
     def run(self, fn: Callable[..., Any], *args: Any) -> Any:
         return fn(self.model, *args)
 
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
 
 def _actor(build: Callable[[], Any], res: Resources, tp: int):
     opts: dict[str, Any] = {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus, "max_restarts": 2,
                             "max_task_retries": 2}
     pg = None
+    if tp == 1 and res.pool_size > 1:
+        # Best effort: one copy of the model per node before a second one on the same node (memory, and a
+        # pool that survives losing a node); on one machine this is the default placement.
+        opts["scheduling_strategy"] = "SPREAD"
     if tp > 1:
         # Tensor parallel: the engine's workers each take one GPU of a placement group that the actor (and
         # everything it starts) is scheduled into; the actor itself holds no GPU.
@@ -76,10 +94,19 @@ def run_pool(build: Callable[[], Any], jobs: Iterable[tuple[Callable[..., Any], 
     if not jobs:
         return
     started = [_actor(build, res, tp) for _ in range(min(res.pool_size, len(jobs)))]
+    # Asked now, read at the end without waiting: an actor that never got resources must not block the pool.
+    nodes = [a.node_id.remote() for a, _ in started]
     try:
         pool = ActorPool([a for a, _ in started])
         yield from pool.map_unordered(lambda a, job: a.run.remote(job[0], *job[1]), jobs)
     finally:
+        ready, _ = ray.wait(nodes, num_returns=len(nodes), timeout=0)
+        placed = []
+        for ref in ready:
+            with contextlib.suppress(ray.exceptions.RayError):  # the actor died; its jobs went elsewhere
+                placed.append(ray.get(ref))
+        with _placements_lock:
+            PLACEMENTS[pool_key(jobs[0][0], jobs[0][1][0])] = sorted(set(placed))
         for a, pg in started:
             ray.kill(a)
             if pg is not None:
