@@ -1,0 +1,40 @@
+"""Deployments of the label and relabel flows, served from a local process (`zooter serve`): for users without
+a work pool. prefect.yaml declares the same two deployments for `prefect deploy`.
+
+The relabel deployment runs on a cron schedule and whenever `zooter experts add|remove` emits
+`zooter.experts.changed` for this config's store; the trigger passes the event's `config_path` to the flow.
+"""
+
+from __future__ import annotations
+
+from prefect import serve
+from prefect.deployments.runner import RunnerDeployment
+from prefect.events import DeploymentEventTrigger
+
+from flows.label import label_flow
+from flows.relabel import relabel_flow
+from schemas.config import load_config
+from tasks.experts import EVENT
+
+RELABEL_CRON = "0 3 * * *"  # nightly: picks up new queries in the data file as well
+
+
+def relabel_trigger(store_url: str | None = None) -> DeploymentEventTrigger:
+    """Fires once per `zooter.experts.changed` event (for one store, or any with None)."""
+    return DeploymentEventTrigger(
+        name="relabel on expert pool change", expect={EVENT},
+        match={"prefect.resource.id": f"zooter.store.{store_url}" if store_url else "zooter.store.*"},
+        parameters={"config_path": "{{ event.payload.config_path }}"})
+
+
+def deployments(config_path: str, cron: str | None = RELABEL_CRON) -> list[RunnerDeployment]:
+    cfg = load_config(config_path)
+    params = {"config_path": config_path}
+    return [label_flow.to_deployment(name="label", parameters=params),
+            relabel_flow.to_deployment(name="relabel", parameters=params, cron=cron,
+                                       triggers=[relabel_trigger(cfg.store.url)])]
+
+
+def serve_deployments(config_path: str, cron: str | None = RELABEL_CRON, limit: int | None = None) -> None:
+    """Blocks: registers both deployments (and the relabel trigger's automation) and runs their flow runs."""
+    serve(*deployments(config_path, cron), limit=limit)

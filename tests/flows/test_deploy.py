@@ -1,0 +1,180 @@
+"""Deployments: prefect.yaml, `zooter experts add|remove|list`, and the served relabel deployment triggered by
+the `zooter.experts.changed` event on a real Prefect server (`prefect server start` on 127.0.0.1)."""
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from prefect.events import DeploymentEventTrigger
+from prefect.flows import load_flow_from_entrypoint
+from prefect.settings import PREFECT_API_URL, temporary_settings
+from typer.testing import CliRunner
+
+from flows.cli import app
+from tasks.experts import EVENT
+
+ROOT = Path(__file__).resolve().parents[2]
+runner = CliRunner()
+
+
+def test_prefect_yaml_declares_both_deployments():
+    doc = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    deps = {d["name"]: d for d in doc["deployments"]}
+    assert sorted(deps) == ["label", "relabel"]
+    assert load_flow_from_entrypoint(str(ROOT / deps["label"]["entrypoint"])).name == "zooter-label"
+    assert load_flow_from_entrypoint(str(ROOT / deps["relabel"]["entrypoint"])).name == "zooter-relabel"
+    relabel = deps["relabel"]
+    assert [s["cron"] for s in relabel["schedules"]] == ["0 3 * * *"]
+    (trigger,) = relabel["triggers"]
+    t = DeploymentEventTrigger.model_validate({k: v for k, v in trigger.items() if k != "type"})
+    assert t.expect == {EVENT} and t.parameters == {"config_path": "{{ event.payload.config_path }}"}
+
+
+def test_served_deployments(tiny_config):
+    from flows.deploy import deployments
+
+    path = tiny_config()
+    label, relabel = deployments(str(path))
+    assert (label.name, label.flow_name, relabel.name, relabel.flow_name) == (
+        "label", "zooter-label", "relabel", "zooter-relabel")
+    assert label.parameters == relabel.parameters == {"config_path": str(path)}
+    assert [s.schedule.cron for s in relabel.schedules] == ["0 3 * * *"] and not label.schedules
+    (trigger,) = relabel.triggers
+    store = yaml.safe_load(path.read_text())["store"]
+    assert trigger.expect == {EVENT} and trigger.match.get("prefect.resource.id") == [f"zooter.store.{store}"]
+
+
+def test_experts_add_remove_list_without_a_prefect_api(tiny_config, tiny_models):
+    path = tiny_config()
+    before = path.read_text()
+    # an API URL that nothing listens on: the pool is still edited, the event is skipped with a warning
+    with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:9/api"}):
+        res = runner.invoke(app, ["experts", "add", str(path), "--name", "c", "--model", str(tiny_models["lm_b"]),
+                                  "--dtype", "float32", "--max-new-tokens", "4", "--pool-size", "2"])
+        assert res.exit_code == 0, res.output
+        assert "warning" in res.output and f"{EVENT} not emitted" in res.output
+        experts = yaml.safe_load(path.read_text())["experts"]
+        assert [e["name"] for e in experts] == ["a", "b", "c"]
+        assert experts[2] == {"name": "c", "model": str(tiny_models["lm_b"]), "dtype": "float32",
+                              "sampling": {"max_new_tokens": 4}, "resources": {"pool_size": 2}}
+        listed = runner.invoke(app, ["experts", "list", str(path)])
+        assert listed.exit_code == 0 and all(n in listed.output for n in ("a", "b", "c"))
+
+        # invalid additions and removals fail with one line and leave the file as it was
+        edited = path.read_text()
+        for args in (["add", str(path), "--name", "c", "--model", "x"],
+                     ["add", str(path), "--name", "bad/name", "--model", "x"],
+                     ["add", str(path), "--name", "d", "--model", "x", "--dtype", "int3"],
+                     ["remove", str(path), "--name", "nope"]):
+            res = runner.invoke(app, ["experts", *args])
+            assert res.exit_code == 2 and res.output.count("error:") == 1, res.output
+            assert path.read_text() == edited
+        for name in ("c", "b"):
+            assert runner.invoke(app, ["experts", "remove", str(path), "--name", name]).exit_code == 0
+        last = runner.invoke(app, ["experts", "remove", str(path), "--name", "a"])
+        assert last.exit_code == 2 and "at least one expert" in last.output
+    assert yaml.safe_load(path.read_text())["experts"] == yaml.safe_load(before)["experts"][:1]
+    assert not list(path.parent.glob(".config.yaml.*"))  # no temp files left behind
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(check, what: str, limit: float, procs: list[subprocess.Popen]):
+    """Poll `check` until it returns a truthy value; fail (with the processes' logs) past `limit` seconds or
+    when a process died."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        for p in procs:
+            assert p.poll() is None, f"{p.args} exited with {p.returncode} while waiting for {what}"
+        try:
+            got = check()
+        except (httpx.HTTPError, OSError):
+            got = None
+        if got:
+            return got
+        time.sleep(2)
+    pytest.fail(f"gave up waiting for {what} after {limit:.0f}s")
+
+
+@pytest.mark.slow
+def test_experts_add_event_triggers_served_relabel(tmp_path, tiny_models):
+    from tests.conftest import tiny_flow_config
+
+    path = tiny_flow_config(tmp_path, tiny_models)
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_API_URL": api,
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false", "DO_NOT_TRACK": "1",
+           "PREFECT_LOGGING_LEVEL": "INFO"}
+    logs = {n: open(tmp_path / f"{n}.log", "w") for n in ("server", "serve", "add")}  # noqa: SIM115
+    procs: list[subprocess.Popen] = []
+    try:
+        # a real server with all its services (triggers and actions evaluate the automation)
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env=env, stdout=logs["server"], stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True))
+        _wait(lambda: httpx.get(f"{api}/health", timeout=5).status_code == 200, "the Prefect server", 180, procs)
+        procs.append(subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", str(path)], env=env,
+                                      stdout=logs["serve"], stderr=subprocess.STDOUT, cwd=ROOT,
+                                      start_new_session=True))
+
+        def relabel_deployment():
+            r = httpx.get(f"{api}/deployments/name/zooter-relabel/relabel", timeout=5)
+            return r.json() if r.status_code == 200 else None
+
+        dep = _wait(relabel_deployment, "the served relabel deployment", 180, procs)
+
+        def automation():
+            r = httpx.post(f"{api}/automations/filter", json={}, timeout=5)
+            return [a for a in r.json() if a["name"] == "relabel on expert pool change"]
+
+        (auto,) = _wait(automation, "the relabel trigger's automation", 60, procs)
+        # on SQLite the server loads a new automation into its triggers service right after the commit
+        assert auto["trigger"]["expect"] == [EVENT]
+
+        add = subprocess.run([sys.executable, "-m", "flows.cli", "experts", "add", str(path), "--name", "c",
+                              "--model", str(tiny_models["lm_b"]), "--dtype", "float32", "--prompt", "fewshot_qa",
+                              "--max-new-tokens", "6"], env=env, stdout=logs["add"], stderr=subprocess.STDOUT,
+                             cwd=ROOT, timeout=300)
+        out = (tmp_path / "add.log").read_text()
+        assert add.returncode == 0 and f"emitted {EVENT}" in out, out
+
+        def finished_run():
+            r = httpx.post(f"{api}/flow_runs/filter", timeout=5,
+                           json={"deployments": {"id": {"any_": [dep["id"]]}}})
+            runs = r.json()
+            done = [fr for fr in runs if fr["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")]
+            return done or None
+
+        (run,) = _wait(finished_run, "the triggered relabel run", 900, procs)
+        assert run["state"]["type"] == "COMPLETED", (tmp_path / "serve.log").read_text()[-5000:]
+        assert run["parameters"] == {"config_path": str(path.resolve())}
+        # the run relabelled the store with the new pool: all cells of experts a, b and c (a fresh store)
+        (mdir,) = (tmp_path / "store" / "runs").iterdir()
+        m = yaml.safe_load((mdir / "manifest.json").read_text())
+        assert m["flow"] == "relabel" and m["status"] == "completed"
+        assert {g["name"]: g["cells_computed"] for g in m["generate"]} == {"a": 3, "b": 3, "c": 3}
+        assert {s["name"]: s["cells_computed"] for s in m["score"]} == {"judge": 9, "rm": 9, "exact": 9}
+    finally:
+        # each process leads its own session: its flow-run subprocesses and Ray workers stop with it
+        for p in reversed(procs):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGTERM)
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+        for f in logs.values():
+            f.close()
