@@ -48,6 +48,10 @@ def test_champion_challenger_and_relabel(tmp_path, tiny_models, ray_session, pre
     assert m1["champion"]["challenger_reward"] == pytest.approx(_reward(first["report"], "router"))
     assert store.read_json(CHAMPION_PATH)["router"] == router_dir(m1["router"])
     r_a = _reward(first["report"], "router")
+    png = tmp_path / "labels.png"
+    res = CliRunner().invoke(app, ["inspect", store.url, "--plot", str(png)])
+    assert res.exit_code == 0 and f"plot: {png}" in " ".join(res.output.split()), res.output
+    assert png.read_bytes()[:4] == b"\x89PNG"
 
     _set_router(path, ROUTER_B)
     second = relabel_flow(str(path))
