@@ -1,0 +1,85 @@
+"""The label flow against a two-node Ray cluster joined by address, and the cluster launch files.
+
+The cluster runs in a subprocess: the test session already has its own local Ray (`ray_session`), and one
+process can be connected to one Ray cluster only.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import tiny_flow_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# Head and worker node with one CPU each: expert a's pool of 2 actors (SPREAD) needs both nodes, because the
+# first actor keeps its CPU until the pool is done.
+SCRIPT = r"""
+import json, sys
+import yaml
+from ray.cluster_utils import Cluster
+
+config, temp_dir = sys.argv[1], sys.argv[2]
+cluster = Cluster(initialize_head=True, head_node_args={
+    "num_cpus": 1, "object_store_memory": 150 * 1024**2, "include_dashboard": False, "temp_dir": temp_dir})
+cluster.add_node(num_cpus=1, object_store_memory=150 * 1024**2)
+cluster.wait_for_nodes()
+try:
+    import ray
+    cfg = yaml.safe_load(open(config))
+    cfg["ray"] = {"address": cluster.address}
+    open(config, "w").write(yaml.safe_dump(cfg))
+    from flows.label import label_flow
+    out = label_flow(config)
+    nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
+    print("RESULT " + json.dumps({"nodes": nodes, "manifest": out["manifest"]}))
+finally:
+    import ray
+    ray.shutdown()
+    cluster.shutdown()
+"""
+
+
+@pytest.mark.slow
+def test_label_flow_on_a_two_node_cluster(tmp_path, tiny_models):
+    res = {"num_cpus": 1, "batch_size": 4, "threads": 1}
+    path = tiny_flow_config(tmp_path, tiny_models)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["experts"][0]["resources"] = {**res, "pool_size": 2}
+    path.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("PREFECT_API_URL", None)  # the flow starts its own temporary Prefect API in that process
+    # Ray's socket paths must stay under 107 bytes: a short temp dir, not pytest's
+    with tempfile.TemporaryDirectory(prefix="zray-") as ray_tmp:
+        proc = subprocess.run([sys.executable, "-c", SCRIPT, str(path), ray_tmp], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=1200)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    assert proc.returncode == 0 and line, proc.stdout[-3000:] + proc.stderr[-5000:]
+    out = json.loads(line.removeprefix("RESULT "))
+    m = out["manifest"]
+    assert len(out["nodes"]) == 2 and m["status"] == "completed"
+    gen = {g["name"]: g for g in m["generate"]}
+    assert (gen["a"]["cells_computed"], gen["b"]["cells_computed"]) == (3, 3)
+    assert gen["a"]["nodes"] == out["nodes"]  # one pool, actors on both nodes
+    assert len(gen["b"]["nodes"]) == 1 and gen["b"]["nodes"][0] in out["nodes"]
+    assert {s["name"]: s["cells_computed"] for s in m["score"]} == {"judge": 6, "rm": 6, "exact": 6}
+    assert m["champion"]["decision"] == "promoted" and m["label_rows"] == 12
+
+
+def test_cluster_launch_files():
+    launcher = yaml.safe_load((ROOT / "cluster" / "ray-cluster.yaml").read_text())
+    assert launcher["cluster_name"] == "zooter" and launcher["provider"]["type"] == "local"
+    assert any("make install" in c for c in launcher["setup_commands"])
+    job = yaml.safe_load((ROOT / "cluster" / "rayjob.yaml").read_text())
+    assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
+    assert job["spec"]["entrypoint"].startswith("zooter run ")
+    runtime_env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
+    assert runtime_env["working_dir"].endswith(".zip") and runtime_env["env_vars"]["HF_HUB_OFFLINE"] == "1"
+    assert job["spec"]["rayClusterSpec"]["rayVersion"] == "2.60.0"
+    assert job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"] == 2
