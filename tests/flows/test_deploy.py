@@ -167,6 +167,20 @@ def test_experts_add_event_triggers_served_relabel(tmp_path, tiny_models):
         assert m["flow"] == "relabel" and m["status"] == "completed"
         assert {g["name"]: g["cells_computed"] for g in m["generate"]} == {"a": 3, "b": 3, "c": 3}
         assert {s["name"]: s["cells_computed"] for s in m["score"]} == {"judge": 9, "rm": 9, "exact": 9}
+
+        # prefect.yaml deploys to the same server (a process work pool; nothing runs without a worker)
+        procs[1].send_signal(signal.SIGTERM)
+        procs[1].wait(timeout=60)
+        yenv = {**env, "ZOOTER_HOME": str(ROOT), "ZOOTER_CONFIG": str(path)}
+        for cmd in (["work-pool", "create", "zooter", "--type", "process"], ["deploy", "--all"]):
+            r = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", *cmd], env=yenv, cwd=ROOT,
+                               capture_output=True, text=True, timeout=300)
+            assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        dep = relabel_deployment()
+        assert dep["work_pool_name"] == "zooter" and dep["parameters"] == {"config_path": str(path)}
+        assert [s["schedule"]["cron"] for s in dep["schedules"]] == ["0 3 * * *"]
+        deployed = [a for a in automation() if a["actions"][0].get("deployment_id") == dep["id"]]
+        assert len(deployed) == 1 and deployed[0]["trigger"]["match"] == {"prefect.resource.id": "zooter.store.*"}
     finally:
         # each process leads its own session: its flow-run subprocesses and Ray workers stop with it
         for p in reversed(procs):
