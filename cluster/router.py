@@ -24,27 +24,85 @@ class RouterError(ValueError):
     """A router cannot be loaded or used; the message says which file or value."""
 
 
-class RouterModel(nn.Module):
-    def __init__(self, encoder: nn.Module, n_experts: int, pooling: str = "mean"):
+def pool(h: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    if pooling == "cls":
+        return h[:, 0]
+    m = attention_mask.unsqueeze(-1).to(h.dtype)
+    return (h * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
+class RouterHead(nn.Module):
+    """pooled vector -> [standardise] -> linear, or one GELU hidden layer -> one logit per expert.
+
+    `standardize` adds fixed per-dimension mean/std buffers (set from the training embeddings when the encoder is
+    frozen): a frozen encoder's raw features are badly scaled for a small head. Trained alone on cached
+    embeddings when the encoder is frozen; its state_dict keys are the same inside a RouterModel."""
+
+    def __init__(self, dim: int, n_experts: int, head_hidden: int = 0, dropout: float = 0.1,
+                 standardize: bool = False):
         super().__init__()
+        self.standardize = standardize
+        if standardize:
+            self.register_buffer("feat_mean", torch.zeros(dim))
+            self.register_buffer("feat_std", torch.ones(dim))
+        self.head = nn.Linear(dim, n_experts) if head_hidden == 0 else nn.Sequential(
+            nn.Linear(dim, head_hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(head_hidden, n_experts))
+
+    def head_logits(self, feats: torch.Tensor) -> torch.Tensor:
+        if self.standardize:
+            feats = (feats - self.feat_mean) / self.feat_std
+        return self.head(feats)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.head_logits(feats)
+
+
+class RouterModel(RouterHead):
+    """encoder -> pooled vector -> RouterHead."""
+
+    def __init__(self, encoder: nn.Module, n_experts: int, pooling: str = "mean", head_hidden: int = 0,
+                 dropout: float = 0.1, standardize: bool = False):
+        super().__init__(encoder.config.hidden_size, n_experts, head_hidden, dropout, standardize)
         self.encoder = encoder
         self.pooling = pooling
-        self.head = nn.Linear(encoder.config.hidden_size, n_experts)
+
+    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        h = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return pool(h, attention_mask, self.pooling)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        h = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        if self.pooling == "cls":
-            pooled = h[:, 0]
-        else:
-            m = attention_mask.unsqueeze(-1).to(h.dtype)
-            pooled = (h * m).sum(1) / m.sum(1).clamp(min=1.0)
-        return self.head(pooled)
+        return self.head_logits(self.features(input_ids, attention_mask))
 
 
-def build(encoder_ref: str, n_experts: int, pooling: str) -> tuple[RouterModel, object]:
+def build(encoder_ref: str, n_experts: int, pooling: str, head_hidden: int = 0, dropout: float = 0.1,
+          standardize: bool = False) -> tuple[RouterModel, object]:
     path = models.resolve(encoder_ref)
     tok = AutoTokenizer.from_pretrained(path)
-    return RouterModel(AutoModel.from_pretrained(path), n_experts, pooling), tok
+    return RouterModel(AutoModel.from_pretrained(path), n_experts, pooling, head_hidden, dropout, standardize), tok
+
+
+def build_from_config(cfg: dict, n_experts: int) -> tuple[RouterModel, object]:
+    """A router as a RouterConfig (dumped to a dict) describes it."""
+    return build(cfg["encoder"], n_experts, cfg["pooling"], cfg.get("head_hidden", 0), cfg.get("dropout", 0.1),
+                 cfg.get("freeze_encoder", False))
+
+
+@torch.inference_mode()
+def embed_texts(model: RouterModel, tok, texts: list[str], max_length: int, prefix: str = "",
+                batch_size: int = 32, progress=None) -> np.ndarray:
+    """Pooled encoder features (n, hidden), batched by length so padding stays small."""
+    model.eval()
+    order = np.argsort([len(t) for t in texts], kind="stable")
+    out = np.zeros((len(texts), model.encoder.config.hidden_size), dtype=np.float32)
+    for i in range(0, len(order), batch_size):
+        idx = order[i:i + batch_size]
+        enc = tok([prefix + texts[j] for j in idx], return_tensors="pt", padding=True, truncation=True,
+                  max_length=max_length)
+        dev = next(model.parameters()).device
+        out[idx] = model.features(enc["input_ids"].to(dev), enc["attention_mask"].to(dev)).float().cpu().numpy()
+        if progress is not None:
+            progress(len(idx))
+    return out
 
 
 def loss_fn(logits: torch.Tensor, target: torch.Tensor, kind: str = "kl") -> torch.Tensor:
@@ -66,11 +124,16 @@ def loss_fn(logits: torch.Tensor, target: torch.Tensor, kind: str = "kl") -> tor
 
 
 def save(model: RouterModel, tok, out: Path, meta: dict) -> None:
-    """A router directory: encoder config + tokenizer, all weights in one safetensors file, router.json."""
+    """A router directory: encoder config + tokenizer, weights in one safetensors file, router.json.
+
+    With a frozen encoder only the head is saved, and `meta["encoder_identity"]` pins the shipped encoder the
+    head was trained on (loading checks it): a fine-tuned one is saved whole."""
     out.mkdir(parents=True, exist_ok=True)
     model.encoder.config.save_pretrained(out / "encoder")
     tok.save_pretrained(out / "encoder")
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    frozen = meta.get("config", {}).get("freeze_encoder", False)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
+             if not (frozen and k.startswith("encoder."))}
     save_file(state, str(out / "router.safetensors"))
     (out / "router.json").write_text(json.dumps(meta, indent=2))
 
@@ -85,9 +148,19 @@ class Router:
         self.max_length = int(self.meta["max_length"])
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.tok = AutoTokenizer.from_pretrained(d / "encoder")
-        enc = AutoModel.from_config(AutoConfig.from_pretrained(d / "encoder"))
-        self.model = RouterModel(enc, len(self.experts), self.meta["pooling"])
-        self.model.load_state_dict(load_file(str(d / "router.safetensors")))
+        cfg = self.meta.get("config", {})
+        self.prefix = cfg.get("prefix", "")
+        frozen = cfg.get("freeze_encoder", False)
+        if frozen:  # the head was trained on this exact shipped encoder: load it, and check it is the same one
+            ref = self.meta["encoder"]
+            if models.identity(ref) != self.meta.get("encoder_identity"):
+                raise RouterError(f"{d}: encoder {ref} differs from the one this router was trained on")
+            enc = AutoModel.from_pretrained(models.resolve(ref))
+        else:
+            enc = AutoModel.from_config(AutoConfig.from_pretrained(d / "encoder"))
+        self.model = RouterModel(enc, len(self.experts), self.meta["pooling"], cfg.get("head_hidden", 0),
+                                 cfg.get("dropout", 0.1), frozen)
+        self.model.load_state_dict(load_file(str(d / "router.safetensors")), strict=not frozen)
         self.model.to(self.device).eval()
 
     @classmethod
@@ -104,14 +177,17 @@ class Router:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
+    def probs(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
+        return self.probs_from_features(embed_texts(self.model, self.tok, texts, self.max_length, self.prefix,
+                                                    batch_size))
+
     @torch.inference_mode()
-    def probs(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
-        out = []
-        for i in range(0, len(texts), batch_size):
-            enc = self.tok(texts[i:i + batch_size], return_tensors="pt", padding=True, truncation=True,
-                           max_length=self.max_length).to(self.device)
-            out.append(torch.softmax(self.model(enc["input_ids"], enc["attention_mask"]).float(), -1).cpu())
-        return torch.cat(out).numpy() if out else np.zeros((0, len(self.experts)))
+    def probs_from_features(self, feats: np.ndarray) -> np.ndarray:
+        """From pooled encoder features (the embed step's cells, for a router with a frozen encoder)."""
+        if len(feats) == 0:
+            return np.zeros((0, len(self.experts)))
+        x = torch.as_tensor(feats, dtype=torch.float32, device=self.device)
+        return torch.softmax(self.model.head_logits(x).float(), -1).cpu().numpy()
 
     def route(self, texts: list[str]) -> list[str]:
         return [self.experts[i] for i in self.probs(texts).argmax(-1)]

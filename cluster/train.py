@@ -21,14 +21,35 @@ from ray.train import Checkpoint, CheckpointConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from torch.utils.data import DataLoader, TensorDataset
 
-from cluster.router import build, loss_fn
+from cluster.router import RouterHead, build_from_config, loss_fn
 
 
-def _tensors(tok, df: pl.DataFrame, max_length: int) -> TensorDataset:
-    enc = tok(df["text"].to_list(), padding="max_length", truncation=True, max_length=max_length,
+def _tensors(tok, df: pl.DataFrame, max_length: int, prefix: str = "") -> TensorDataset:
+    enc = tok([prefix + t for t in df["text"].to_list()], padding="max_length", truncation=True, max_length=max_length,
               return_tensors="pt")
     target = torch.tensor(df["target"].to_list(), dtype=torch.float32)
     return TensorDataset(enc["input_ids"], enc["attention_mask"], target)
+
+
+def _features(df: pl.DataFrame) -> TensorDataset:
+    x = torch.tensor(df["vector"].to_list(), dtype=torch.float32)
+    return TensorDataset(x, torch.tensor(df["target"].to_list(), dtype=torch.float32))
+
+
+def _setup(cfg: dict, train_df: pl.DataFrame, val_df: pl.DataFrame):
+    """(model, train set, val set). A frozen encoder trains only the head, on the embed step's features: the
+    standardisation buffers come from the training features; the encoder is never loaded here."""
+    n = len(cfg["experts"])
+    if cfg.get("freeze_encoder"):
+        train, val = _features(train_df), _features(val_df)
+        x = train.tensors[0]
+        head = RouterHead(x.shape[1], n, cfg["head_hidden"], cfg["dropout"], standardize=True)
+        head.feat_mean.copy_(x.mean(0))
+        head.feat_std.copy_(x.std(0).clamp(min=1e-6))
+        return head, train, val
+    model, tok = build_from_config(cfg, n)
+    ml, pre = cfg["max_length"], cfg.get("prefix", "")
+    return model, _tensors(tok, train_df, ml, pre), _tensors(tok, val_df, ml, pre)
 
 
 def train_loop(cfg: dict) -> None:
@@ -37,9 +58,9 @@ def train_loop(cfg: dict) -> None:
     torch.set_num_threads(max(1, int(cfg["threads"])))
     train_df = pl.read_parquet(cfg["train_path"])
     val_df = pl.read_parquet(cfg["val_path"])
-    model, tok = build(cfg["encoder"], len(cfg["experts"]), cfg["pooling"])
-    train = DataLoader(_tensors(tok, train_df, cfg["max_length"]), batch_size=cfg["batch_size"], shuffle=True)
-    val = DataLoader(_tensors(tok, val_df, cfg["max_length"]), batch_size=64) if val_df.height else None
+    model, train_set, val_set = _setup(cfg, train_df, val_df)
+    train = DataLoader(train_set, batch_size=cfg["batch_size"], shuffle=True)
+    val = DataLoader(val_set, batch_size=256) if val_df.height else None
     train = ray.train.torch.prepare_data_loader(train)
     model = ray.train.torch.prepare_model(model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
@@ -54,13 +75,13 @@ def train_loop(cfg: dict) -> None:
             train.sampler.set_epoch(epoch)
         model.train()
         total, n = 0.0, 0
-        for ids, mask, target in train:
-            loss = loss_fn(model(ids, mask), target.to(ids.device), cfg["loss"])
+        for *inputs, target in train:
+            loss = loss_fn(model(*inputs), target.to(inputs[0].device), cfg["loss"])
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
-            total, n = total + loss.item() * len(ids), n + len(ids)
+            total, n = total + loss.item() * len(target), n + len(target)
         metrics = {"epoch": epoch + 1, "train_loss": total / max(n, 1), **_validate(model, val, cfg["loss"])}
         history.append(metrics)
         # Select on validation loss; without a validation split, on training loss.
@@ -83,11 +104,11 @@ def _validate(model, val, kind: str) -> dict:
         return {"val_loss": None, "val_top1": None}
     model.eval()
     total, agree, n = 0.0, 0, 0
-    for ids, mask, target in val:
-        logits = model(ids, mask)
-        total += float(loss_fn(logits, target, kind)) * len(ids)
+    for *inputs, target in val:
+        logits = model(*inputs)
+        total += float(loss_fn(logits, target, kind)) * len(target)
         agree += int((logits.argmax(-1) == target.argmax(-1)).sum())
-        n += len(ids)
+        n += len(target)
     return {"val_loss": total / n, "val_top1": agree / n}
 
 

@@ -51,8 +51,14 @@ LABELS = pa.schema([
     pa.field("target", pa.list_(pa.float64()), nullable=False),  # s*(q), tag-enhanced
 ])
 
+EMBEDDINGS = pa.schema([
+    pa.field("query_id", pa.string(), nullable=False),
+    pa.field("vector", pa.list_(pa.float32()), nullable=False),  # pooled encoder output of prefix + text
+])
+
 SCHEMAS: dict[str, pa.Schema] = {
     "queries": QUERIES, "tags": TAGS, "generations": GENERATIONS, "scores": SCORES, "labels": LABELS,
+    "embeddings": EMBEDDINGS,
 }
 
 
@@ -85,6 +91,10 @@ def generation_path(expert: str, fp: str, shard: int) -> str:
 
 def score_path(rm: str, rm_fp: str, expert: str, expert_fp: str, shard: int) -> str:
     return f"scores/{rm}-{rm_fp}/{expert}-{expert_fp}/{shard_name(shard)}"
+
+
+def embeddings_path(embed_fp: str, shard: int) -> str:
+    return f"embeddings/{embed_fp}/{shard_name(shard)}"
 
 
 def labels_path(labels_fp: str) -> str:

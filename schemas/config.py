@@ -129,12 +129,21 @@ class TaggerConfig(Strict):
 class AggregateConfig(Strict):
     beta: float = Field(0.3, ge=0, le=1, description="s* = beta*s + (1-beta)*mean of tag means (paper: 0.3).")
     temperature: float = Field(1.0, gt=0, description="Softmax temperature over rewards.")
+    tag_temperature: float | None = Field(
+        None, gt=0, description="None = the paper's tag mean of s(q); a value = softmax of the tag's mean reward at "
+        "this temperature (sharper tag priors when the experts' tag means are close).")
 
 
 class RouterConfig(Strict):
     encoder: str = Field("packaged:all-minilm-l6-v2", description="Encoder: packaged name or local HF dir.")
     pooling: Literal["mean", "cls"] = "mean"
     max_length: int = Field(128, ge=8, le=4096)
+    prefix: str = Field("", description="Prepended to every text (e5 encoders want 'query: ').")
+    freeze_encoder: bool = Field(
+        False, description="Train only the head on cached query embeddings (the embed step); the encoder "
+        "stays as shipped. Much cheaper on CPU; the saved router still maps text to an expert.")
+    head_hidden: int = Field(0, ge=0, description="0 = linear head; N = one hidden layer of N units (GELU).")
+    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout before the output layer of an MLP head.")
     loss: Literal["kl", "kl_reverse", "hard"] = Field(
         "kl", description="kl = KL(s*||router) (soft cross-entropy); kl_reverse = KL(router||s*); "
         "hard = cross-entropy on argmax(s*).")
@@ -157,6 +166,24 @@ class StoreConfig(Strict):
     url: str = Field(description="Local directory or s3://bucket/prefix.")
     options: dict[str, str] = Field(default_factory=dict, description="fsspec/s3fs options (endpoint_url, ...); "
                                     "never written into artifacts.")
+
+
+class TrainConfig(Strict):
+    """`zooter train`: aggregate -> train_router -> evaluate -> publish over scores already in the store
+    (written by `zooter import-scores`), without generating or scoring anything."""
+    name: str = Field("zooter-train", description="Human name of this training job.")
+    store: StoreConfig
+    source: str = Field("imported", description="Name of the import (`zooter import-scores --name`).")
+    test_fraction: float = Field(0.25, ge=0, lt=1, description="Held-out share for queries without a split.")
+    tagger: TaggerConfig = Field(default_factory=TaggerConfig)
+    aggregate: AggregateConfig = Field(default_factory=AggregateConfig)
+    router: RouterConfig = Field(default_factory=RouterConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @field_validator("store", mode="before")
+    @classmethod
+    def _store(cls, v: object) -> object:
+        return {"url": v} if isinstance(v, str) else v
 
 
 class FlowConfig(Strict):
@@ -196,7 +223,7 @@ def _loc(err: dict) -> str:
     return ".".join(str(p) for p in err["loc"]) or "<root>"
 
 
-def load_config(path: str | Path, overrides: dict | None = None) -> FlowConfig:
+def load_config(path: str | Path, overrides: dict | None = None, model: type = FlowConfig):
     """Read a YAML config; relative data/model paths resolve against the config file's directory."""
     path = Path(path)
     if not path.is_file():
@@ -213,7 +240,7 @@ def load_config(path: str | Path, overrides: dict | None = None) -> FlowConfig:
         raw[k] = v
     base = path.resolve().parent
     try:
-        cfg = FlowConfig.model_validate(raw)
+        cfg = model.model_validate(raw)
     except ValidationError as e:
         err = e.errors()[0]
         more = f" (+{len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
@@ -227,8 +254,12 @@ def _resolve(p: str | None, base: Path) -> str | None:
     return str((base / p).resolve())
 
 
-def resolve_paths(cfg: FlowConfig, base: Path) -> FlowConfig:
+def resolve_paths(cfg, base: Path):
     """Make relative paths absolute so actors on any node see the same files."""
+    if isinstance(cfg, TrainConfig):
+        return cfg.model_copy(update={
+            "store": cfg.store.model_copy(update={"url": _resolve(cfg.store.url, base)}),
+            "router": cfg.router.model_copy(update={"encoder": _resolve(cfg.router.encoder, base)})})
     store = cfg.store.model_copy(update={"url": _resolve(cfg.store.url, base)})
     data = cfg.data.model_copy(update={"path": _resolve(cfg.data.path, base)})
     experts = [e.model_copy(update={"model": _resolve(e.model, base)}) for e in cfg.experts]

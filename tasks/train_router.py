@@ -13,14 +13,14 @@ from pathlib import Path
 import polars as pl
 
 from cluster import models
-from cluster.router import build, save
+from cluster.router import build_from_config, save
 from cluster.train import fit
 from schemas.artifacts import LABELS, fingerprint, labels_path, router_dir
 from schemas.config import RouterConfig
 from schemas.store import Store
 from tasks.aggregate import hash_split
 
-CODE_VERSION = 1
+CODE_VERSION = 2  # 2: frozen-encoder routers store only their head
 VAL_FRACTION = 0.15
 
 
@@ -38,8 +38,22 @@ def train_val(labels: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     return train.filter(~is_val), train.filter(is_val)
 
 
-def run_train_router(store: Store, labels_fp: str, cfg: RouterConfig) -> tuple[str, dict]:
-    """Train unless this exact router exists; returns (router fingerprint, router.json contents)."""
+def with_features(store: Store, labels: pl.DataFrame, embed_fp: str) -> pl.DataFrame:
+    """Labels joined with the embed step's cells (`vector`); every label row must have one."""
+    cells = [f"embeddings/{embed_fp}/{n}" for n in store.ls(f"embeddings/{embed_fp}") if n.endswith(".parquet")]
+    if not cells:
+        raise ValueError(f"router.freeze_encoder: no embeddings {embed_fp} in {store.url}; run the embed step")
+    out = labels.join(store.scan(cells).collect(), on="query_id", how="left", maintain_order="left")
+    missing = out.filter(pl.col("vector").is_null()).height
+    if missing:
+        raise ValueError(f"embeddings {embed_fp}: {missing} labelled queries have no embedding")
+    return out
+
+
+def run_train_router(store: Store, labels_fp: str, cfg: RouterConfig,
+                     embed_fp: str | None = None) -> tuple[str, dict]:
+    """Train unless this exact router exists; returns (router fingerprint, router.json contents).
+    With `cfg.freeze_encoder`, `embed_fp` names the embedding cells the head trains on."""
     fp = router_fingerprint(cfg, labels_fp)
     rel = router_dir(fp)
     if store.exists(f"{rel}/router.json"):
@@ -49,21 +63,31 @@ def run_train_router(store: Store, labels_fp: str, cfg: RouterConfig) -> tuple[s
     train, val = train_val(labels)
     if train.height == 0:
         raise ValueError(f"labels {labels_fp}: no training rows (data.test_fraction leaves none)")
+    cols = ["text", "target"]
+    if cfg.freeze_encoder:
+        if embed_fp is None:
+            raise ValueError("router.freeze_encoder needs the embed step's fingerprint")
+        train, val, cols = with_features(store, train, embed_fp), with_features(store, val, embed_fp), \
+            ["vector", "target"]
     with tempfile.TemporaryDirectory(prefix="zooter-train-") as tmp:
         tmp_p = Path(tmp)
-        train.select("text", "target").write_parquet(tmp_p / "train.parquet")
-        val.select("text", "target").write_parquet(tmp_p / "val.parquet")
+        train.select(cols).write_parquet(tmp_p / "train.parquet")
+        val.select(cols).write_parquet(tmp_p / "val.parquet")
         loop_cfg = {**cfg.model_dump(mode="json"), "experts": experts, "labels_fingerprint": labels_fp,
                     "train_path": str(tmp_p / "train.parquet"), "val_path": str(tmp_p / "val.parquet"),
                     "threads": max(1, int(cfg.cpus_per_worker))}
         payload, history = fit(loop_cfg, store.path(f"{rel}/ray_train"), "train", cfg.num_workers, cfg.use_gpu,
                                cfg.cpus_per_worker, None if store.local else store.arrow_fs())
-        model, tok = build(cfg.encoder, len(experts), cfg.pooling)
-        model.load_state_dict(payload["model"])
+        model, tok = build_from_config(cfg.model_dump(mode="json"), len(experts))
+        # A frozen encoder's checkpoints hold only the head: the encoder weights are the shipped ones.
+        missing, unexpected = model.load_state_dict(payload["model"], strict=not cfg.freeze_encoder)
+        if unexpected or any(not k.startswith("encoder.") for k in missing):
+            raise ValueError(f"router {fp}: checkpoint does not fit the model ({missing[:3]}, {unexpected[:3]})")
         meta = {"router_fingerprint": fp, "labels_fingerprint": labels_fp, "experts": experts,
                 "encoder": cfg.encoder, "pooling": cfg.pooling, "max_length": cfg.max_length,
                 "config": cfg.model_dump(mode="json"), "best_epoch": payload["epoch"], "history": history,
-                "train_rows": train.height, "val_rows": val.height}
+                "train_rows": train.height, "val_rows": val.height, "embeddings": embed_fp,
+                "encoder_identity": models.identity(cfg.encoder)}
         out = tmp_p / "router"
         save(model, tok, out, meta)
         for f in sorted(p for p in out.rglob("*") if p.is_file() and p.name != "router.json"):

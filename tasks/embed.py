@@ -1,0 +1,52 @@
+"""embed: pooled encoder features of every query, one cell per shard, for routers with a frozen encoder.
+
+With `router.freeze_encoder` the encoder never changes, so its features are computed once per (encoder,
+pooling, max length, prefix) and shard, and reused by every training run, sweep point and evaluation: training
+then only fits the small head, and evaluating a router on 10k queries is a matrix product.
+"""
+
+from __future__ import annotations
+
+import time
+
+import polars as pl
+import pyarrow as pa
+from tqdm.auto import tqdm
+
+from cluster import models
+from cluster.router import build, embed_texts
+from schemas.artifacts import EMBEDDINGS, QUERIES, embeddings_path, fingerprint, queries_path
+from schemas.config import RouterConfig
+from schemas.store import Store
+
+CODE_VERSION = 1
+
+
+def embed_fingerprint(cfg: RouterConfig) -> str:
+    return fingerprint({"encoder": models.identity(cfg.encoder), "pooling": cfg.pooling,
+                        "max_length": cfg.max_length, "prefix": cfg.prefix, "code": CODE_VERSION})
+
+
+def run_embed(store: Store, cfg: RouterConfig, shards: list[int]) -> tuple[str, int]:
+    """Write the missing embedding cells; returns (fingerprint, cells computed)."""
+    fp = embed_fingerprint(cfg)
+    todo = [s for s in shards if not store.valid_cell(embeddings_path(fp, s), EMBEDDINGS, fp)]
+    if not todo:
+        return fp, 0
+    model, tok = build(cfg.encoder, 1, cfg.pooling)
+    queries = {s: pl.from_arrow(store.read_table(queries_path(s), QUERIES).select(["query_id", "text"]))
+               for s in todo}
+    with tqdm(total=sum(q.height for q in queries.values()), desc=f"embed {cfg.encoder}", unit="q") as bar:
+        for s, q in queries.items():
+            t = time.perf_counter()
+            vec = embed_texts(model, tok, q["text"].to_list(), cfg.max_length, cfg.prefix, progress=bar.update)
+            table = pa.table({"query_id": q["query_id"].to_arrow(),
+                              "vector": pa.array(list(vec), pa.list_(pa.float32()))})
+            store.write_table(embeddings_path(fp, s), table, EMBEDDINGS,
+                              {"stage": "embeddings", "fingerprint": fp, "shard": s, "encoder": cfg.encoder,
+                               "seconds": round(time.perf_counter() - t, 2)})
+    return fp, len(todo)
+
+
+def scan_embeddings(store: Store, embed_fp: str, shards: list[int]) -> pl.LazyFrame:
+    return store.scan([embeddings_path(embed_fp, s) for s in shards])
