@@ -3,6 +3,7 @@
     r_i(q)  = sum_k w_k * score_k(q, answer_i)        (null scores are skipped; see `combine`)
     s(q)    = softmax_i(r_i(q) / T)
     s_t     = mean of s(q) over *training* queries carrying tag t
+              (or, with aggregate.tag_temperature = T_t: softmax_i(mean r_i over those queries / T_t))
     s*(q)   = beta * s(q) + (1 - beta) * mean_{t in T(q)} s_t     (s*(q) = s(q) when q has no known tag)
 """
 
@@ -55,11 +56,17 @@ def softmax(rewards: pl.LazyFrame, temperature: float) -> pl.LazyFrame:
             .with_columns((pl.col("_e") / pl.col("_e").sum().over("query_id")).alias("soft")).drop("_e"))
 
 
-def tag_enhance(soft: pl.LazyFrame, queries: pl.LazyFrame, beta: float) -> pl.LazyFrame:
+def tag_enhance(soft: pl.LazyFrame, queries: pl.LazyFrame, beta: float,
+                tag_temperature: float | None = None) -> pl.LazyFrame:
     """Add target = beta * s + (1 - beta) * mean of the train tag means of the query's tags."""
     per = soft.join(queries.select("query_id", "split", "tags"), on="query_id")
-    tag_means = (per.filter(pl.col("split") == "train").explode("tags").drop_nulls("tags")
-                 .group_by("tags", "expert").agg(pl.col("soft").mean().alias("s_t")))
+    per_tag = per.filter(pl.col("split") == "train").explode("tags").drop_nulls("tags").group_by("tags", "expert")
+    if tag_temperature is None:
+        tag_means = per_tag.agg(pl.col("soft").mean().alias("s_t"))
+    else:
+        z = (pl.col("m") - pl.col("m").max().over("tags")) / tag_temperature
+        tag_means = (per_tag.agg(pl.col("reward").mean().alias("m")).with_columns(z.exp().alias("_e"))
+                     .with_columns((pl.col("_e") / pl.col("_e").sum().over("tags")).alias("s_t")).drop("m", "_e"))
     q_tag = (per.select("query_id", "expert", "tags").explode("tags")
              .join(tag_means, on=["tags", "expert"], how="inner")
              .group_by("query_id", "expert").agg(pl.col("s_t").mean().alias("s_tags")))
@@ -69,10 +76,13 @@ def tag_enhance(soft: pl.LazyFrame, queries: pl.LazyFrame, beta: float) -> pl.La
 
 
 def labels_fingerprint(experts: list[tuple[str, str]], sources: list[ScoreSource], tagger_fp: str,
-                       shards: list[int], beta: float, temperature: float, test_fraction: float) -> str:
-    return fingerprint({"experts": experts, "scores": [s.__dict__ for s in sources], "tagger": tagger_fp,
-                        "shards": shards, "beta": beta, "temperature": temperature,
-                        "test_fraction": test_fraction, "code": CODE_VERSION})
+                       shards: list[int], beta: float, temperature: float, test_fraction: float,
+                       tag_temperature: float | None = None) -> str:
+    d = {"experts": experts, "scores": [s.__dict__ for s in sources], "tagger": tagger_fp, "shards": shards,
+         "beta": beta, "temperature": temperature, "test_fraction": test_fraction, "code": CODE_VERSION}
+    if tag_temperature is not None:  # only when set: labels made before the option keep their fingerprints
+        d["tag_temperature"] = tag_temperature
+    return fingerprint(d)
 
 
 def scan_scores(store: Store, experts: list[tuple[str, str]], sources: list[ScoreSource],
@@ -85,7 +95,8 @@ def scan_scores(store: Store, experts: list[tuple[str, str]], sources: list[Scor
 
 
 def build_labels(store: Store, experts: list[tuple[str, str]], sources: list[ScoreSource], tagger_fp: str,
-                 shards: list[int], beta: float, temperature: float, test_fraction: float) -> pl.DataFrame:
+                 shards: list[int], beta: float, temperature: float, test_fraction: float,
+                 tag_temperature: float | None = None) -> pl.DataFrame:
     """One row per query with rewards / soft / target as lists in `experts` order."""
     q = store.scan([queries_path(s) for s in shards]).select("query_id", "text", "split").collect()
     q = q.with_columns(pl.col("split").fill_null(pl.Series(hash_split(q["query_id"].to_list(), test_fraction))))
@@ -93,7 +104,7 @@ def build_labels(store: Store, experts: list[tuple[str, str]], sources: list[Sco
     queries = q.lazy().join(tags, on="query_id", how="left").with_columns(
         pl.col("tags").fill_null(pl.lit([], dtype=pl.List(pl.String))))
     rewards = combine(scan_scores(store, experts, sources, shards))
-    target = tag_enhance(softmax(rewards, temperature), queries, beta)
+    target = tag_enhance(softmax(rewards, temperature), queries, beta, tag_temperature)
     order = pl.DataFrame({"expert": [n for n, _ in experts], "_i": list(range(len(experts)))}).lazy()
     wide = (target.join(order, on="expert").sort("query_id", "_i")
             .group_by("query_id", maintain_order=True)
@@ -103,15 +114,18 @@ def build_labels(store: Store, experts: list[tuple[str, str]], sources: list[Sco
 
 
 def run_aggregate(store: Store, experts: list[tuple[str, str]], sources: list[ScoreSource], tagger_fp: str,
-                  shards: list[int], beta: float, temperature: float, test_fraction: float) -> tuple[str, int]:
+                  shards: list[int], beta: float, temperature: float, test_fraction: float,
+                  tag_temperature: float | None = None) -> tuple[str, int]:
     """Write the labels artifact unless it exists; returns (labels fingerprint, rows)."""
-    fp = labels_fingerprint(experts, sources, tagger_fp, shards, beta, temperature, test_fraction)
+    fp = labels_fingerprint(experts, sources, tagger_fp, shards, beta, temperature, test_fraction, tag_temperature)
     rel = labels_path(fp)
     if store.valid_cell(rel, LABELS, fp):
         return fp, store.read_meta(rel)["rows"]
-    df = build_labels(store, experts, sources, tagger_fp, shards, beta, temperature, test_fraction)
+    df = build_labels(store, experts, sources, tagger_fp, shards, beta, temperature, test_fraction,
+                      tag_temperature)
     store.write_table(rel, df.to_arrow(), LABELS, {
         "stage": "labels", "fingerprint": fp, "experts": [n for n, _ in experts],
         "expert_fingerprints": dict(experts), "scores": [s.__dict__ for s in sources], "tagger": tagger_fp,
-        "beta": beta, "temperature": temperature, "test_fraction": test_fraction, "rows": df.height})
+        "beta": beta, "temperature": temperature, "tag_temperature": tag_temperature,
+        "test_fraction": test_fraction, "rows": df.height})
     return fp, df.height

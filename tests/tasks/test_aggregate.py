@@ -95,3 +95,17 @@ def test_hash_split_is_stable_and_roughly_proportional():
     a, b = hash_split(ids, 0.25), hash_split(list(reversed(ids)), 0.25)
     assert a == list(reversed(b))
     assert 0.2 < a.count("test") / len(ids) < 0.3
+
+
+def test_tag_temperature_uses_a_softmax_of_the_tags_mean_reward():
+    # rewards: q1 (a 1, b 0), q2 (a 0, b 0.5): tag t means a 0.5, b 0.25; tag u (q2 only) a 0, b 0.5
+    soft = _soft().with_columns(pl.Series("reward", [1.0, 0.0, 0.0, 0.5, 0.3, 0.3]))
+    out = tag_enhance(soft, _queries(), 0.0, tag_temperature=0.1).collect().sort("query_id", "expert")
+    t = {(r["query_id"], r["expert"]): r["target"] for r in out.iter_rows(named=True)}
+    s_t_a = math.exp(0.5 / 0.1) / (math.exp(0.5 / 0.1) + math.exp(0.25 / 0.1))
+    s_u_a = math.exp(0.0) / (math.exp(0.0) + math.exp(0.5 / 0.1))
+    assert t[("q1", "a")] == pytest.approx(s_t_a)
+    assert t[("q2", "a")] == pytest.approx((s_t_a + s_u_a) / 2)
+    assert t[("q3", "a")] == pytest.approx(s_t_a)  # test query: train tag statistics only
+    # a sharp prior: the tag's best expert dominates where the paper's mean of s(q) would be 0.6 / 0.4
+    assert t[("q1", "a")] > 0.9
