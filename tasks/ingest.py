@@ -138,7 +138,9 @@ def write_shards(store: Store, queries: pl.DataFrame, shard_size: int) -> Ingest
     new_shards = []
     for i, chunk in enumerate(new.iter_slices(shard_size)):
         s = start + i
-        table = chunk.to_arrow().append_column("split", pa.nulls(chunk.height, pa.string()))
+        table = chunk.to_arrow()
+        if "split" not in chunk.columns:  # null split: assigned later by a hash of the id
+            table = table.append_column("split", pa.nulls(chunk.height, pa.string()))
         store.write_table(queries_path(s), table, QUERIES, {"stage": "queries", "shard": s})
         new_shards.append(s)
     return IngestResult(sorted(shards + new_shards), new_shards, n_known + new.height, new.height)
