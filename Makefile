@@ -13,7 +13,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 # Dequantised packaged models are cached here (gitignored); `make clean-cache` removes them.
 export ZOOTER_CACHE ?= $(CURDIR)/.zooter/cache
 
-.PHONY: install install-gpu demo test test-fast lint bench clean clean-cache
+.PHONY: install install-gpu demo test test-fast lint bench routerdc routerdc-sweep clean clean-cache
 
 install: $(STAMP)
 
@@ -53,6 +53,16 @@ lint: install
 
 bench: install
 	$(BIN)/python benchmarks/run.py
+
+# RouterDC's published scores of 7 LLMs on 5 benchmarks -> a router in .zooter/routerdc (import is idempotent).
+ROUTERDC_DATA ?= ../shared/datasets/routerdc
+routerdc: install
+	$(BIN)/zooter import-scores $(ROUTERDC_DATA) --format routerdc --name routerdc --store .zooter/routerdc
+	$(BIN)/zooter train examples/routerdc.yaml
+
+# The beta / tag temperature / loss / head sweep behind examples/routerdc.yaml's defaults (after `make routerdc`).
+routerdc-sweep: routerdc
+	$(BIN)/python benchmarks/routerdc_sweep.py
 
 clean:
 	rm -rf .zooter/quickstart .pytest_cache

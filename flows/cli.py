@@ -172,6 +172,7 @@ def train(config: Path, json_out: bool = typer.Option(False, "--json", help="Pri
         sys.stdout.write(json.dumps(out, default=str) + "\n")
         return
     _print_report(out["report"])
+    _print_champion(out["manifest"])
     console.print(f"run {out['manifest']['run_id']} took {out['manifest']['timings']['total_s']:.0f}s")
     console.print(f"manifest: {out['manifest_uri']}\nreport:   {out['report_uri']}")
 
