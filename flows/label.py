@@ -17,6 +17,7 @@ from schemas.config import FlowConfig, load_config
 from schemas.manifest import ChampionDecision, RunManifest, StageRecord, new_run_id
 from schemas.store import Store
 from tasks.aggregate import ScoreSource, run_aggregate
+from tasks.embed import run_embed
 from tasks.evaluate import run_evaluate
 from tasks.generate import StageResult, expert_fingerprint, run_generate
 from tasks.ingest import write_shards
@@ -83,10 +84,17 @@ def label_dag(config_path: str, flow_name: str) -> dict:
         sources = [ScoreSource(rm.name, rm_fingerprint(rm), rm.weight) for rm in cfg.reward_models]
         a = cfg.aggregate
         m.labels, m.label_rows = step(run_aggregate, name="aggregate")(
-            store, experts, sources, tagger.fingerprint, ing.shards, a.beta, a.temperature, cfg.data.test_fraction)
-        m.router, _ = step(run_train_router, name="train_router")(store, m.labels, cfg.router)
+            store, experts, sources, tagger.fingerprint, ing.shards, a.beta, a.temperature, cfg.data.test_fraction,
+            a.tag_temperature)
+        embed_fp = None
+        if cfg.router.freeze_encoder:  # the head trains on cached query embeddings
+            t0 = time.perf_counter()
+            embed_fp, n = step(run_embed, name="embed")(store, cfg.router, ing.shards)
+            m.embed = StageRecord(name="embed", fingerprint=embed_fp, cells_computed=n,
+                                  cells_reused=len(ing.shards) - n, seconds=round(time.perf_counter() - t0, 2))
+        m.router, _ = step(run_train_router, name="train_router")(store, m.labels, cfg.router, embed_fp)
         m.evaluation, report = step(run_evaluate, name="evaluate")(store, m.labels, m.router, sources, experts,
-                                                                  ing.shards)
+                                                                  ing.shards, embed_fp)
         m.champion = ChampionDecision(**step(publish, name="publish")(store, m.router, m.evaluation, report,
                                                                       m.run_id))
         log.info("champion/challenger: %s (%s)", m.champion.decision, m.champion.reason)

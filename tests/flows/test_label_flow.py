@@ -105,3 +105,20 @@ def test_inspect_reads_runs_cells_labels_and_champion(flow_run):
     assert text.exit_code == 0 and "done" in text.output and "champion" in text.output
     bad = CliRunner().invoke(app, ["inspect", store.url, "--run", "nope"])
     assert bad.exit_code == 2 and "not in" in bad.output
+
+
+def test_frozen_encoder_router_reuses_every_cell_and_trains_on_embeddings(flow_run, tiny_models):
+    from pathlib import Path
+
+    store, first, _ = flow_run
+    path = tiny_flow_config(Path(store.url).parent, tiny_models, aggregate={"tag_temperature": 0.5},
+                            router={"freeze_encoder": True, "head_hidden": 8, "epochs": 3, "max_length": 32})
+    out = label_flow(str(path))
+    m = out["manifest"]
+    assert sum(s["cells_computed"] for s in m["generate"] + m["score"]) == 0
+    assert (m["embed"]["cells_computed"], m["embed"]["cells_reused"]) == (3, 0)
+    assert m["labels"] != first["manifest"]["labels"] and m["router"] != first["manifest"]["router"]
+    router = store.read_json(f"{router_dir(m['router'])}/router.json")
+    assert router["embeddings"] == m["embed"]["fingerprint"] and len(router["history"]) == 3
+    tags = out["report"]["per_tag"]["tags"]  # the tags of the test split's queries
+    assert tags and set(tags) <= {"math", "writing", "trivia", "coding"}
