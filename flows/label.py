@@ -5,6 +5,7 @@ ingest -> tag -> generate[expert 1..N] -> score[RM 1..K] -> aggregate -> train_r
 
 from __future__ import annotations
 
+import sys
 import time
 from datetime import UTC, datetime
 
@@ -41,6 +42,23 @@ def _record(r: StageResult, job: str) -> StageRecord:
                        seconds=round(r.seconds, 2), nodes=nodes)
 
 
+def record(store: Store, m: RunManifest, started: float, ok: bool) -> None:
+    """Write the run manifest when a flow ends, in a `finally:`. A failed run still leaves its lineage: what it
+    computed before the failure, and why it stopped (the exception being raised)."""
+    e = sys.exc_info()[1]
+    m.timings["total_s"] = round(time.perf_counter() - started, 2)
+    m.status = "completed" if ok else f"failed: {type(e).__name__}: {e}"
+    m.finished = datetime.now(UTC).isoformat()
+    store.write_json(run_manifest_path(m.run_id), m.model_dump(mode="json"))
+
+
+def outcome(store: Store, m: RunManifest, report: dict) -> dict:
+    """What a flow returns: the manifest, the evaluation report and where both live."""
+    return {"manifest": m.model_dump(mode="json"), "report": report,
+            "manifest_uri": store.uri(run_manifest_path(m.run_id)),
+            "report_uri": store.uri(f"{evaluation_dir(m.evaluation)}/report.md")}
+
+
 def redacted(cfg: FlowConfig) -> dict:
     d = cfg.model_dump(mode="json")
     d["store"]["options"] = {k: "***" for k in d["store"]["options"]}
@@ -60,7 +78,7 @@ def label_dag(config_path: str, flow_name: str) -> dict:
     queries = preflight(cfg)  # fails before any model loads or anything is written
     store = Store(cfg.store.url, cfg.store.options)
     m = RunManifest(run_id=new_run_id(), flow=flow_name, config=redacted(cfg))
-    t = time.perf_counter()
+    t, ok = time.perf_counter(), False
 
     try:
         ing = step(write_shards, name="ingest")(store, queries, cfg.data.shard_size)
@@ -98,14 +116,7 @@ def label_dag(config_path: str, flow_name: str) -> dict:
         m.champion = ChampionDecision(**step(publish, name="publish")(store, m.router, m.evaluation, report,
                                                                       m.run_id))
         log.info("champion/challenger: %s (%s)", m.champion.decision, m.champion.reason)
-    except BaseException as e:
-        # A failed run still leaves its lineage: what it computed before the failure, and why it stopped.
-        m.status, m.finished = f"failed: {type(e).__name__}: {e}", datetime.now(UTC).isoformat()
-        store.write_json(run_manifest_path(m.run_id), m.model_dump(mode="json"))
-        raise
-    m.timings["total_s"] = round(time.perf_counter() - t, 2)
-    m.status, m.finished = "completed", datetime.now(UTC).isoformat()
-    store.write_json(run_manifest_path(m.run_id), m.model_dump(mode="json"))
-    return {"manifest": m.model_dump(mode="json"), "report": report,
-            "manifest_uri": store.uri(run_manifest_path(m.run_id)),
-            "report_uri": store.uri(f"{evaluation_dir(m.evaluation)}/report.md")}
+        ok = True
+    finally:
+        record(store, m, t, ok)
+    return outcome(store, m, report)

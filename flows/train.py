@@ -7,13 +7,11 @@ steps, the same task functions, without generating or scoring anything.
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
 
 from prefect import flow, get_run_logger
 
 from cluster.pool import connect
-from flows.label import redacted, step
-from schemas.artifacts import evaluation_dir, run_manifest_path
+from flows.label import outcome, record, redacted, step
 from schemas.config import TrainConfig, load_config
 from schemas.manifest import ChampionDecision, RunManifest, StageRecord, new_run_id
 from schemas.store import Store
@@ -36,7 +34,7 @@ def train_flow(config_path: str) -> dict:
     m.shards, m.queries = rec.shards, rec.queries
     m.score = [StageRecord(name=rec.name, fingerprint=rec.rm_fingerprint, cells_reused=len(rec.shards) *
                            len(rec.experts), rows=rec.rows)]
-    t = time.perf_counter()
+    t, ok = time.perf_counter(), False
     try:
         tagger = make_tagger(cfg.tagger)
         step(run_tag, name="tag")(store, tagger, rec.shards)
@@ -60,13 +58,7 @@ def train_flow(config_path: str) -> dict:
                                                                       m.run_id))
         log.info("router %s: reward %.4f", m.router, next(r["reward"] for r in report["rows"]
                                                           if r["strategy"] == "router"))
-    except BaseException as e:
-        m.status, m.finished = f"failed: {type(e).__name__}: {e}", datetime.now(UTC).isoformat()
-        store.write_json(run_manifest_path(m.run_id), m.model_dump(mode="json"))
-        raise
-    m.timings["total_s"] = round(time.perf_counter() - t, 2)
-    m.status, m.finished = "completed", datetime.now(UTC).isoformat()
-    store.write_json(run_manifest_path(m.run_id), m.model_dump(mode="json"))
-    return {"manifest": m.model_dump(mode="json"), "report": report,
-            "manifest_uri": store.uri(run_manifest_path(m.run_id)),
-            "report_uri": store.uri(f"{evaluation_dir(m.evaluation)}/report.md")}
+        ok = True
+    finally:
+        record(store, m, t, ok)
+    return outcome(store, m, report)

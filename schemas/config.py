@@ -167,6 +167,11 @@ class StoreConfig(Strict):
     options: dict[str, str] = Field(default_factory=dict, description="fsspec/s3fs options (endpoint_url, ...); "
                                     "never written into artifacts.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _from_url(cls, v: object) -> object:
+        return {"url": v} if isinstance(v, str) else v  # `store: path` is short for `store: {url: path}`
+
 
 class TrainConfig(Strict):
     """`zooter train`: aggregate -> train_router -> evaluate -> publish over scores already in the store
@@ -180,11 +185,6 @@ class TrainConfig(Strict):
     router: RouterConfig = Field(default_factory=RouterConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
-    @field_validator("store", mode="before")
-    @classmethod
-    def _store(cls, v: object) -> object:
-        return {"url": v} if isinstance(v, str) else v
-
 
 class FlowConfig(Strict):
     name: str = Field("zooter", description="Human name of this labeling job.")
@@ -196,11 +196,6 @@ class FlowConfig(Strict):
     aggregate: AggregateConfig = Field(default_factory=AggregateConfig)
     router: RouterConfig = Field(default_factory=RouterConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
-
-    @field_validator("store", mode="before")
-    @classmethod
-    def _store(cls, v: object) -> object:
-        return {"url": v} if isinstance(v, str) else v
 
     @model_validator(mode="after")
     def _pools(self) -> FlowConfig:
