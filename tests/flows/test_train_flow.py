@@ -34,7 +34,15 @@ def _tables(root):
 
 
 def _json_line(output: str) -> dict:
-    return json.loads(next(line for line in output.splitlines() if line.startswith("{")))
+    """The one JSON document in the output: a shared Ray session may print actor logs around it, and a
+    progress bar may leave its last frame on the same line (no newline after a carriage return)."""
+    for line in output.splitlines():
+        if '{"' in line:
+            try:
+                return json.loads(line[line.index('{"'):])
+            except json.JSONDecodeError:
+                continue
+    raise AssertionError(f"no JSON document in the output:\n{output[-2000:]}")
 
 
 @pytest.fixture(scope="module")
