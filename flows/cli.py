@@ -58,13 +58,8 @@ def validate(config: Path) -> None:
                   f"{queries.height} queries, store {cfg.store.url}")
 
 
-@app.command()
-def run(config: Path, json_out: bool = typer.Option(False, "--json", help="Print the result as JSON.")) -> None:
-    """Run the whole labeling DAG (ingest -> ... -> publish) as one Prefect flow."""
-    _preflight(config)
-    from flows.label import label_flow
-
-    out = label_flow(str(config.resolve()))
+def _print_outcome(out: dict, json_out: bool) -> None:
+    """What `run`, `relabel` and `train` print: the flow's result as JSON, or the report, cells and paths."""
     if json_out:
         sys.stdout.write(json.dumps(out, default=str) + "\n")
         return
@@ -76,6 +71,16 @@ def run(config: Path, json_out: bool = typer.Option(False, "--json", help="Print
     console.print(f"run {m['run_id']} took {m['timings']['total_s']:.0f}s")
     _print_champion(m)
     console.print(f"manifest: {out['manifest_uri']}\nreport:   {out['report_uri']}")
+
+
+@app.command()
+def run(config: Path, json_out: bool = typer.Option(False, "--json", help="Print the result as JSON.")) -> None:
+    """Run the whole labeling DAG (ingest -> ... -> publish) as one Prefect flow."""
+    _preflight(config)
+    from flows.label import label_flow
+
+    out = label_flow(str(config.resolve()))
+    _print_outcome(out, json_out)
 
 
 @app.command()
@@ -167,14 +172,7 @@ def train(config: Path, json_out: bool = typer.Option(False, "--json", help="Pri
         _fail(str(e))
     from flows.train import train_flow
 
-    out = train_flow(str(config.resolve()))
-    if json_out:
-        sys.stdout.write(json.dumps(out, default=str) + "\n")
-        return
-    _print_report(out["report"])
-    _print_champion(out["manifest"])
-    console.print(f"run {out['manifest']['run_id']} took {out['manifest']['timings']['total_s']:.0f}s")
-    console.print(f"manifest: {out['manifest_uri']}\nreport:   {out['report_uri']}")
+    _print_outcome(train_flow(str(config.resolve())), json_out)
 
 
 def _print_report(report: dict) -> None:
@@ -241,17 +239,7 @@ def relabel(config: Path, json_out: bool = typer.Option(False, "--json", help="P
     from flows.relabel import relabel_flow
 
     out = relabel_flow(str(config.resolve()))
-    if json_out:
-        sys.stdout.write(json.dumps(out, default=str) + "\n")
-        return
-    m = out["manifest"]
-    _print_report(out["report"])
-    computed = sum(s["cells_computed"] for s in m["generate"] + m["score"])
-    reused = sum(s["cells_reused"] for s in m["generate"] + m["score"])
-    console.print(f"generation + scoring cells: {computed} computed, {reused} reused")
-    console.print(f"run {m['run_id']} took {m['timings']['total_s']:.0f}s")
-    _print_champion(m)
-    console.print(f"manifest: {out['manifest_uri']}\nreport:   {out['report_uri']}")
+    _print_outcome(out, json_out)
 
 
 experts_app = typer.Typer(no_args_is_help=True, help="Edit a config's expert pool; emits zooter.experts.changed.")
