@@ -16,7 +16,7 @@ from cluster.pool import PLACEMENTS, connect, pool_key
 from schemas.artifacts import evaluation_dir, run_manifest_path
 from schemas.config import FlowConfig, load_config
 from schemas.manifest import ChampionDecision, RunManifest, StageRecord, new_run_id
-from schemas.store import Store
+from schemas.store import Leases, Store
 from tasks.aggregate import ScoreSource, run_aggregate
 from tasks.embed import run_embed
 from tasks.evaluate import run_evaluate
@@ -38,8 +38,8 @@ def step(fn, name: str):
 def _record(r: StageResult, job: str) -> StageRecord:
     nodes = PLACEMENTS.get(pool_key(job, r.name), []) if r.computed else []
     return StageRecord(name=r.name, fingerprint=r.fingerprint, cells_computed=len(r.computed),
-                       cells_reused=len(r.skipped), rows=r.rows, new_tokens=r.new_tokens,
-                       seconds=round(r.seconds, 2), nodes=nodes)
+                       cells_reused=len(r.skipped), cells_repaired=len(r.repaired), rows=r.rows,
+                       new_tokens=r.new_tokens, seconds=round(r.seconds, 2), nodes=nodes, flags=r.flags)
 
 
 def record(store: Store, m: RunManifest, started: float, ok: bool) -> None:
@@ -76,9 +76,10 @@ def label_dag(config_path: str, flow_name: str) -> dict:
     log = get_run_logger()
     cfg = load_config(config_path)
     queries = preflight(cfg)  # fails before any model loads or anything is written
-    store = Store(cfg.store.url, cfg.store.options)
+    store = Store.from_config(cfg.store)
     m = RunManifest(run_id=new_run_id(), flow=flow_name, config=redacted(cfg))
     t, ok = time.perf_counter(), False
+    leases = Leases(store, owner=m.run_id)  # cells this run computes; concurrent runs wait for them
 
     try:
         ing = step(write_shards, name="ingest")(store, queries, cfg.data.shard_size)
@@ -90,9 +91,10 @@ def label_dag(config_path: str, flow_name: str) -> dict:
         m.tagger = tagger.fingerprint
 
         connect(cfg.ray)
-        gens = [step(run_generate, name=f"generate-{e.name}").submit(store, e, ing.shards) for e in cfg.experts]
+        gens = [step(run_generate, name=f"generate-{e.name}").submit(store, e, ing.shards, leases)
+                for e in cfg.experts]
         m.generate = [_record(g.result(), "generate_cell") for g in gens]
-        scores = [step(run_score, name=f"score-{rm.name}").submit(store, rm, cfg.experts, ing.shards)
+        scores = [step(run_score, name=f"score-{rm.name}").submit(store, rm, cfg.experts, ing.shards, leases)
                   for rm in cfg.reward_models]
         m.score = [_record(s.result(), "score_cell") for s in scores]
         log.info("generation + scoring: %d cells computed, %d reused", m.cells_computed,
@@ -118,5 +120,6 @@ def label_dag(config_path: str, flow_name: str) -> dict:
         log.info("champion/challenger: %s (%s)", m.champion.decision, m.champion.reason)
         ok = True
     finally:
+        leases.close()
         record(store, m, t, ok)
     return outcome(store, m, report)

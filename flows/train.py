@@ -28,7 +28,7 @@ from tasks.train_router import run_train_router
 def train_flow(config_path: str) -> dict:
     log = get_run_logger()
     cfg: TrainConfig = load_config(config_path, model=TrainConfig)
-    store = Store(cfg.store.url, cfg.store.options)
+    store = Store.from_config(cfg.store)
     rec = read_import(store, cfg.source)  # fails before anything is written
     m = RunManifest(run_id=new_run_id(), flow="train", config=redacted(cfg))
     m.shards, m.queries = rec.shards, rec.queries

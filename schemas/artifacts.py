@@ -12,7 +12,7 @@ from typing import Any
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"  # 2: scores carry a per-row `flag`
 
 QUERIES = pa.schema([
     pa.field("query_id", pa.string(), nullable=False),
@@ -39,6 +39,7 @@ GENERATIONS = pa.schema([
 SCORES = pa.schema([
     pa.field("query_id", pa.string(), nullable=False),
     pa.field("score", pa.float64()),  # null: no score for this row (e.g. no reference answer)
+    pa.field("flag", pa.string()),  # null, or why the row is suspect: "empty_response" | "nonfinite"
 ])
 
 LABELS = pa.schema([

@@ -166,6 +166,10 @@ class StoreConfig(Strict):
     url: str = Field(description="Local directory or s3://bucket/prefix.")
     options: dict[str, str] = Field(default_factory=dict, description="fsspec/s3fs options (endpoint_url, ...); "
                                     "never written into artifacts.")
+    retries: int = Field(5, ge=0, description="Retries of a store call while a remote endpoint is unreachable.")
+    backoff_s: float = Field(1.0, gt=0, description="First retry delay; doubles per retry, at most 30 s.")
+    lease_ttl_s: float = Field(120.0, gt=0, description="How long a killed run's cell leases block other runs "
+                               "(live runs renew theirs every ttl/3).")
 
     @model_validator(mode="before")
     @classmethod

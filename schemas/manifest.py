@@ -36,10 +36,14 @@ class StageRecord(BaseModel):
     fingerprint: str
     cells_computed: int = 0
     cells_reused: int = 0
+    cells_repaired: int = Field(0, description="Broken files found where a cell belongs (truncated, foreign "
+                                "schema), logged and computed over; included in cells_computed.")
     rows: int = 0
     new_tokens: int = 0
     seconds: float = 0.0
     nodes: list[str] = Field(default_factory=list, description="Ray node ids the stage's actors ran on.")
+    flags: dict[str, int] = Field(default_factory=dict, description="Rows flagged in the cells computed, by "
+                                  "flag: empty_response, nonfinite (see tasks/score.py).")
 
 
 class ChampionDecision(BaseModel):

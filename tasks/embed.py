@@ -8,6 +8,7 @@ then only fits the small head, and evaluating a router on 10k queries is a matri
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
 import polars as pl
 import pyarrow as pa
@@ -17,7 +18,7 @@ from cluster import models
 from cluster.router import build, embed_texts
 from schemas.artifacts import EMBEDDINGS, QUERIES, embeddings_path, fingerprint, queries_path
 from schemas.config import RouterConfig
-from schemas.store import Store
+from schemas.store import Leases, Store, cell_todo, compute_once
 
 CODE_VERSION = 1
 
@@ -28,24 +29,29 @@ def embed_fingerprint(cfg: RouterConfig) -> str:
 
 
 def run_embed(store: Store, cfg: RouterConfig, shards: list[int]) -> tuple[str, int]:
-    """Write the missing embedding cells; returns (fingerprint, cells computed)."""
+    """Write the missing embedding cells (leased, like generation cells); returns (fingerprint, cells computed)."""
     fp = embed_fingerprint(cfg)
-    todo = [s for s in shards if not store.valid_cell(embeddings_path(fp, s), EMBEDDINGS, fp)]
-    if not todo:
-        return fp, 0
-    model, tok = build(cfg.encoder, 1, cfg.pooling)
-    queries = {s: pl.from_arrow(store.read_table(queries_path(s), QUERIES).select(["query_id", "text"]))
-               for s in todo}
-    with tqdm(total=sum(q.height for q in queries.values()), desc=f"embed {cfg.encoder}", unit="q") as bar:
-        for s, q in queries.items():
-            t = time.perf_counter()
-            vec = embed_texts(model, tok, q["text"].to_list(), cfg.max_length, cfg.prefix, progress=bar.update)
-            table = pa.table({"query_id": q["query_id"].to_arrow(),
-                              "vector": pa.array(list(vec), pa.list_(pa.float32()))})
-            store.write_table(embeddings_path(fp, s), table, EMBEDDINGS,
-                              {"stage": "embeddings", "fingerprint": fp, "shard": s, "encoder": cfg.encoder,
-                               "seconds": round(time.perf_counter() - t, 2)})
-    return fp, len(todo)
+    rel = lambda s: embeddings_path(fp, s)  # noqa: E731
+    todo, _, _ = cell_todo(store, [(s, rel(s)) for s in shards], EMBEDDINGS, fp)
+
+    def compute(mine: list[int]) -> Iterator[int]:
+        model, tok = build(cfg.encoder, 1, cfg.pooling)
+        queries = {s: pl.from_arrow(store.read_table(queries_path(s), QUERIES).select(["query_id", "text"]))
+                   for s in mine}
+        with tqdm(total=sum(q.height for q in queries.values()), desc=f"embed {cfg.encoder}", unit="q") as bar:
+            for s, q in queries.items():
+                t = time.perf_counter()
+                vec = embed_texts(model, tok, q["text"].to_list(), cfg.max_length, cfg.prefix, progress=bar.update)
+                table = pa.table({"query_id": q["query_id"].to_arrow(),
+                                  "vector": pa.array(list(vec), pa.list_(pa.float32()))})
+                store.write_table(rel(s), table, EMBEDDINGS,
+                                  {"stage": "embeddings", "fingerprint": fp, "shard": s, "encoder": cfg.encoder,
+                                   "seconds": round(time.perf_counter() - t, 2)})
+                yield s
+
+    with Leases(store) as leases:
+        computed, _ = compute_once(leases, todo, rel, lambda s: store.valid_cell(rel(s), EMBEDDINGS, fp), compute)
+    return fp, len(computed)
 
 
 def scan_embeddings(store: Store, embed_fp: str, shards: list[int]) -> pl.LazyFrame:

@@ -6,7 +6,9 @@ expert's Ray actor pool comes from `cluster/`. A cell that exists and validates 
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
@@ -20,7 +22,7 @@ from cluster.backends import generator_builder
 from cluster.pool import run_pool
 from schemas.artifacts import GENERATIONS, QUERIES, fingerprint, generation_path, queries_path
 from schemas.config import ConfigError, ExpertSpec
-from schemas.store import Store
+from schemas.store import Leases, Store, cell_todo, compute_once
 
 CODE_VERSION = 1  # bump when a change here alters generated text
 
@@ -63,6 +65,7 @@ def generate_cell(model: Any, spec: ExpertSpec, fp: str, store: Store, shard: in
     s = spec.sampling
     gens = model.generate(prompts, max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
                           seed=s.seed + shard * 100_003, stop=s.stop, batch_size=spec.resources.batch_size)
+    empty = sum(not g.response.strip() for g in gens)  # kept; scoring flags them (see tasks/score.py)
     table = pa.table({
         "query_id": q["query_id"],
         "response": [g.response for g in gens],
@@ -72,9 +75,9 @@ def generate_cell(model: Any, spec: ExpertSpec, fp: str, store: Store, shard: in
     })
     store.write_table(generation_path(spec.name, fp, shard), table, GENERATIONS, {
         "stage": "generations", "fingerprint": fp, "shard": shard, "expert": spec.name,
-        "spec": spec.model_dump(mode="json", exclude={"resources"})})
+        "spec": spec.model_dump(mode="json", exclude={"resources"}), "flags": {"empty_response": empty}})
     return {"shard": shard, "rows": table.num_rows, "new_tokens": sum(g.new_tokens for g in gens),
-            "seconds": time.perf_counter() - t0}
+            "seconds": time.perf_counter() - t0, "flags": {"empty_response": empty}}
 
 
 @dataclass
@@ -82,28 +85,42 @@ class StageResult:
     name: str
     fingerprint: str
     computed: list[int] = field(default_factory=list)
-    skipped: list[int] = field(default_factory=list)
+    skipped: list[int] = field(default_factory=list)  # valid already, or written meanwhile by a concurrent run
+    repaired: list[int] = field(default_factory=list)  # broken files found in place of a cell, computed over
     rows: int = 0
     new_tokens: int = 0
     seconds: float = 0.0  # wall time of the stage, actor start and model load included
     job_seconds: float = 0.0  # summed time inside the shard jobs (read, model, write)
+    flags: dict[str, int] = field(default_factory=dict)  # flagged rows in the cells computed, by flag
+
+    def add(self, out: dict) -> None:
+        """Count one finished job (a dict from generate_cell / score_cell)."""
+        self.rows += out["rows"]
+        self.new_tokens += out.get("new_tokens", 0)
+        self.job_seconds += out["seconds"]
+        for k, n in out.get("flags", {}).items():
+            if n:
+                self.flags[k] = self.flags.get(k, 0) + n
 
 
-def run_generate(store: Store, spec: ExpertSpec, shards: list[int]) -> StageResult:
+def run_generate(store: Store, spec: ExpertSpec, shards: list[int], leases: Leases | None = None) -> StageResult:
+    """Write the expert's missing cells (leased, so a concurrent run never computes the same cell)."""
     fp = expert_fingerprint(spec)
     res = StageResult(spec.name, fp)
-    todo = []
-    for s in shards:
-        (res.skipped if store.valid_cell(generation_path(spec.name, fp, s), GENERATIONS, fp) else todo).append(s)
+    rel = lambda s: generation_path(spec.name, fp, s)  # noqa: E731
+    todo, res.skipped, res.repaired = cell_todo(store, [(s, rel(s)) for s in shards], GENERATIONS, fp)
     t0 = time.perf_counter()
-    jobs = [(generate_cell, (spec, fp, store, s)) for s in todo]
-    pool = run_pool(generator_builder(spec), jobs, spec.resources, spec.tensor_parallel_size)
-    for out in tqdm(pool, total=len(jobs),
-                    desc=f"generate {spec.name}", unit="shard", disable=not jobs):
-        res.computed.append(out["shard"])
-        res.rows += out["rows"]
-        res.new_tokens += out["new_tokens"]
-        res.job_seconds += out["seconds"]
+
+    def compute(mine: list[int]) -> Iterator[int]:
+        jobs = [(generate_cell, (spec, fp, store, s)) for s in mine]
+        pool = run_pool(generator_builder(spec), jobs, spec.resources, spec.tensor_parallel_size)
+        for out in tqdm(pool, total=len(jobs), desc=f"generate {spec.name}", unit="shard"):
+            res.add(out)
+            yield out["shard"]
+
+    with contextlib.nullcontext(leases) if leases else Leases(store) as ls:
+        computed, by_others = compute_once(ls, todo, rel, lambda s: store.valid_cell(rel(s), GENERATIONS, fp),
+                                           compute)
+    res.computed, res.skipped = sorted(computed), sorted(res.skipped + by_others)
     res.seconds = time.perf_counter() - t0
-    res.computed.sort()
     return res

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
-import pyarrow as pa
 
 from schemas.artifacts import QUERIES, SCORES, fingerprint, queries_path, score_path
 from schemas.store import Store
@@ -173,8 +172,10 @@ def import_scores(store: Store, long: pl.DataFrame, name: str = "imported", shar
                 continue
             cell = ids.join(here.filter(pl.col("expert") == e).select("query_id", "score"), on="query_id",
                             how="left", maintain_order="left")
-            store.write_table(rel, pa.table({"query_id": cell["query_id"].to_arrow(),
-                                             "score": cell["score"].to_arrow()}), SCORES,
+            bad = pl.col("score").is_not_null() & ~pl.col("score").is_finite()  # NaN/inf: kept, null, flagged
+            cell = cell.select("query_id", pl.when(bad).then(None).otherwise(pl.col("score")).alias("score"),
+                               pl.when(bad).then(pl.lit("nonfinite")).alias("flag"))
+            store.write_table(rel, cell.to_arrow(), SCORES,
                               {"stage": "scores", "fingerprint": rm_fp, "rm": name, "expert": e,
                                "expert_fingerprint": efp, "shard": s, "imported": True})
     rec = ImportRecord(name, rm_fp, efps, shards, long.height, queries.height)

@@ -121,7 +121,17 @@ def store_shards(store: Store) -> list[int]:
 
 
 def write_shards(store: Store, queries: pl.DataFrame, shard_size: int) -> IngestResult:
-    """Append queries that are not in the store yet as new shards (each written atomically)."""
+    """Append queries that are not in the store yet as new shards. Each shard is created exclusively: when a
+    concurrent run took a shard number first, re-plan against what is stored now (its queries are not re-added)."""
+    for _ in range(100):
+        try:
+            return _append_shards(store, queries, shard_size)
+        except FileExistsError:
+            continue
+    raise InputError(f"{store.url}: could not append query shards (other runs keep appending)")
+
+
+def _append_shards(store: Store, queries: pl.DataFrame, shard_size: int) -> IngestResult:
     shards = store_shards(store)
     if shards:
         known = store.scan([queries_path(s) for s in shards]).select("query_id", "text").collect()
@@ -141,6 +151,6 @@ def write_shards(store: Store, queries: pl.DataFrame, shard_size: int) -> Ingest
         table = chunk.to_arrow()
         if "split" not in chunk.columns:  # null split: assigned later by a hash of the id
             table = table.append_column("split", pa.nulls(chunk.height, pa.string()))
-        store.write_table(queries_path(s), table, QUERIES, {"stage": "queries", "shard": s})
+        store.write_table(queries_path(s), table, QUERIES, {"stage": "queries", "shard": s}, exclusive=True)
         new_shards.append(s)
     return IngestResult(sorted(shards + new_shards), new_shards, n_known + new.height, new.height)

@@ -1,8 +1,8 @@
 """inspect: what a store holds, from manifests, Parquet footers and the labels table (no model, no Ray).
 
 Runs and their manifests, the cell matrix of the chosen run (expert x shard for generations, and the same for
-every reward model: done / missing), per-expert mean reward and win rate, a tag x expert table of mean target
-probability, and the champion router with its evaluation.
+every reward model: done / missing), flagged score rows (empty answers, NaN/inf rewards), per-expert mean reward
+and win rate, a tag x expert table of mean target probability, and the champion router with its evaluation.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ def runs(store: Store) -> list[dict]:
             out.append({"run_id": run_id, "status": m["status"], "started": m["started"], "queries": m["queries"],
                         "cells_computed": sum(s["cells_computed"] for s in m["generate"] + m["score"]),
                         "cells_reused": sum(s["cells_reused"] for s in m["generate"] + m["score"]),
+                        "cells_repaired": sum(s.get("cells_repaired", 0) for s in m["generate"] + m["score"]),
+                        "flagged": sum(sum(s.get("flags", {}).values()) for s in m["score"]),
                         "labels": m["labels"], "router": m["router"], "seconds": m["timings"].get("total_s")})
     return sorted(out, key=lambda r: r["started"])
 
@@ -32,10 +34,19 @@ def cell_matrix(store: Store, manifest: dict) -> dict:
     matrix = {"shards": shards, "generations": {}, "scores": {}}
     for e, fp in gens.items():
         matrix["generations"][e] = [store.valid_cell(generation_path(e, fp, s), GENERATIONS, fp) for s in shards]
+    matrix["flags"] = []  # flagged rows per (reward model, expert), summed over the valid cells' footers
     for r in manifest["score"]:
-        matrix["scores"][r["name"]] = {
-            e: [store.valid_cell(score_path(r["name"], r["fingerprint"], e, efp, s), SCORES, r["fingerprint"])
-                for s in shards] for e, efp in gens.items()}
+        per: dict[str, list[bool]] = {}
+        for e, efp in gens.items():
+            rels = [score_path(r["name"], r["fingerprint"], e, efp, s) for s in shards]
+            per[e] = [store.valid_cell(rel, SCORES, r["fingerprint"]) for rel in rels]
+            counts: dict[str, int] = {}
+            for rel in (rel for rel, ok in zip(rels, per[e], strict=True) if ok):
+                for k, n in store.read_meta(rel).get("flags", {}).items():
+                    counts[k] = counts.get(k, 0) + n
+            if any(counts.values()):
+                matrix["flags"].append({"reward_model": r["name"], "expert": e, **counts})
+        matrix["scores"][r["name"]] = per
     return matrix
 
 

@@ -20,7 +20,7 @@ import polars as pl
 
 from schemas.artifacts import CHAMPION_PATH, LABELS, evaluation_dir, labels_path, router_dir
 from schemas.manifest import ChampionDecision
-from schemas.store import Store
+from schemas.store import Leases, Store
 
 
 def router_reward(report: dict) -> float | None:
@@ -59,6 +59,11 @@ def decide(challenger: float | None, champion: float | None, has_champion: bool)
 
 def publish(store: Store, router_fp: str, eval_fp: str, report: dict, run_id: str) -> dict:
     """Compare the run's router with the champion, write `champion.json` if it wins; return the decision."""
+    with Leases(store, owner=run_id).hold(CHAMPION_PATH):  # concurrent runs publish one after the other
+        return _publish(store, router_fp, eval_fp, report, run_id)
+
+
+def _publish(store: Store, router_fp: str, eval_fp: str, report: dict, run_id: str) -> dict:
     challenger = router_reward(report)
     old = store.read_json(CHAMPION_PATH) if store.exists(CHAMPION_PATH) else None
     old_fp = old["router"].removeprefix("routers/") if old else None

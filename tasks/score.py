@@ -2,14 +2,18 @@
 
 Reward kinds: `loglik` and `classifier` run in the RM's Ray actor pool (cluster/); `verifiable` is a pure
 function of the answer and the query's reference and runs in-process. A null score means "no score for this
-row" (no reference answer, or an empty answer for `loglik`); aggregation skips nulls.
+row"; aggregation skips nulls (see tasks/aggregate.py `combine`). Rows are never dropped; anomalies are flagged:
+`empty_response` (the expert answered nothing: not an answer, so null under every reward model) and
+`nonfinite` (the reward model returned NaN/inf: stored as null). Counts go to the run manifest and `inspect`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
@@ -21,7 +25,7 @@ from cluster.backends import scorer_builder
 from cluster.pool import run_pool
 from schemas.artifacts import GENERATIONS, QUERIES, SCORES, fingerprint, generation_path, queries_path, score_path
 from schemas.config import ExpertSpec, RewardSpec
-from schemas.store import Store
+from schemas.store import Leases, Store, cell_todo, compute_once
 from tasks.generate import StageResult, expert_fingerprint
 
 CODE_VERSION = 1
@@ -72,34 +76,62 @@ def score_cell(model: Any, rm: RewardSpec, rm_fp: str, expert: str, expert_fp: s
         scores = [verify(a, r) for a, r in zip(answers, q["reference"].to_pylist(), strict=True)]
     else:
         scores = model.score(q["text"].to_pylist(), answers, batch_size=rm.resources.batch_size)
-    # NaN/inf from a model is not a reward: keep the row, store null, and let aggregation skip it
-    scores = [s if s is not None and math.isfinite(s) else None for s in scores]
-    table = pa.table({"query_id": q["query_id"], "score": pa.array(scores, pa.float64())})
+    scores, flags = flag_scores(answers, scores)
+    table = pa.table({"query_id": q["query_id"], "score": pa.array(scores, pa.float64()),
+                      "flag": pa.array(flags, pa.string())})
+    counts = {f: flags.count(f) for f in FLAGS}
     store.write_table(score_path(rm.name, rm_fp, expert, expert_fp, shard), table, SCORES, {
         "stage": "scores", "fingerprint": rm_fp, "shard": shard, "reward_model": rm.name, "expert": expert,
         "expert_fingerprint": expert_fp, "backend_used": getattr(model, "backend", None),
-        "spec": rm.model_dump(mode="json", exclude={"resources"})})
-    return {"shard": shard, "rows": table.num_rows, "seconds": time.perf_counter() - t0}
+        "spec": rm.model_dump(mode="json", exclude={"resources"}), "flags": counts})
+    return {"expert": expert, "shard": shard, "rows": table.num_rows, "seconds": time.perf_counter() - t0,
+            "flags": counts}
 
 
-def run_score(store: Store, rm: RewardSpec, experts: list[ExpertSpec], shards: list[int]) -> StageResult:
+FLAGS = ("empty_response", "nonfinite")
+
+
+def flag_scores(answers: list[str], scores: list[float | None]) -> tuple[list[float | None], list[str | None]]:
+    """The documented rule: an empty answer gets no score; NaN/inf is no score. Both rows stay, flagged."""
+    out, flags = [], []
+    for a, s in zip(answers, scores, strict=True):
+        if not a.strip():
+            out.append(None)
+            flags.append("empty_response")
+        elif s is not None and not math.isfinite(s):
+            out.append(None)
+            flags.append("nonfinite")
+        else:
+            out.append(s)
+            flags.append(None)
+    return out, flags
+
+
+def run_score(store: Store, rm: RewardSpec, experts: list[ExpertSpec], shards: list[int],
+              leases: Leases | None = None) -> StageResult:
+    """Write the RM's missing cells for every expert (leased, like run_generate)."""
     fp = rm_fingerprint(rm)
     res = StageResult(rm.name, fp)
-    jobs = []
-    for e in experts:
-        efp = expert_fingerprint(e)
-        for s in shards:
-            if store.valid_cell(score_path(rm.name, fp, e.name, efp, s), SCORES, fp):
-                res.skipped.append(s)
-            else:
-                jobs.append((score_cell, (rm, fp, e.name, efp, store, s)))
+    efps = {e.name: expert_fingerprint(e) for e in experts}
+    rel = lambda k: score_path(rm.name, fp, k[0], efps[k[0]], k[1])  # noqa: E731 - k = (expert, shard)
+    keys = [(e.name, s) for e in experts for s in shards]
+    todo, done, repaired = cell_todo(store, [(k, rel(k)) for k in keys], SCORES, fp)
     t0 = time.perf_counter()
-    if rm.kind == "verifiable":
-        results = (fn(None, *args) for fn, args in jobs)
-    else:
-        results = run_pool(scorer_builder(rm), jobs, rm.resources, rm.tensor_parallel_size)
-    for out in tqdm(results, total=len(jobs), desc=f"score {rm.name}", unit="cell", disable=not jobs):
-        res.computed.append(out["shard"])
-        res.rows += out["rows"]
+
+    def compute(mine: list[tuple[str, int]]) -> Iterator[tuple[str, int]]:
+        jobs = [(score_cell, (rm, fp, e, efps[e], store, s)) for e, s in mine]
+        if rm.kind == "verifiable":
+            results = (fn(None, *args) for fn, args in jobs)
+        else:
+            results = run_pool(scorer_builder(rm), jobs, rm.resources, rm.tensor_parallel_size)
+        for out in tqdm(results, total=len(jobs), desc=f"score {rm.name}", unit="cell"):
+            res.add(out)
+            yield out["expert"], out["shard"]
+
+    with contextlib.nullcontext(leases) if leases else Leases(store) as ls:
+        computed, by_others = compute_once(ls, todo, rel, lambda k: store.valid_cell(rel(k), SCORES, fp), compute)
+    res.computed = [s for _, s in computed]
+    res.skipped = [s for _, s in done + by_others]
+    res.repaired = [s for _, s in repaired]
     res.seconds = time.perf_counter() - t0
     return res

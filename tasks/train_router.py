@@ -8,6 +8,7 @@ exists exactly when its `router.json` does.
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import polars as pl
@@ -17,7 +18,7 @@ from cluster.router import build_from_config, save
 from cluster.train import fit
 from schemas.artifacts import LABELS, fingerprint, labels_path, router_dir
 from schemas.config import RouterConfig
-from schemas.store import Store
+from schemas.store import Leases, Store, compute_once
 from tasks.aggregate import hash_split
 
 CODE_VERSION = 2  # 2: frozen-encoder routers store only their head
@@ -53,11 +54,22 @@ def with_features(store: Store, labels: pl.DataFrame, embed_fp: str) -> pl.DataF
 def run_train_router(store: Store, labels_fp: str, cfg: RouterConfig,
                      embed_fp: str | None = None) -> tuple[str, dict]:
     """Train unless this exact router exists; returns (router fingerprint, router.json contents).
-    With `cfg.freeze_encoder`, `embed_fp` names the embedding cells the head trains on."""
+    With `cfg.freeze_encoder`, `embed_fp` names the embedding cells the head trains on. Leased: two runs that
+    need the same router train it once, the other waits for it."""
     fp = router_fingerprint(cfg, labels_fp)
+    done = f"{router_dir(fp)}/router.json"
+
+    def compute(keys: list[str]) -> Iterator[str]:
+        _train(store, labels_fp, cfg, embed_fp, fp)
+        yield from keys
+
+    with Leases(store) as leases:
+        compute_once(leases, [fp], lambda _: done, lambda _: store.exists(done), compute)
+    return fp, store.read_json(done)
+
+
+def _train(store: Store, labels_fp: str, cfg: RouterConfig, embed_fp: str | None, fp: str) -> dict:
     rel = router_dir(fp)
-    if store.exists(f"{rel}/router.json"):
-        return fp, store.read_json(f"{rel}/router.json")
     labels = pl.from_arrow(store.read_table(labels_path(labels_fp), LABELS))
     experts = store.read_meta(labels_path(labels_fp))["experts"]
     train, val = train_val(labels)
@@ -93,4 +105,4 @@ def run_train_router(store: Store, labels_fp: str, cfg: RouterConfig,
         for f in sorted(p for p in out.rglob("*") if p.is_file() and p.name != "router.json"):
             store.write_bytes(f"{rel}/{f.relative_to(out).as_posix()}", f.read_bytes())
         store.write_bytes(f"{rel}/router.json", (out / "router.json").read_bytes())
-    return fp, meta
+    return meta

@@ -10,7 +10,7 @@ from schemas.store import ArtifactError, Store
 
 
 def _scores(n=3):
-    return pa.table({"query_id": [f"q{i}" for i in range(n)], "score": [0.5] * n})
+    return pa.table({"query_id": [f"q{i}" for i in range(n)], "score": [0.5] * n, "flag": pa.nulls(n, pa.string())})
 
 
 def test_write_read_roundtrip_and_metadata(tmp_path):
@@ -37,10 +37,10 @@ def test_truncated_cell_is_not_valid(tmp_path):
 
 def test_foreign_schema_is_rejected_with_column_names(tmp_path):
     s = Store(str(tmp_path))
-    with pytest.raises(ArtifactError, match=r"missing columns \['score'\], unexpected \['value'\]"):
+    with pytest.raises(ArtifactError, match=r"missing columns \['score', 'flag'\], unexpected \['value'\]"):
         s.write_table("c.parquet", pa.table({"query_id": ["a"], "value": [1.0]}), SCORES)
     with pytest.raises(ArtifactError, match="'query_id' has nulls"):
-        s.write_table("c.parquet", pa.table({"query_id": [None], "score": [1.0]}), SCORES)
+        s.write_table("c.parquet", pa.table({"query_id": [None], "score": [1.0], "flag": [None]}), SCORES)
 
 
 @pytest.mark.parametrize("rel", ["../x", "/etc/passwd", "a/../../b", "a//b", "./a"])
