@@ -118,6 +118,28 @@ def check_source(ref: str) -> None:
         raise ModelSourceError(f"{ref}: not an HF model directory (no config.json)")
 
 
+# What each packaged model loads as (it has no config.json before conversion).
+PACKAGED_ARCHITECTURES = {"smollm2-135m-instruct": "LlamaForCausalLM", "gemma3-270m": "Gemma3ForCausalLM",
+                          "qwen2.5-coder-0.5b-instruct": "Qwen2ForCausalLM", "all-minilm-l6-v2": "BertModel",
+                          "multilingual-e5-small": "BertModel"}
+
+
+def architectures(ref: str) -> tuple[list[str], int | None]:
+    """(architectures, num_labels) of a model reference from its config.json only, no weights read.
+    num_labels is None for packaged models (none is a classifier)."""
+    pk = packaged(ref)
+    if pk is not None:
+        return [PACKAGED_ARCHITECTURES[pk.name]], None
+    check_source(ref)
+    try:
+        cfg = json.loads((Path(ref) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ModelSourceError(f"{ref}: unreadable config.json ({e})") from None
+    archs = cfg.get("architectures") or []
+    labels = cfg.get("id2label")  # what transformers saves; num_labels itself is derived from it
+    return [str(a) for a in archs], len(labels) if isinstance(labels, dict) else int(cfg.get("num_labels", 2))
+
+
 def _sampled_digest(path: Path, span: int = 1 << 20) -> str:
     """size + sha256 of the first and last MiB: cheap on multi-GB weights, and changes when they do."""
     size = path.stat().st_size

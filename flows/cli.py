@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from schemas.config import ConfigError, load_config
@@ -19,7 +20,8 @@ console = Console(width=None if sys.stdout.isatty() else 150)
 
 
 def _fail(msg: str) -> None:
-    console.print(f"[red]error:[/red] {msg}", highlight=False, soft_wrap=True)
+    # one line, printed verbatim: messages hold paths and lists in brackets, never Rich markup
+    console.print(f"[red]error:[/red] {escape(' '.join(msg.splitlines()))}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -107,10 +109,12 @@ def inspect(store: str = typer.Argument(help="Local directory or s3://bucket/pre
     if json_out:
         sys.stdout.write(json.dumps(info, default=str) + "\n")
         return
-    t = Table("run", "status", "queries", "computed", "reused", "seconds", title=f"Runs in {store}")
+    t = Table("run", "status", "queries", "computed", "reused", "repaired", "flagged", "seconds",
+              title=f"Runs in {store}")
     for r in info["runs"]:
         t.add_row(r["run_id"], r["status"][:40], str(r["queries"]), str(r["cells_computed"]),
-                  str(r["cells_reused"]), "-" if r["seconds"] is None else f"{r['seconds']:.0f}")
+                  str(r["cells_reused"]), str(r["cells_repaired"]), str(r["flagged"]),
+                  "-" if r["seconds"] is None else f"{r['seconds']:.0f}")
     console.print(t)
     cells = info["cells"]
     t = Table("stage", "expert", *[str(s) for s in cells["shards"]], title=f"Cells of run {info['run']} (shard)")
@@ -121,6 +125,12 @@ def inspect(store: str = typer.Argument(help="Local directory or s3://bucket/pre
         for e, done in per.items():
             t.add_row(f"score:{rm}", e, *map(mark, done))
     console.print(t)
+    if cells["flags"]:
+        t = Table("reward model", "expert", "empty_response", "nonfinite",
+                  title="Flagged score rows (kept with a null score, see README)")
+        for f in cells["flags"]:
+            t.add_row(f["reward_model"], f["expert"], str(f.get("empty_response", 0)), str(f.get("nonfinite", 0)))
+        console.print(t)
     if "labels" in info:
         lab = info["labels"]
         t = Table("expert", "mean reward", "win rate", title=f"Labels ({lab['rows']} queries)")
@@ -167,7 +177,7 @@ def train(config: Path, json_out: bool = typer.Option(False, "--json", help="Pri
 
     try:
         cfg = load_config(config, model=TrainConfig)
-        read_import(Store(cfg.store.url, cfg.store.options), cfg.source)
+        read_import(Store.from_config(cfg.store), cfg.source)
     except (ConfigError, ValueError) as e:
         _fail(str(e))
     from flows.train import train_flow
