@@ -25,6 +25,9 @@ log = logging.getLogger("zooter.cluster")
 # Modules actors must import: shipped to the workers of a remote cluster by the runtime environment.
 PROJECT_MODULES = ["flows", "tasks", "cluster", "schemas"]
 
+# Embedded Ray's node IP: its servers listen on loopback only (see `connect`).
+LOOPBACK = "127.0.0.1"
+
 _ENV_PASSTHROUGH = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "ZOOTER_CACHE", "AWS_EC2_METADATA_DISABLED")
 
 # Where each pool's actors ran: pool key ("<job function>:<spec name>", see `pool_key`) -> Ray node ids of its
@@ -49,8 +52,19 @@ def connect(cfg: RayConfig) -> None:
     if cfg.address:
         ray.init(address=cfg.address, **kw)
     else:
-        ray.init(num_cpus=cfg.num_cpus,
-                 object_store_memory=512 * 1024**2, **kw)
+        # Embedded Ray serves this process only, but on Linux Ray advertises the host's IP as the node IP and
+        # binds its GCS, raylet, worker and agent servers to it or to all interfaces (0.0.0.0/::): reachable from
+        # the network. Ray's single-machine path (its default on macOS/Windows) makes the node IP loopback, so
+        # every one of them binds 127.0.0.1 (tests/flows/test_security.py lists the listening sockets). Passing
+        # `_node_ip_address` alone is not enough: on that path ray.init resolves 127.0.0.1 back to the host's IP.
+        from ray._private import ray_constants
+
+        cluster, ray_constants.ENABLE_RAY_CLUSTER = ray_constants.ENABLE_RAY_CLUSTER, False
+        try:
+            ray.init(num_cpus=cfg.num_cpus, _node_ip_address=LOOPBACK,
+                     object_store_memory=512 * 1024**2, **kw)
+        finally:
+            ray_constants.ENABLE_RAY_CLUSTER = cluster
     log.info("Ray resources: %s", ray.cluster_resources())
 
 
