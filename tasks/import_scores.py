@@ -24,6 +24,7 @@ from pathlib import Path
 import polars as pl
 
 from schemas.artifacts import QUERIES, SCORES, fingerprint, queries_path, score_path
+from schemas.config import check_name
 from schemas.store import Store
 from tasks.ingest import InputError, store_shards, text_id, write_shards
 
@@ -149,6 +150,11 @@ def import_scores(store: Store, long: pl.DataFrame, name: str = "imported", shar
     the same table again writes nothing, and a changed table gets new cells instead of overwriting old ones."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
         raise InputError(f"--name {name!r}: use letters, digits, '.', '_' and '-' only")
+    for e in long["expert"].unique().sort().to_list():  # expert names become store paths: check before writing
+        try:
+            check_name(e)
+        except ValueError as err:
+            raise InputError(f"expert {err}") from None
     queries = long.unique("query_id", keep="first", maintain_order=True)
     clash = long.join(queries.select("query_id", pl.col("text").alias("_t")), on="query_id").filter(
         pl.col("text") != pl.col("_t"))

@@ -1,8 +1,9 @@
 """An S3 endpoint on 127.0.0.1 that a test can take down and bring back (an outage).
 
-moto's server sits behind a small TCP proxy; `stop()` closes the proxy's port and every open connection, so
-clients with pooled keep-alive connections see the outage too, and `start()` listens on the same port again.
-moto keeps the objects, like a real endpoint coming back."""
+moto's server sits behind a small TCP proxy. `stop()` cuts every open connection (so clients with pooled
+keep-alive connections see the outage too) and from then on drops each new connection unanswered, counting
+them in `dropped`: a test can tell that the store really was called during the outage. `start()` forwards
+again. moto keeps the objects, like a real endpoint coming back."""
 
 from __future__ import annotations
 
@@ -46,23 +47,25 @@ class OutageS3:
         return sorted(o["Key"] for p in pages for o in p.get("Contents", []))
 
     # --- the proxy ---------------------------------------------------------------------------------------
-    def start(self) -> None:
+    def _serve(self) -> None:
         lst = socket.socket()
         lst.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         lst.bind(("127.0.0.1", self.port))
         lst.listen(64)
         self._listener = lst
+        self.up, self.dropped = True, 0
         threading.Thread(target=self._accept, args=(lst,), daemon=True).start()
 
+    def start(self) -> None:
+        if self._listener is None:
+            self._serve()
+        self.up = True
+
     def stop(self) -> None:
-        """The outage: no new connections, and every open one is cut."""
+        """The outage: every open connection is cut, new ones are dropped."""
         with self._lock:
-            lst, self._listener = self._listener, None
+            self.up = False
             conns, self._conns = self._conns, []
-        if lst is not None:
-            with contextlib.suppress(OSError):
-                lst.shutdown(socket.SHUT_RDWR)
-            lst.close()
         for c in conns:
             with contextlib.suppress(OSError):
                 c.shutdown(socket.SHUT_RDWR)
@@ -70,6 +73,10 @@ class OutageS3:
 
     def close(self) -> None:
         self.stop()
+        if self._listener is not None:
+            with contextlib.suppress(OSError):
+                self._listener.shutdown(socket.SHUT_RDWR)
+            self._listener.close()
         self.moto.stop()
 
     def _accept(self, lst: socket.socket) -> None:
@@ -78,12 +85,12 @@ class OutageS3:
                 client, _ = lst.accept()
             except OSError:
                 return
-            upstream = socket.create_connection(("127.0.0.1", self.backend_port))
             with self._lock:
-                if self._listener is not lst:
+                if not self.up:
+                    self.dropped += 1
                     client.close()
-                    upstream.close()
-                    return
+                    continue
+                upstream = socket.create_connection(("127.0.0.1", self.backend_port))
                 self._conns += [client, upstream]
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
