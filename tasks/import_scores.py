@@ -24,7 +24,7 @@ from pathlib import Path
 import polars as pl
 
 from schemas.artifacts import QUERIES, SCORES, fingerprint, queries_path, score_path
-from schemas.config import check_name
+from schemas.config import NAME_RE
 from schemas.store import Store
 from tasks.ingest import InputError, store_shards, text_id, write_shards
 
@@ -151,10 +151,9 @@ def import_scores(store: Store, long: pl.DataFrame, name: str = "imported", shar
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
         raise InputError(f"--name {name!r}: use letters, digits, '.', '_' and '-' only")
     for e in long["expert"].unique().sort().to_list():  # expert names become store paths: check before writing
-        try:
-            check_name(e)
-        except ValueError as err:
-            raise InputError(f"expert {err}") from None
+        if not all(NAME_RE.match(part) for part in e.split("/")):  # "org/model" (HF ids) is fine, "../x" is not
+            raise InputError(f"expert {e!r}: each '/'-separated part must match {NAME_RE.pattern} "
+                             "(expert names become store paths)")
     queries = long.unique("query_id", keep="first", maintain_order=True)
     clash = long.join(queries.select("query_id", pl.col("text").alias("_t")), on="query_id").filter(
         pl.col("text") != pl.col("_t"))

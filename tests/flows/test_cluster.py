@@ -57,6 +57,9 @@ def test_label_flow_on_a_two_node_cluster(tmp_path, tiny_models):
     env.pop("PREFECT_API_URL", None)  # the flow starts its own temporary Prefect API in that process
     # Ray's socket paths must stay under 107 bytes: a short temp dir, not pytest's
     with tempfile.TemporaryDirectory(prefix="zray-") as ray_tmp:
+        # Ray's Cluster util records its address under $RAY_TMPDIR/ray: keep that in the temp dir too
+        os.makedirs(os.path.join(ray_tmp, "ray"))
+        env["RAY_TMPDIR"] = ray_tmp
         proc = subprocess.run([sys.executable, "-c", SCRIPT, str(path), ray_tmp], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=1200)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)

@@ -104,7 +104,7 @@ def test_import_scores_expert_names_cannot_leave_the_store(tmp_path, expert):
     store = tmp_path / "a" / "store"
     res = runner.invoke(app, ["import-scores", str(table), "--store", str(store)])
     _clean_failure(res)
-    assert f"expert name {expert!r} must match" in " ".join(res.output.split())
+    assert f"expert {expert!r}: each '/'-separated part must match" in " ".join(res.output.split())
     assert not (tmp_path / "a").exists()  # checked before anything is written
     assert not (tmp_path / "evil-").exists() and not list(tmp_path.glob("**/evil-*"))
 
