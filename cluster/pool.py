@@ -101,18 +101,35 @@ def _actor(build: Callable[[], Any], res: Resources, tp: int):
 
 
 def run_pool(build: Callable[[], Any], jobs: Iterable[tuple[Callable[..., Any], tuple]],
-             res: Resources, tp: int = 1) -> Iterator[Any]:
-    """Start `res.pool_size` actors that each build the model once, feed them the jobs, yield results as they
-    finish (unordered), then release the actors so their CPUs/GPUs go to the next pool."""
+             res: Resources, tp: int = 1, claim: Callable[[int], bool] | None = None) -> Iterator[Any]:
+    """Start up to `res.pool_size` actors that each build the model once, feed them the jobs, yield results as
+    they finish (unordered), then release the actors so their CPUs/GPUs go to the next pool.
+
+    `claim(i)` is asked just before job i goes to a free actor; False skips the job (another run took it), so
+    concurrent runs split the work. No actor starts unless a first job is claimed."""
     jobs = list(jobs)
-    if not jobs:
+    order = iter(range(len(jobs)))
+
+    def next_job() -> int | None:
+        return next((i for i in order if claim is None or claim(i)), None)
+
+    first = next_job()
+    if first is None:
         return
-    started = [_actor(build, res, tp) for _ in range(min(res.pool_size, len(jobs)))]
+    started = [_actor(build, res, tp) for _ in range(min(res.pool_size, len(jobs) - first))]
     # Asked now, read at the end without waiting: an actor that never got resources must not block the pool.
     nodes = [a.node_id.remote() for a, _ in started]
     try:
         pool = ActorPool([a for a, _ in started])
-        yield from pool.map_unordered(lambda a, job: a.run.remote(job[0], *job[1]), jobs)
+        i: int | None = first
+        while True:
+            while i is not None:
+                pool.submit(lambda a, job: a.run.remote(job[0], *job[1]), jobs[i])
+                i = next_job() if pool.has_free() else None
+            if not pool.has_next():
+                return
+            yield pool.get_next_unordered()
+            i = next_job()
     finally:
         ready, _ = ray.wait(nodes, num_returns=len(nodes), timeout=0)
         placed = []

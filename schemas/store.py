@@ -298,6 +298,11 @@ class Leases:
         except (FileNotFoundError, ValueError):
             return None
 
+    def free(self, rel: str) -> bool:
+        """Nobody holds rel, or its holder's lease expired (a peek; `acquire` decides)."""
+        cur = self.holder(rel)
+        return cur is None or cur.get("expires", 0) <= time.time()
+
     def acquire(self, rel: str) -> bool:
         """Take the lease on rel if nobody holds it or its holder's lease expired."""
         for _ in range(2):
@@ -367,31 +372,39 @@ K = TypeVar("K", bound=Hashable)
 
 
 def compute_once(leases: Leases, todo: Iterable[K], rel: Callable[[K], str], done: Callable[[K], bool],
-                 compute: Callable[[list[K]], Iterable[K]], poll_s: float = 1.0) -> tuple[list[K], list[K]]:
-    """Compute each missing artifact exactly once across concurrent runs.
+                 compute: Callable[[list[K], Callable[[K], bool]], Iterable[K]],
+                 poll_s: float = 1.0) -> tuple[list[K], list[K]]:
+    """Compute each missing artifact exactly once across concurrent runs, splitting the work between them.
 
-    Leases what it can and computes that (`compute` yields each key as its artifact is written, and the lease is
-    given back then); waits for what other runs hold, taking over any lease that expires without its artifact.
-    Returns (computed here, written meanwhile by another run)."""
-    pending, computed, by_others = list(todo), [], []
+    `compute(keys, claim)` works through keys, asking `claim(k)` just before starting k (True: k is leased to this
+    run; False: skip it, another run has it or just wrote it), and yields each key as its artifact is written
+    (its lease is given back then). Afterwards it waits for what other runs hold, taking over any lease that
+    expires without its artifact. Returns (computed here, written meanwhile by another run)."""
+    pending, computed, by_others, claimed = list(todo), [], [], []
+
+    def claim(k: K) -> bool:
+        if not leases.acquire(rel(k)):
+            return False
+        if done(k):  # finished by another run between our check and our lease
+            leases.release(rel(k))
+            by_others.append(k)
+            return False
+        claimed.append(k)
+        return True
+
+    first = True
     while pending:
-        mine = []
-        for k in pending:
-            if leases.acquire(rel(k)):
-                if done(k):  # finished by another run between our check and our lease
-                    leases.release(rel(k))
-                    by_others.append(k)
-                else:
-                    mine.append(k)
-        if mine:
-            for k in compute(mine):
+        claimed.clear()
+        if first or any(leases.free(rel(k)) for k in pending):  # waiting: start no pool for nothing
+            for k in compute(pending, claim):
                 leases.release(rel(k))
                 computed.append(k)
-        taken = set(mine) | set(by_others)
-        rest = [k for k in pending if k not in taken]
+        first = False
+        settled = set(claimed) | set(by_others)
+        rest = [k for k in pending if k not in settled]
         pending = [k for k in rest if not done(k)]
         by_others += [k for k in rest if k not in pending]
-        if pending and not mine:
+        if pending and not claimed:
             log.info("waiting for %d artifact(s) leased by other runs", len(pending))
             time.sleep(poll_s)
     return computed, by_others

@@ -8,7 +8,7 @@ then only fits the small head, and evaluating a router on 10k queries is a matri
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import polars as pl
 import pyarrow as pa
@@ -34,12 +34,17 @@ def run_embed(store: Store, cfg: RouterConfig, shards: list[int]) -> tuple[str, 
     rel = lambda s: embeddings_path(fp, s)  # noqa: E731
     todo, _, _ = cell_todo(store, [(s, rel(s)) for s in shards], EMBEDDINGS, fp)
 
-    def compute(mine: list[int]) -> Iterator[int]:
-        model, tok = build(cfg.encoder, 1, cfg.pooling)
+    def compute(keys: list[int], claim: Callable[[int], bool]) -> Iterator[int]:
+        model = tok = None
         queries = {s: pl.from_arrow(store.read_table(queries_path(s), QUERIES).select(["query_id", "text"]))
-                   for s in mine}
+                   for s in keys}
         with tqdm(total=sum(q.height for q in queries.values()), desc=f"embed {cfg.encoder}", unit="q") as bar:
             for s, q in queries.items():
+                if not claim(s):  # another run embeds this shard
+                    bar.update(q.height)
+                    continue
+                if model is None:  # built once something is ours to embed
+                    model, tok = build(cfg.encoder, 1, cfg.pooling)
                 t = time.perf_counter()
                 vec = embed_texts(model, tok, q["text"].to_list(), cfg.max_length, cfg.prefix, progress=bar.update)
                 table = pa.table({"query_id": q["query_id"].to_arrow(),

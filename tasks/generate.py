@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
@@ -111,9 +111,10 @@ def run_generate(store: Store, spec: ExpertSpec, shards: list[int], leases: Leas
     todo, res.skipped, res.repaired = cell_todo(store, [(s, rel(s)) for s in shards], GENERATIONS, fp)
     t0 = time.perf_counter()
 
-    def compute(mine: list[int]) -> Iterator[int]:
-        jobs = [(generate_cell, (spec, fp, store, s)) for s in mine]
-        pool = run_pool(generator_builder(spec), jobs, spec.resources, spec.tensor_parallel_size)
+    def compute(keys: list[int], claim: Callable[[int], bool]) -> Iterator[int]:
+        jobs = [(generate_cell, (spec, fp, store, s)) for s in keys]
+        pool = run_pool(generator_builder(spec), jobs, spec.resources, spec.tensor_parallel_size,
+                        claim=lambda i: claim(keys[i]))
         for out in tqdm(pool, total=len(jobs), desc=f"generate {spec.name}", unit="shard"):
             res.add(out)
             yield out["shard"]

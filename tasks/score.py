@@ -13,7 +13,7 @@ import contextlib
 import math
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pyarrow as pa
@@ -118,12 +118,13 @@ def run_score(store: Store, rm: RewardSpec, experts: list[ExpertSpec], shards: l
     todo, done, repaired = cell_todo(store, [(k, rel(k)) for k in keys], SCORES, fp)
     t0 = time.perf_counter()
 
-    def compute(mine: list[tuple[str, int]]) -> Iterator[tuple[str, int]]:
-        jobs = [(score_cell, (rm, fp, e, efps[e], store, s)) for e, s in mine]
+    def compute(keys: list[tuple[str, int]], claim: Callable[[tuple[str, int]], bool]) -> Iterator[tuple[str, int]]:
+        jobs = [(score_cell, (rm, fp, e, efps[e], store, s)) for e, s in keys]
         if rm.kind == "verifiable":
-            results = (fn(None, *args) for fn, args in jobs)
+            results = (fn(None, *args) for k, (fn, args) in zip(keys, jobs, strict=True) if claim(k))
         else:
-            results = run_pool(scorer_builder(rm), jobs, rm.resources, rm.tensor_parallel_size)
+            results = run_pool(scorer_builder(rm), jobs, rm.resources, rm.tensor_parallel_size,
+                               claim=lambda i: claim(keys[i]))
         for out in tqdm(results, total=len(jobs), desc=f"score {rm.name}", unit="cell"):
             res.add(out)
             yield out["expert"], out["shard"]

@@ -8,7 +8,7 @@ exists exactly when its `router.json` does.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import polars as pl
@@ -59,9 +59,10 @@ def run_train_router(store: Store, labels_fp: str, cfg: RouterConfig,
     fp = router_fingerprint(cfg, labels_fp)
     done = f"{router_dir(fp)}/router.json"
 
-    def compute(keys: list[str]) -> Iterator[str]:
-        _train(store, labels_fp, cfg, embed_fp, fp)
-        yield from keys
+    def compute(keys: list[str], claim: Callable[[str], bool]) -> Iterator[str]:
+        if claim(fp):
+            _train(store, labels_fp, cfg, embed_fp, fp)
+            yield fp
 
     with Leases(store) as leases:
         compute_once(leases, [fp], lambda _: done, lambda _: store.exists(done), compute)

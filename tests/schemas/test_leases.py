@@ -50,8 +50,10 @@ def test_compute_once_across_concurrent_runs(tmp_path):
     results = {}
 
     def run(owner: str) -> None:
-        def compute(mine):
-            for k in mine:
+        def compute(pending, claim):
+            for k in pending:
+                if not claim(k):
+                    continue
                 time.sleep(0.05)
                 calls.append((owner, k))
                 s.write_bytes(rel(k), owner.encode())
@@ -66,6 +68,7 @@ def test_compute_once_across_concurrent_runs(tmp_path):
     for t in threads:
         t.join()
     assert sorted(k for _, k in calls) == keys  # nothing computed twice
+    assert {o for o, _ in calls} == {"a", "b"}  # and the work was split between the runs
     for owner, (computed, by_others) in results.items():
         assert sorted(computed + by_others) == keys
         assert all(s.read_bytes(rel(k)) == owner.encode() for k in computed)
