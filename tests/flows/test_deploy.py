@@ -3,10 +3,12 @@ the `zooter.experts.changed` event on a real Prefect server (`prefect server sta
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -117,7 +119,8 @@ def test_experts_add_event_triggers_served_relabel(tmp_path, tiny_models):
     api = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_API_URL": api,
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false", "DO_NOT_TRACK": "1",
-           "PREFECT_LOGGING_LEVEL": "INFO"}
+           "PREFECT_LOGGING_LEVEL": "INFO",
+           "RAY_TMPDIR": tempfile.mkdtemp(prefix="zray-")}  # the served run's Ray: short socket paths, not /tmp/ray
     logs = {n: open(tmp_path / f"{n}.log", "w") for n in ("server", "serve", "add")}  # noqa: SIM115
     procs: list[subprocess.Popen] = []
     try:
@@ -192,3 +195,4 @@ def test_experts_add_event_triggers_served_relabel(tmp_path, tiny_models):
                 os.killpg(p.pid, signal.SIGKILL)
         for f in logs.values():
             f.close()
+        shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
