@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -165,3 +166,15 @@ def tiny_flow_config(tmp: Path, tiny_models: dict[str, Path], **changes) -> Path
 def tiny_config(tmp_path, tiny_models):
     """A writer of a complete tiny config, so a test can change keys first."""
     return lambda **changes: tiny_flow_config(tmp_path, tiny_models, **changes)
+
+
+def json_doc(output: str) -> dict:
+    """The one JSON document in the output: a shared Ray session may print actor logs around it, and a
+    progress bar may leave its last frame on the same line (no newline after a carriage return)."""
+    for line in output.splitlines():
+        if '{"' in line:
+            try:
+                return json.loads(line[line.index('{"'):])
+            except json.JSONDecodeError:
+                continue
+    raise AssertionError(f"no JSON document in the output:\n{output[-2000:]}")

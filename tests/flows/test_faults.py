@@ -30,7 +30,7 @@ from schemas.artifacts import GENERATIONS, LABELS, SCORES, labels_path
 from schemas.config import load_config
 from schemas.store import Store
 from tests.conftest import QUERIES as TINY_QUERIES
-from tests.conftest import tiny_flow_config
+from tests.conftest import json_doc, tiny_flow_config
 from tests.s3util import OutageS3
 
 pytestmark = pytest.mark.slow
@@ -172,7 +172,7 @@ def test_sigkilled_run_resumes_without_recomputing_a_finished_cell(tmp_path, tin
                                capture_output=True, text=True, timeout=900)
         _kill_tree(ray_tmp)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
-    m = next(json.loads(x) for x in rerun.stdout.splitlines() if x.startswith("{"))["manifest"]
+    m = json_doc(rerun.stdout)["manifest"]
     assert _computed(m) == total - len(done)  # not one finished cell computed again
     assert sum(s["cells_reused"] for s in m["generate"] + m["score"]) == len(done)
     assert len(_cells(root)) == total
@@ -326,7 +326,7 @@ def test_nan_rewards_and_empty_answers_are_kept_flagged_and_counted(tmp_path, ti
     assert all(r[2] == min(r) for r in rewards)
     # the counts show in `zooter inspect`
     res = CliRunner().invoke(app, ["inspect", str(tmp_path / "store"), "--json"])
-    info = json.loads(next(x for x in res.output.splitlines() if x.startswith("{")))
+    info = json_doc(res.output)
     assert info["runs"][-1]["flagged"] == 4 * n + 2 * n
     assert {"reward_model": "nan", "expert": "a", "empty_response": 0, "nonfinite": n} in info["cells"]["flags"]
     text = CliRunner().invoke(app, ["inspect", str(tmp_path / "store")], terminal_width=200).output

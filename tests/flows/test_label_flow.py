@@ -21,7 +21,7 @@ from schemas.artifacts import (
     tags_path,
 )
 from schemas.store import Store
-from tests.conftest import tiny_flow_config
+from tests.conftest import json_doc, tiny_flow_config
 
 pytestmark = pytest.mark.slow
 
@@ -93,7 +93,7 @@ def test_inspect_reads_runs_cells_labels_and_champion(flow_run):
     res = CliRunner().invoke(app, ["inspect", store.url, "--json"])
     assert res.exit_code == 0, res.output
     # the JSON document is one line; a shared Ray session may print actor logs around it
-    info = json.loads(next(line for line in res.output.splitlines() if line.startswith("{")))
+    info = json_doc(res.output)
     assert [r["run_id"] for r in info["runs"]] == [first["manifest"]["run_id"], second["manifest"]["run_id"]]
     assert info["cells"]["generations"] == {"a": [True] * 3, "b": [True] * 3}
     assert all(all(v) for per in info["cells"]["scores"].values() for v in per.values())

@@ -16,7 +16,7 @@ from flows.label import label_flow
 from flows.relabel import relabel_flow
 from schemas.artifacts import CHAMPION_PATH, router_dir
 from schemas.store import Store
-from tests.conftest import tiny_flow_config
+from tests.conftest import json_doc, tiny_flow_config
 
 pytestmark = pytest.mark.slow
 
@@ -69,7 +69,7 @@ def test_champion_challenger_and_relabel(tmp_path, tiny_models, ray_session, pre
     res = CliRunner().invoke(app, ["relabel", str(path), "--json"])
     assert res.exit_code == 0, res.output
     # the JSON document is one line; a shared Ray session may print actor logs around it
-    m3 = json.loads(next(line for line in res.output.splitlines() if line.startswith("{")))["manifest"]
+    m3 = json_doc(res.output)["manifest"]
     assert m3["router"] == m1["router"] and _computed(m3) == 0
     c3 = m3["champion"]
     if r_b > r_a:  # A is now the worse challenger: the champion (B) stays

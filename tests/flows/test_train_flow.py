@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from flows.cli import app
 from schemas.artifacts import CHAMPION_PATH
 from schemas.store import Store
+from tests.conftest import json_doc
 
 pytestmark = pytest.mark.slow
 THINGS = ["rain", "the sea", "a cat", "autumn", "mountains", "a city", "the moon", "bread", "a river", "snow"]
@@ -33,16 +34,6 @@ def _tables(root):
     return root
 
 
-def _json_line(output: str) -> dict:
-    """The one JSON document in the output: a shared Ray session may print actor logs around it, and a
-    progress bar may leave its last frame on the same line (no newline after a carriage return)."""
-    for line in output.splitlines():
-        if '{"' in line:
-            try:
-                return json.loads(line[line.index('{"'):])
-            except json.JSONDecodeError:
-                continue
-    raise AssertionError(f"no JSON document in the output:\n{output[-2000:]}")
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +50,7 @@ def trained(tmp_path_factory, ray_session, prefect_harness):
     (tmp / "train.yaml").write_text(yaml.safe_dump(cfg))
     r = runner.invoke(app, ["train", str(tmp / "train.yaml"), "--json"])
     assert r.exit_code == 0, r.output
-    return tmp, Store(str(store)), _json_line(r.output)
+    return tmp, Store(str(store)), json_doc(r.output)
 
 
 def test_router_learns_the_task_split_and_the_report_has_every_part(trained):
@@ -87,7 +78,7 @@ def test_evaluate_command_shows_the_champion_report(trained):
     tmp, store, out = trained
     r = CliRunner().invoke(app, ["evaluate", "--store", str(tmp / "store"), "--json"])
     assert r.exit_code == 0, r.output
-    assert _json_line(r.output)["evaluation"] == out["manifest"]["evaluation"]
+    assert json_doc(r.output)["evaluation"] == out["manifest"]["evaluation"]
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".parquet", ".csv"])
