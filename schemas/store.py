@@ -11,6 +11,7 @@ coordinate through leases (`Leases`, `compute_once`): each cell is computed by o
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import logging
@@ -45,6 +46,7 @@ class StoreUnavailable(OSError):
     """The store's endpoint stayed unreachable for the whole retry budget."""
 
 
+@functools.cache
 def _retryable() -> tuple[type[BaseException], ...]:
     """Errors that mean "the endpoint is not answering", not "the request is wrong"."""
     errs: list[type[BaseException]] = [ConnectionError, TimeoutError]
@@ -132,30 +134,22 @@ class Store:
 
     # --- atomic writes -------------------------------------------------------------------------------
     def write_bytes(self, rel: str, data: bytes) -> None:
-        target = self.path(rel)
         if self.local:
-            d = os.path.dirname(target)
-            os.makedirs(d, exist_ok=True)
-            tmp = os.path.join(d, f".tmp-{uuid.uuid4().hex}-{os.path.basename(target)}")
-            try:
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, target)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+            self._put_local(self.path(rel), data, os.replace)
         else:
-            self._io(f"write {rel}", self.fs.pipe_file, target, data)
+            self._io(f"write {rel}", self.fs.pipe_file, self.path(rel), data)
 
     def create(self, rel: str, data: bytes) -> None:
         """Write rel only if it does not exist yet (atomically: one of two racing writers wins); else
         FileExistsError. Locally a hard link of a complete temp file; on S3 a conditional PUT (If-None-Match)."""
-        target = self.path(rel)
-        if not self.local:
-            self._io(f"create {rel}", self.fs.pipe_file, target, data, mode="create")
-            return
+        if self.local:
+            self._put_local(self.path(rel), data, os.link)  # link fails with FileExistsError when target exists
+        else:
+            self._io(f"create {rel}", self.fs.pipe_file, self.path(rel), data, mode="create")
+
+    @staticmethod
+    def _put_local(target: str, data: bytes, publish: Callable[[str, str], None]) -> None:
+        """Write a complete, fsynced temp file beside target, then publish it (rename or link) in one step."""
         d = os.path.dirname(target)
         os.makedirs(d, exist_ok=True)
         tmp = os.path.join(d, f".tmp-{uuid.uuid4().hex}-{os.path.basename(target)}")
@@ -164,9 +158,10 @@ class Store:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-            os.link(tmp, target)  # fails with FileExistsError when target exists
+            publish(tmp, target)
         finally:
-            os.unlink(tmp)
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
     def write_table(self, rel: str, table: pa.Table, schema: pa.Schema, meta: dict | None = None,
                     exclusive: bool = False) -> None:
@@ -209,21 +204,24 @@ class Store:
     def read_table(self, rel: str, schema: pa.Schema) -> pa.Table:
         return conform(self._parquet(rel, pq.read_table), schema, self.uri(rel))
 
-    def check_cell(self, rel: str, schema: pa.Schema, fingerprint: str) -> str | None:
-        """None when the cell is done: it exists, its footer parses, its schema matches and it names our
-        fingerprint. Otherwise why not: "missing", or what is wrong with the file that is there."""
+    def cell(self, rel: str, schema: pa.Schema, fingerprint: str) -> tuple[str | None, dict]:
+        """(None, the cell's metadata) when the cell is done: it exists, its footer parses, its schema matches and
+        it names our fingerprint. Otherwise (why not: "missing", or what is wrong with the file there, {})."""
         if not self.exists(rel):
-            return "missing"
+            return "missing", {}
         try:
             got = self.read_schema(rel)
         except ArtifactError as e:
-            return str(e).removeprefix(f"{self.uri(rel)}: ")
-        if not _same_fields(got, schema):
-            return f"schema mismatch (columns {got.names})"
+            return str(e).removeprefix(f"{self.uri(rel)}: "), {}
+        if not same_fields(got, schema):
+            return f"schema mismatch (columns {got.names})", {}
         meta = json.loads((got.metadata or {}).get(META_KEY, b"{}"))
         if meta.get("fingerprint") != fingerprint:
-            return f"fingerprint {meta.get('fingerprint')!r} is not {fingerprint!r}"
-        return None
+            return f"fingerprint {meta.get('fingerprint')!r} is not {fingerprint!r}", {}
+        return None, meta
+
+    def check_cell(self, rel: str, schema: pa.Schema, fingerprint: str) -> str | None:
+        return self.cell(rel, schema, fingerprint)[0]
 
     def valid_cell(self, rel: str, schema: pa.Schema, fingerprint: str) -> bool:
         return self.check_cell(rel, schema, fingerprint) is None
@@ -240,7 +238,7 @@ class Store:
         return pl.scan_pyarrow_dataset(pads.dataset(paths, filesystem=self.fs, format="parquet"))
 
 
-def _same_fields(got: pa.Schema, want: pa.Schema) -> bool:
+def same_fields(got: pa.Schema, want: pa.Schema) -> bool:
     return [(f.name, f.type) for f in got] == [(f.name, f.type) for f in want]
 
 
@@ -371,7 +369,7 @@ class Leases:
 K = TypeVar("K", bound=Hashable)
 
 
-def compute_once(leases: Leases, todo: Iterable[K], rel: Callable[[K], str], done: Callable[[K], bool],
+def compute_once(leases: Leases | Store, todo: Iterable[K], rel: Callable[[K], str], done: Callable[[K], bool],
                  compute: Callable[[list[K], Callable[[K], bool]], Iterable[K]],
                  poll_s: float = 1.0) -> tuple[list[K], list[K]]:
     """Compute each missing artifact exactly once across concurrent runs, splitting the work between them.
@@ -379,7 +377,11 @@ def compute_once(leases: Leases, todo: Iterable[K], rel: Callable[[K], str], don
     `compute(keys, claim)` works through keys, asking `claim(k)` just before starting k (True: k is leased to this
     run; False: skip it, another run has it or just wrote it), and yields each key as its artifact is written
     (its lease is given back then). Afterwards it waits for what other runs hold, taking over any lease that
-    expires without its artifact. Returns (computed here, written meanwhile by another run)."""
+    expires without its artifact. Returns (computed here, written meanwhile by another run).
+    `leases` is the run's Leases, or a Store: then the leases are this call's own, given back at the end."""
+    if isinstance(leases, Store):
+        with Leases(leases) as own:
+            return compute_once(own, todo, rel, done, compute, poll_s)
     pending, computed, by_others, claimed = list(todo), [], [], []
 
     def claim(k: K) -> bool:

@@ -18,7 +18,7 @@ from cluster import models
 from cluster.router import build, embed_texts
 from schemas.artifacts import EMBEDDINGS, QUERIES, embeddings_path, fingerprint, queries_path
 from schemas.config import RouterConfig
-from schemas.store import Leases, Store, cell_todo, compute_once
+from schemas.store import Store, cell_todo, compute_once
 
 CODE_VERSION = 1
 
@@ -54,8 +54,7 @@ def run_embed(store: Store, cfg: RouterConfig, shards: list[int]) -> tuple[str, 
                                    "seconds": round(time.perf_counter() - t, 2)})
                 yield s
 
-    with Leases(store) as leases:
-        computed, _ = compute_once(leases, todo, rel, lambda s: store.valid_cell(rel(s), EMBEDDINGS, fp), compute)
+    computed, _ = compute_once(store, todo, rel, lambda s: store.valid_cell(rel(s), EMBEDDINGS, fp), compute)
     return fp, len(computed)
 
 

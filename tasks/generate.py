@@ -6,7 +6,6 @@ expert's Ray actor pool comes from `cluster/`. A cell that exists and validates 
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -119,9 +118,8 @@ def run_generate(store: Store, spec: ExpertSpec, shards: list[int], leases: Leas
             res.add(out)
             yield out["shard"]
 
-    with contextlib.nullcontext(leases) if leases else Leases(store) as ls:
-        computed, by_others = compute_once(ls, todo, rel, lambda s: store.valid_cell(rel(s), GENERATIONS, fp),
-                                           compute)
+    computed, by_others = compute_once(leases or store, todo, rel,
+                                       lambda s: store.valid_cell(rel(s), GENERATIONS, fp), compute)
     res.computed, res.skipped = sorted(computed), sorted(res.skipped + by_others)
     res.seconds = time.perf_counter() - t0
     return res

@@ -116,6 +116,15 @@ class IngestResult:
     n_new: int
 
 
+def check_stored_ids(queries: pl.DataFrame, known: pl.DataFrame, url: str, data_path: str | None = None) -> None:
+    """A query id already in the store must keep its text (its cells were computed for that text)."""
+    clash = queries.join(known, on="query_id", suffix="_stored").filter(pl.col("text") != pl.col("text_stored"))
+    if clash.height:
+        r = clash.sort("source_line").row(0, named=True)
+        where = f"{data_path}:{r['source_line']}" if data_path else f"line {r['source_line']}"
+        raise InputError(f"{where}: id {r['query_id']!r} is already in the store {url} with a different text")
+
+
 def store_shards(store: Store) -> list[int]:
     return [shard_index(n) for n in store.ls("queries") if n.startswith("shard-") and n.endswith(".parquet")]
 
@@ -135,11 +144,7 @@ def _append_shards(store: Store, queries: pl.DataFrame, shard_size: int) -> Inge
     shards = store_shards(store)
     if shards:
         known = store.scan([queries_path(s) for s in shards]).select("query_id", "text").collect()
-        clash = queries.join(known, on="query_id", suffix="_stored").filter(pl.col("text") != pl.col("text_stored"))
-        if clash.height:
-            r = clash.row(0, named=True)
-            raise InputError(f"line {r['source_line']}: id {r['query_id']!r} is already in the store "
-                             f"{store.url} with a different text")
+        check_stored_ids(queries, known, store.url)
         new = queries.join(known, on="query_id", how="anti")
         n_known = known.height
     else:

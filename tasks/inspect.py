@@ -38,11 +38,12 @@ def cell_matrix(store: Store, manifest: dict) -> dict:
     for r in manifest["score"]:
         per: dict[str, list[bool]] = {}
         for e, efp in gens.items():
-            rels = [score_path(r["name"], r["fingerprint"], e, efp, s) for s in shards]
-            per[e] = [store.valid_cell(rel, SCORES, r["fingerprint"]) for rel in rels]
+            cells = [store.cell(score_path(r["name"], r["fingerprint"], e, efp, s), SCORES, r["fingerprint"])
+                     for s in shards]  # one footer read per cell: validity and flag counts
+            per[e] = [why is None for why, _ in cells]
             counts: dict[str, int] = {}
-            for rel in (rel for rel, ok in zip(rels, per[e], strict=True) if ok):
-                for k, n in store.read_meta(rel).get("flags", {}).items():
+            for _, meta in cells:
+                for k, n in meta.get("flags", {}).items():
                     counts[k] = counts.get(k, 0) + n
             if any(counts.values()):
                 matrix["flags"].append({"reward_model": r["name"], "expert": e, **counts})

@@ -16,9 +16,9 @@ import pyarrow as pa
 from cluster.models import ModelSourceError, architectures, check_source
 from schemas.artifacts import QUERIES, queries_path
 from schemas.config import ConfigError, FlowConfig, RewardSpec, StoreConfig
-from schemas.store import ArtifactError, Store
+from schemas.store import ArtifactError, Store, same_fields
 from tasks.generate import template_text
-from tasks.ingest import read_queries, store_shards
+from tasks.ingest import check_stored_ids, read_queries, store_shards
 
 CAUSAL_LM = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 
@@ -106,19 +106,14 @@ def _stored_queries(store: Store, queries: pl.DataFrame, data_path: str) -> None
         raise ConfigError(f"store: {store.uri('queries')}: not a zooter store ({e})") from None
     if not shards:
         return
-    want = [(f.name, f.type) for f in QUERIES]
     for s in shards:
         rel = queries_path(s)
         try:
             got = store.read_schema(rel)
         except ArtifactError as e:
             raise ConfigError(f"store: {' '.join(str(e).split())}") from None
-        if [(f.name, f.type) for f in got] != want:
+        if not same_fields(got, QUERIES):
             raise ConfigError(f"store: {store.uri(rel)}: not a queries cell (columns {_fields(got)}; expected "
                               f"{_fields(QUERIES)})")
     known = store.scan([queries_path(s) for s in shards]).select("query_id", "text").collect()
-    clash = queries.join(known, on="query_id", suffix="_stored").filter(pl.col("text") != pl.col("text_stored"))
-    if clash.height:
-        r = clash.sort("source_line").row(0, named=True)
-        raise ConfigError(f"{data_path}:{r['source_line']}: id {r['query_id']!r} is already in the store "
-                          f"{store.url} with a different text")
+    check_stored_ids(queries, known, store.url, data_path)

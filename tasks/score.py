@@ -9,7 +9,6 @@ row"; aggregation skips nulls (see tasks/aggregate.py `combine`). Rows are never
 
 from __future__ import annotations
 
-import contextlib
 import math
 import re
 import time
@@ -129,8 +128,8 @@ def run_score(store: Store, rm: RewardSpec, experts: list[ExpertSpec], shards: l
             res.add(out)
             yield out["expert"], out["shard"]
 
-    with contextlib.nullcontext(leases) if leases else Leases(store) as ls:
-        computed, by_others = compute_once(ls, todo, rel, lambda k: store.valid_cell(rel(k), SCORES, fp), compute)
+    computed, by_others = compute_once(leases or store, todo, rel, lambda k: store.valid_cell(rel(k), SCORES, fp),
+                                       compute)
     res.computed = [s for _, s in computed]
     res.skipped = [s for _, s in done + by_others]
     res.repaired = [s for _, s in repaired]

@@ -18,7 +18,7 @@ from cluster.router import build_from_config, save
 from cluster.train import fit
 from schemas.artifacts import LABELS, fingerprint, labels_path, router_dir
 from schemas.config import RouterConfig
-from schemas.store import Leases, Store, compute_once
+from schemas.store import Store, compute_once
 from tasks.aggregate import hash_split
 
 CODE_VERSION = 2  # 2: frozen-encoder routers store only their head
@@ -64,8 +64,7 @@ def run_train_router(store: Store, labels_fp: str, cfg: RouterConfig,
             _train(store, labels_fp, cfg, embed_fp, fp)
             yield fp
 
-    with Leases(store) as leases:
-        compute_once(leases, [fp], lambda _: done, lambda _: store.exists(done), compute)
+    compute_once(store, [fp], lambda _: done, lambda _: store.exists(done), compute)
     return fp, store.read_json(done)
 
 

@@ -129,3 +129,4 @@ def test_s3_outage_past_the_retry_budget_fails_clearly_and_a_rerun_completes(out
     assert outage.keys("faults") == []  # nothing partial is visible
     s.write_bytes("cell", b"z" * 1000)  # the rerun
     assert outage.keys("faults") == ["run/cell"]
+
