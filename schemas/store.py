@@ -347,16 +347,20 @@ class Leases:
             with self._lock:
                 held = list(self.held)
             for rel in held:
-                try:
-                    cur = self.holder(rel)
-                    if cur is not None and cur.get("owner") != self.owner:  # we stalled past the ttl
-                        log.warning("lease on %s was taken over by %s", rel, cur.get("owner"))
-                        with self._lock:
-                            self.held.discard(rel)
+                # Under the lock, and only while still held: a renewal racing a release would bring the deleted
+                # lease back, and it would block other runs until it expired.
+                with self._lock:
+                    if rel not in self.held:
                         continue
-                    self.store.write_bytes(self._rel(rel), self._body())
-                except OSError as e:  # the store is down: the next beat tries again, before the ttl runs out
-                    log.warning("lease heartbeat for %s failed: %s", rel, e)
+                    try:
+                        cur = self.holder(rel)
+                        if cur is not None and cur.get("owner") != self.owner:  # we stalled past the ttl
+                            log.warning("lease on %s was taken over by %s", rel, cur.get("owner"))
+                            self.held.discard(rel)
+                            continue
+                        self.store.write_bytes(self._rel(rel), self._body())
+                    except OSError as e:  # the store is down: the next beat tries again, before the ttl runs out
+                        log.warning("lease heartbeat for %s failed: %s", rel, e)
 
     def close(self) -> None:
         """Stop renewing and give back every lease still held (a failed stage frees its work for others)."""

@@ -130,3 +130,19 @@ def test_s3_outage_past_the_retry_budget_fails_clearly_and_a_rerun_completes(out
     s.write_bytes("cell", b"z" * 1000)  # the rerun
     assert outage.keys("faults") == ["run/cell"]
 
+
+def test_a_released_lease_stays_released_while_the_heartbeat_runs(tmp_path):
+    """A renewal racing a release must not bring the lease file back (it would block other runs until expiry)."""
+    class SlowStore(Store):  # lease renewals take a while, as on a remote store
+        def write_bytes(self, rel: str, data: bytes) -> None:
+            time.sleep(0.02)
+            super().write_bytes(rel, data)
+
+    s = SlowStore(str(tmp_path))
+    with Leases(s, "run-a", ttl_s=0.03) as a:  # heartbeat every 10 ms
+        for i in range(50):
+            assert a.acquire(f"c{i % 5}")
+            time.sleep(0.015)  # a renewal is under way
+            a.release(f"c{i % 5}")
+    time.sleep(0.1)
+    assert not list((tmp_path / "leases").glob("*.lease"))
