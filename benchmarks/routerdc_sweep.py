@@ -22,12 +22,12 @@ import polars as pl
 
 from cluster.pool import connect
 from cluster.router import Router
-from schemas.artifacts import LABELS, labels_path, router_dir
+from schemas.artifacts import LABELS, labels_path
 from schemas.config import RayConfig, TrainConfig, load_config
 from schemas.store import Store
 from tasks.aggregate import ScoreSource, run_aggregate
 from tasks.embed import run_embed
-from tasks.evaluate import _per_tag
+from tasks.evaluate import per_tag_means
 from tasks.import_scores import read_import
 from tasks.tag import make_tagger, run_tag
 from tasks.train_router import run_train_router, train_val, with_features
@@ -42,17 +42,17 @@ QUICK = [dict(beta=b, tag_temperature=t, loss="kl", head_hidden=h)
 def tag_average(router: Router, rows: pl.DataFrame, store: Store, embed_fp: str) -> float:
     probs = router.probs_from_features(np.array(with_features(store, rows, embed_fp)["vector"].to_list()))
     rewards = np.array(rows["rewards"].to_list())
-    return _per_tag(rows, rewards, {"router": probs.argmax(1)})["strategies"]["router"]["tag_average"]
+    return per_tag_means(rows, rewards, {"router": probs.argmax(1)}).strategies["router"]["tag_average"]
 
 
 def main() -> None:
     cfg: TrainConfig = load_config(ROOT / "examples/routerdc.yaml", model=TrainConfig)
     store = Store(cfg.store.url)
     rec = read_import(store, cfg.source)
+    connect(RayConfig())  # the embed step runs in a Ray actor pool
     tagger = make_tagger(cfg.tagger)
     run_tag(store, tagger, rec.shards)
-    embed_fp, _ = run_embed(store, cfg.router, rec.shards)
-    connect(RayConfig())
+    embed_fp = run_embed(store, cfg.router, rec.shards).fingerprint
     points = QUICK if "--full" not in sys.argv else [dict(zip(GRID, v, strict=True))
                                                   for v in itertools.product(*GRID.values())]
     results = []
@@ -61,11 +61,10 @@ def main() -> None:
         a = cfg.aggregate.model_copy(update={k: p[k] for k in ("beta", "tag_temperature")})
         r = cfg.router.model_copy(update={k: p[k] for k in ("loss", "head_hidden")})
         labels_fp, _ = run_aggregate(store, rec.experts, [ScoreSource(rec.name, rec.rm_fingerprint, 1.0)],
-                                     tagger.fingerprint, rec.shards, a.beta, a.temperature, cfg.test_fraction,
-                                     a.tag_temperature)
+                                     tagger.fingerprint, rec.shards, a, cfg.test_fraction)
         router_fp, _ = run_train_router(store, labels_fp, r, embed_fp)
         labels = pl.from_arrow(store.read_table(labels_path(labels_fp), LABELS))
-        router = Router.from_store(store, router_dir(router_fp))
+        router = Router.from_store(store, router_fp)
         _, val = train_val(labels)
         test = labels.filter(pl.col("split") == "test")
         results.append({**p, "val_avg": 100 * tag_average(router, val, store, embed_fp),

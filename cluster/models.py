@@ -19,8 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
+from schemas.errors import ConfigError
 
-class ModelSourceError(ValueError):
+
+class ModelSourceError(ConfigError):
     """A model reference does not resolve to usable local weights."""
 
 

@@ -13,14 +13,18 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 from cluster import models
+from schemas.artifacts import ROUTER_ENCODER, ROUTER_JSON, ROUTER_WEIGHTS, router_file
+from schemas.config import RouterConfig
+from schemas.errors import ZooterError
 
 
-class RouterError(ValueError):
+class RouterError(ZooterError):
     """A router cannot be loaded or used; the message says which file or value."""
 
 
@@ -81,10 +85,9 @@ def build(encoder_ref: str, n_experts: int, pooling: str, head_hidden: int = 0, 
     return RouterModel(AutoModel.from_pretrained(path), n_experts, pooling, head_hidden, dropout, standardize), tok
 
 
-def build_from_config(cfg: dict, n_experts: int) -> tuple[RouterModel, object]:
-    """A router as a RouterConfig (dumped to a dict) describes it."""
-    return build(cfg["encoder"], n_experts, cfg["pooling"], cfg.get("head_hidden", 0), cfg.get("dropout", 0.1),
-                 cfg.get("freeze_encoder", False))
+def build_from_config(cfg: RouterConfig, n_experts: int) -> tuple[RouterModel, object]:
+    """A router as its RouterConfig describes it (a frozen encoder's head standardises its features)."""
+    return build(cfg.encoder, n_experts, cfg.pooling, cfg.head_hidden, cfg.dropout, cfg.freeze_encoder)
 
 
 @torch.inference_mode()
@@ -123,63 +126,69 @@ def loss_fn(logits: torch.Tensor, target: torch.Tensor, kind: str = "kl") -> tor
     raise ValueError(f"router.loss: unknown loss {kind!r}; choose one of ['kl', 'kl_reverse', 'hard']")
 
 
-def save(model: RouterModel, tok, out: Path, meta: dict) -> None:
-    """A router directory: encoder config + tokenizer, weights in one safetensors file, router.json.
+def save(model: RouterModel, tok, cfg: RouterConfig, out: Path, meta: dict) -> None:
+    """A router directory: encoder config + tokenizer, weights in one safetensors file, and the metadata file
+    (`meta` plus `config`, the RouterConfig it was built from).
 
     With a frozen encoder only the head is saved, and `meta["encoder_identity"]` pins the shipped encoder the
     head was trained on (loading checks it): a fine-tuned one is saved whole."""
     out.mkdir(parents=True, exist_ok=True)
-    model.encoder.config.save_pretrained(out / "encoder")
-    tok.save_pretrained(out / "encoder")
-    frozen = meta.get("config", {}).get("freeze_encoder", False)
+    model.encoder.config.save_pretrained(out / ROUTER_ENCODER)
+    tok.save_pretrained(out / ROUTER_ENCODER)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
-             if not (frozen and k.startswith("encoder."))}
-    save_file(state, str(out / "router.safetensors"))
-    (out / "router.json").write_text(json.dumps(meta, indent=2))
+             if not (cfg.freeze_encoder and k.startswith("encoder."))}
+    save_file(state, str(out / ROUTER_WEIGHTS))
+    (out / ROUTER_JSON).write_text(json.dumps({**meta, "config": cfg.model_dump(mode="json")}, indent=2))
 
 
 class Router:
+    """A trained router loaded for inference: `probs(texts)`, `route(texts)`; `config` is its RouterConfig."""
+
     def __init__(self, directory: str | Path, device: str | None = None):
         d = Path(directory)
-        if not (d / "router.json").is_file():
-            raise RouterError(f"{d}: not a router directory (no router.json)")
-        self.meta = json.loads((d / "router.json").read_text())
+        if not (d / ROUTER_JSON).is_file():
+            raise RouterError(f"{d}: not a router directory (no {ROUTER_JSON})")
+        self.meta = json.loads((d / ROUTER_JSON).read_text())
+        try:
+            self.config = RouterConfig.model_validate(self.meta.get("config"))
+        except ValidationError as e:
+            err = e.errors()[0]
+            raise RouterError(f"{d / ROUTER_JSON}: not a valid router config ({'.'.join(map(str, err['loc']))}: "
+                              f"{err['msg']}); retrain the router") from None
         self.experts: list[str] = self.meta["experts"]
-        self.max_length = int(self.meta["max_length"])
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.tok = AutoTokenizer.from_pretrained(d / "encoder")
-        cfg = self.meta.get("config", {})
-        self.prefix = cfg.get("prefix", "")
-        frozen = cfg.get("freeze_encoder", False)
-        if frozen:  # the head was trained on this exact shipped encoder: load it, and check it is the same one
-            ref = self.meta["encoder"]
-            if models.identity(ref) != self.meta.get("encoder_identity"):
-                raise RouterError(f"{d}: encoder {ref} differs from the one this router was trained on")
-            enc = AutoModel.from_pretrained(models.resolve(ref))
+        self.tok = AutoTokenizer.from_pretrained(d / ROUTER_ENCODER)
+        cfg = self.config
+        if cfg.freeze_encoder:  # the head was trained on this exact shipped encoder: load it, and check it
+            if models.identity(cfg.encoder) != self.meta.get("encoder_identity"):
+                raise RouterError(f"{d}: encoder {cfg.encoder} differs from the one this router was trained on")
+            enc = AutoModel.from_pretrained(models.resolve(cfg.encoder))
         else:
-            enc = AutoModel.from_config(AutoConfig.from_pretrained(d / "encoder"))
-        self.model = RouterModel(enc, len(self.experts), self.meta["pooling"], cfg.get("head_hidden", 0),
-                                 cfg.get("dropout", 0.1), frozen)
-        self.model.load_state_dict(load_file(str(d / "router.safetensors")), strict=not frozen)
+            enc = AutoModel.from_config(AutoConfig.from_pretrained(d / ROUTER_ENCODER))
+        self.model = RouterModel(enc, len(self.experts), cfg.pooling, cfg.head_hidden, cfg.dropout,
+                                 cfg.freeze_encoder)
+        self.model.load_state_dict(load_file(str(d / ROUTER_WEIGHTS)), strict=not cfg.freeze_encoder)
         self.model.to(self.device).eval()
 
     @classmethod
-    def from_store(cls, store, rel_dir: str) -> Router:
-        """Copy what inference needs (not the Ray Train checkpoints) out of a possibly remote store; load it."""
+    def from_store(cls, store, router_fp: str) -> Router:
+        """Copy what inference needs (not the Ray Train checkpoints) out of a possibly remote store; load it.
+        (`store` is a schemas.store.Store.)"""
         tmp = Path(tempfile.mkdtemp(prefix="zooter-router-"))
         try:
-            for name in ("router.json", "router.safetensors"):
-                store.fs.get(store.path(f"{rel_dir}/{name}"), str(tmp / name))
-            (tmp / "encoder").mkdir()
-            for name in store.ls(f"{rel_dir}/encoder"):
-                store.fs.get(store.path(f"{rel_dir}/encoder/{name}"), str(tmp / "encoder" / name))
+            for name in (ROUTER_JSON, ROUTER_WEIGHTS):
+                store.fs.get(store.path(router_file(router_fp, name)), str(tmp / name))
+            (tmp / ROUTER_ENCODER).mkdir()
+            for name in store.ls(router_file(router_fp, ROUTER_ENCODER)):
+                store.fs.get(store.path(router_file(router_fp, f"{ROUTER_ENCODER}/{name}")),
+                             str(tmp / ROUTER_ENCODER / name))
             return cls(tmp)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
     def probs(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
-        return self.probs_from_features(embed_texts(self.model, self.tok, texts, self.max_length, self.prefix,
-                                                    batch_size))
+        return self.probs_from_features(embed_texts(self.model, self.tok, texts, self.config.max_length,
+                                                    self.config.prefix, batch_size))
 
     @torch.inference_mode()
     def probs_from_features(self, feats: np.ndarray) -> np.ndarray:

@@ -1,19 +1,21 @@
 """Ray Train for the router: a `TorchTrainer` whose workers run the explicit loop below.
 
-Each worker reads the labels from the store, shards the training rows by rank (DistributedSampler via
-`prepare_data_loader`), trains with the KL loss and reports validation metrics every epoch; rank 0 attaches a
-checkpoint (model, optimizer, epoch, config, experts, labels fingerprint) whenever validation loss improves,
-so the run's latest checkpoint is its best.
+The driver puts the training and validation rows into Ray's object store (`ray.put`) and passes their references
+in the loop config, so a worker on any node reads them through Ray, never from the driver's disk. Each worker
+shards the training rows by rank (DistributedSampler via `prepare_data_loader`), trains with the KL loss and
+reports validation metrics every epoch; rank 0 attaches a checkpoint (model, optimizer, epoch, config, experts,
+labels fingerprint) whenever validation loss improves, so the run's latest checkpoint is its best.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
 
 import polars as pl
+import pyarrow as pa
+import ray
 import ray.train
 import ray.train.torch
 import torch
@@ -22,6 +24,7 @@ from ray.train.torch import TorchTrainer
 from torch.utils.data import DataLoader, TensorDataset
 
 from cluster.router import RouterHead, build_from_config, loss_fn
+from schemas.config import RouterConfig
 
 
 def _tensors(tok, df: pl.DataFrame, max_length: int, prefix: str = "") -> TensorDataset:
@@ -36,53 +39,52 @@ def _features(df: pl.DataFrame) -> TensorDataset:
     return TensorDataset(x, torch.tensor(df["target"].to_list(), dtype=torch.float32))
 
 
-def _setup(cfg: dict, train_df: pl.DataFrame, val_df: pl.DataFrame):
+def _setup(cfg: RouterConfig, n_experts: int, train_df: pl.DataFrame, val_df: pl.DataFrame):
     """(model, train set, val set). A frozen encoder trains only the head, on the embed step's features: the
     standardisation buffers come from the training features; the encoder is never loaded here."""
-    n = len(cfg["experts"])
-    if cfg.get("freeze_encoder"):
+    if cfg.freeze_encoder:
         train, val = _features(train_df), _features(val_df)
         x = train.tensors[0]
-        head = RouterHead(x.shape[1], n, cfg["head_hidden"], cfg["dropout"], standardize=True)
+        head = RouterHead(x.shape[1], n_experts, cfg.head_hidden, cfg.dropout, standardize=True)
         head.feat_mean.copy_(x.mean(0))
         head.feat_std.copy_(x.std(0).clamp(min=1e-6))
         return head, train, val
-    model, tok = build_from_config(cfg, n)
-    ml, pre = cfg["max_length"], cfg.get("prefix", "")
-    return model, _tensors(tok, train_df, ml, pre), _tensors(tok, val_df, ml, pre)
+    model, tok = build_from_config(cfg, n_experts)
+    return model, _tensors(tok, train_df, cfg.max_length, cfg.prefix), _tensors(tok, val_df, cfg.max_length, cfg.prefix)
 
 
-def train_loop(cfg: dict) -> None:
-    """Per-worker loop (Ray Train calls it with `train_loop_config`)."""
-    torch.manual_seed(cfg["seed"])
-    torch.set_num_threads(max(1, int(cfg["threads"])))
-    train_df = pl.read_parquet(cfg["train_path"])
-    val_df = pl.read_parquet(cfg["val_path"])
-    model, train_set, val_set = _setup(cfg, train_df, val_df)
-    train = DataLoader(train_set, batch_size=cfg["batch_size"], shuffle=True)
+def train_loop(loop: dict) -> list[dict]:
+    """Per-worker loop (Ray Train calls it with `train_loop_config`: the RouterConfig, the experts, the labels
+    fingerprint and object references to the train/val rows); returns every epoch's metrics."""
+    cfg: RouterConfig = loop["router"]
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    train_df, val_df = (pl.from_arrow(t) for t in ray.get([loop["train"], loop["val"]]))
+    model, train_set, val_set = _setup(cfg, len(loop["experts"]), train_df, val_df)
+    train = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True)
     val = DataLoader(val_set, batch_size=256) if val_df.height else None
     train = ray.train.torch.prepare_data_loader(train)
     model = ray.train.torch.prepare_model(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    steps = cfg["epochs"] * len(train)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps = cfg.epochs * len(train)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, steps // 10))
                                               * max(0.0, (steps - s) / steps))
     rank = ray.train.get_context().get_world_rank()
     history: list[dict] = []
     best = float("inf")
-    for epoch in range(cfg["epochs"]):
+    for epoch in range(cfg.epochs):
         if hasattr(train.sampler, "set_epoch"):
             train.sampler.set_epoch(epoch)
         model.train()
         total, n = 0.0, 0
         for *inputs, target in train:
-            loss = loss_fn(model(*inputs), target.to(inputs[0].device), cfg["loss"])
+            loss = loss_fn(model(*inputs), target.to(inputs[0].device), cfg.loss)
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
             total, n = total + loss.item() * len(target), n + len(target)
-        metrics = {"epoch": epoch + 1, "train_loss": total / max(n, 1), **_validate(model, val, cfg["loss"])}
+        metrics = {"epoch": epoch + 1, "train_loss": total / max(n, 1), **_validate(model, val, cfg.loss)}
         history.append(metrics)
         # Select on validation loss; without a validation split, on training loss.
         select = metrics["val_loss"] if val is not None else metrics["train_loss"]
@@ -92,10 +94,11 @@ def train_loop(cfg: dict) -> None:
                 best = select
                 inner = model.module if hasattr(model, "module") else model
                 torch.save({"model": inner.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
-                            "config": cfg, "experts": cfg["experts"], "labels": cfg["labels_fingerprint"]},
-                           os.path.join(d, "checkpoint.pt"))
+                            "config": cfg.model_dump(mode="json"), "experts": loop["experts"],
+                            "labels": loop["labels_fingerprint"]}, os.path.join(d, "checkpoint.pt"))
                 ckpt = Checkpoint.from_directory(d)
-            ray.train.report({**metrics, "history": json.dumps(history)}, checkpoint=ckpt)
+            ray.train.report(metrics, checkpoint=ckpt)
+    return history
 
 
 @torch.no_grad()
@@ -112,20 +115,25 @@ def _validate(model, val, kind: str) -> dict:
     return {"val_loss": total / n, "val_top1": agree / n}
 
 
-def fit(cfg: dict, storage_path: str, name: str, num_workers: int, use_gpu: bool, cpus_per_worker: float,
+def fit(cfg: RouterConfig, train: pa.Table, val: pa.Table, experts: list[str], labels_fp: str, storage_path: str,
         storage_filesystem=None) -> tuple[dict, list[dict]]:
-    """Run the TorchTrainer; return the best checkpoint's payload and every epoch's metrics.
+    """Train on `train` (columns text or vector, and target), select the epoch on `val`; return the best
+    checkpoint's payload and every epoch's metrics. Workers, resources and hyperparameters come from `cfg`.
 
     Checkpoints go to `storage_path`: a local directory, or a path inside `storage_filesystem` (a pyarrow
     filesystem wrapping the store's, so remote stores keep their endpoint and credentials)."""
+    loop = {"router": cfg, "experts": experts, "labels_fingerprint": labels_fp,
+            "train": ray.put(train), "val": ray.put(val)}  # the references keep the rows alive until fit returns
     trainer = TorchTrainer(
-        train_loop, train_loop_config=cfg,
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": cpus_per_worker}),
-        run_config=RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_filesystem,
+        train_loop, train_loop_config=loop,
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        run_config=RunConfig(name="train", storage_path=storage_path, storage_filesystem=storage_filesystem,
                              checkpoint_config=CheckpointConfig(num_to_keep=1)),
     )
     result = trainer.fit()
     with result.checkpoint.as_directory() as d:
         payload = torch.load(Path(d) / "checkpoint.pt", map_location="cpu", weights_only=False)
-    return payload, json.loads(result.metrics["history"])
+    # The history is rank 0's return value: `result.metrics` are those of the latest checkpoint, i.e. of the best
+    # epoch, and would drop the epochs after it.
+    return payload, result.return_value

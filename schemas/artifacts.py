@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+from typing import Any, Literal
 
 import pyarrow as pa
 
@@ -94,24 +94,61 @@ def score_path(rm: str, rm_fp: str, expert: str, expert_fp: str, shard: int) -> 
     return f"scores/{rm}-{rm_fp}/{expert}-{expert_fp}/{shard_name(shard)}"
 
 
+def embeddings_dir(embed_fp: str) -> str:
+    return f"embeddings/{embed_fp}"
+
+
 def embeddings_path(embed_fp: str, shard: int) -> str:
-    return f"embeddings/{embed_fp}/{shard_name(shard)}"
+    return f"{embeddings_dir(embed_fp)}/{shard_name(shard)}"
 
 
 def labels_path(labels_fp: str) -> str:
     return f"labels/{labels_fp}/labels.parquet"
 
 
+ROUTERS_DIR = "routers"
+# A router directory's files, the same names locally (cluster/router.py saves and loads them) and in the store.
+ROUTER_JSON = "router.json"  # written last: a router exists exactly when its router.json does
+ROUTER_WEIGHTS = "router.safetensors"
+ROUTER_ENCODER = "encoder"  # encoder config + tokenizer (a folder)
+
+
 def router_dir(router_fp: str) -> str:
-    return f"routers/{router_fp}"
+    return f"{ROUTERS_DIR}/{router_fp}"
+
+
+def router_file(router_fp: str, name: str) -> str:
+    """A file inside the router directory, e.g. `router_file(fp, ROUTER_JSON)`."""
+    return f"{router_dir(router_fp)}/{name}"
+
+
+def router_train_dir(router_fp: str) -> str:
+    """Where Ray Train keeps the router's training run and checkpoints."""
+    return router_file(router_fp, "ray_train")
+
+
+EVALUATIONS_DIR = "evaluations"
 
 
 def evaluation_dir(eval_fp: str) -> str:
-    return f"evaluations/{eval_fp}"
+    return f"{EVALUATIONS_DIR}/{eval_fp}"
+
+
+def report_path(eval_fp: str, ext: Literal["json", "md", "png"] = "json") -> str:
+    """The evaluation report: report.json (the typed report), report.md and report.png (rendered from it)."""
+    return f"{evaluation_dir(eval_fp)}/report.{ext}"
+
+
+RUNS_DIR = "runs"
 
 
 def run_manifest_path(run_id: str) -> str:
-    return f"runs/{run_id}/manifest.json"
+    return f"{RUNS_DIR}/{run_id}/manifest.json"
+
+
+def import_path(name: str) -> str:
+    """The record of a score import (`zooter import-scores --name`)."""
+    return f"imports/{name}.json"
 
 
 CHAMPION_PATH = "champion.json"

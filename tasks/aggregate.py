@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import polars as pl
 
 from schemas.artifacts import LABELS, fingerprint, labels_path, queries_path, score_path, tags_path
+from schemas.config import AggregateConfig
 from schemas.store import Store
 
 CODE_VERSION = 1
@@ -76,12 +77,11 @@ def tag_enhance(soft: pl.LazyFrame, queries: pl.LazyFrame, beta: float,
 
 
 def labels_fingerprint(experts: list[tuple[str, str]], sources: list[ScoreSource], tagger_fp: str,
-                       shards: list[int], beta: float, temperature: float, test_fraction: float,
-                       tag_temperature: float | None = None) -> str:
+                       shards: list[int], agg: AggregateConfig, test_fraction: float) -> str:
     d = {"experts": experts, "scores": [s.__dict__ for s in sources], "tagger": tagger_fp, "shards": shards,
-         "beta": beta, "temperature": temperature, "test_fraction": test_fraction, "code": CODE_VERSION}
-    if tag_temperature is not None:  # only when set: labels made before the option keep their fingerprints
-        d["tag_temperature"] = tag_temperature
+         "beta": agg.beta, "temperature": agg.temperature, "test_fraction": test_fraction, "code": CODE_VERSION}
+    if agg.tag_temperature is not None:  # only when set: labels made before the option keep their fingerprints
+        d["tag_temperature"] = agg.tag_temperature
     return fingerprint(d)
 
 
@@ -95,8 +95,7 @@ def scan_scores(store: Store, experts: list[tuple[str, str]], sources: list[Scor
 
 
 def build_labels(store: Store, experts: list[tuple[str, str]], sources: list[ScoreSource], tagger_fp: str,
-                 shards: list[int], beta: float, temperature: float, test_fraction: float,
-                 tag_temperature: float | None = None) -> pl.DataFrame:
+                 shards: list[int], agg: AggregateConfig, test_fraction: float) -> pl.DataFrame:
     """One row per query with rewards / soft / target as lists in `experts` order."""
     q = store.scan([queries_path(s) for s in shards]).select("query_id", "text", "split").collect()
     q = q.with_columns(pl.col("split").fill_null(pl.Series(hash_split(q["query_id"].to_list(), test_fraction))))
@@ -104,7 +103,7 @@ def build_labels(store: Store, experts: list[tuple[str, str]], sources: list[Sco
     queries = q.lazy().join(tags, on="query_id", how="left").with_columns(
         pl.col("tags").fill_null(pl.lit([], dtype=pl.List(pl.String))))
     rewards = combine(scan_scores(store, experts, sources, shards))
-    target = tag_enhance(softmax(rewards, temperature), queries, beta, tag_temperature)
+    target = tag_enhance(softmax(rewards, agg.temperature), queries, agg.beta, agg.tag_temperature)
     order = pl.DataFrame({"expert": [n for n, _ in experts], "_i": list(range(len(experts)))}).lazy()
     wide = (target.join(order, on="expert").sort("query_id", "_i")
             .group_by("query_id", maintain_order=True)
@@ -114,18 +113,15 @@ def build_labels(store: Store, experts: list[tuple[str, str]], sources: list[Sco
 
 
 def run_aggregate(store: Store, experts: list[tuple[str, str]], sources: list[ScoreSource], tagger_fp: str,
-                  shards: list[int], beta: float, temperature: float, test_fraction: float,
-                  tag_temperature: float | None = None) -> tuple[str, int]:
+                  shards: list[int], agg: AggregateConfig, test_fraction: float) -> tuple[str, int]:
     """Write the labels artifact unless it exists; returns (labels fingerprint, rows)."""
-    fp = labels_fingerprint(experts, sources, tagger_fp, shards, beta, temperature, test_fraction, tag_temperature)
+    fp = labels_fingerprint(experts, sources, tagger_fp, shards, agg, test_fraction)
     rel = labels_path(fp)
     if store.valid_cell(rel, LABELS, fp):
         return fp, store.read_meta(rel)["rows"]
-    df = build_labels(store, experts, sources, tagger_fp, shards, beta, temperature, test_fraction,
-                      tag_temperature)
+    df = build_labels(store, experts, sources, tagger_fp, shards, agg, test_fraction)
     store.write_table(rel, df.to_arrow(), LABELS, {
         "stage": "labels", "fingerprint": fp, "experts": [n for n, _ in experts],
         "expert_fingerprints": dict(experts), "scores": [s.__dict__ for s in sources], "tagger": tagger_fp,
-        "beta": beta, "temperature": temperature, "tag_temperature": tag_temperature,
-        "test_fraction": test_fraction, "rows": df.height})
+        **agg.model_dump(mode="json"), "test_fraction": test_fraction, "rows": df.height})
     return fp, df.height

@@ -9,15 +9,27 @@ from __future__ import annotations
 
 import polars as pl
 
-from schemas.artifacts import CHAMPION_PATH, GENERATIONS, LABELS, SCORES, generation_path, labels_path, score_path
+from schemas.artifacts import (
+    GENERATIONS,
+    LABELS,
+    RUNS_DIR,
+    SCORES,
+    generation_path,
+    labels_path,
+    run_manifest_path,
+    score_path,
+)
+from schemas.errors import ArtifactError, ConfigError
+from schemas.evaluation import read_champion, read_report
 from schemas.store import Store
 
 
 def runs(store: Store) -> list[dict]:
+    """One summary per run manifest in the store, oldest first."""
     out = []
-    for run_id in store.ls("runs"):
-        if store.exists(f"runs/{run_id}/manifest.json"):
-            m = store.read_json(f"runs/{run_id}/manifest.json")
+    for run_id in store.ls(RUNS_DIR):
+        if store.exists(run_manifest_path(run_id)):
+            m = store.read_json(run_manifest_path(run_id))
             out.append({"run_id": run_id, "status": m["status"], "started": m["started"], "queries": m["queries"],
                         "cells_computed": sum(s["cells_computed"] for s in m["generate"] + m["score"]),
                         "cells_reused": sum(s["cells_reused"] for s in m["generate"] + m["score"]),
@@ -52,6 +64,7 @@ def cell_matrix(store: Store, manifest: dict) -> dict:
 
 
 def label_summary(store: Store, labels_fp: str) -> dict:
+    """Rows, per-expert mean reward and win rate, and the tag x expert mean target of a labels artifact."""
     experts = store.read_meta(labels_path(labels_fp))["experts"]
     df = pl.from_arrow(store.read_table(labels_path(labels_fp), LABELS))
     wide = df.select(
@@ -67,20 +80,25 @@ def label_summary(store: Store, labels_fp: str) -> dict:
 
 
 def inspect_store(store: Store, run_id: str | None = None) -> dict:
+    """Everything `zooter inspect` shows: runs, the chosen run's manifest and cell matrix, its labels summary,
+    and the champion with its evaluation rows (the latest completed run unless `run_id` names one)."""
     all_runs = runs(store)
     if not all_runs:
-        raise ValueError(f"{store.url}: no runs in this store (runs/*/manifest.json)")
+        raise ArtifactError(f"{store.url}: no runs in this store (no {run_manifest_path('*')})")
     ids = [r["run_id"] for r in all_runs]
     if run_id is not None and run_id not in ids:
-        raise ValueError(f"--run {run_id!r}: not in {store.url}; runs are {ids}")
+        raise ConfigError(f"--run {run_id!r}: not in {store.url}; runs are {ids}")
     chosen = run_id or next((r["run_id"] for r in reversed(all_runs) if r["status"] == "completed"), ids[-1])
-    manifest = store.read_json(f"runs/{chosen}/manifest.json")
+    manifest = store.read_json(run_manifest_path(chosen))
     out = {"store": store.url, "runs": all_runs, "run": chosen, "manifest": manifest,
            "cells": cell_matrix(store, manifest)}
     if manifest.get("labels"):
         out["labels"] = label_summary(store, manifest["labels"])
-    if store.exists(CHAMPION_PATH):
-        champ = store.read_json(CHAMPION_PATH)
-        report = f"{champ['evaluation']}/report.json"
-        out["champion"] = {**champ, "report": store.read_json(report)["rows"] if store.exists(report) else None}
+    champ = read_champion(store)
+    if champ is not None:
+        try:
+            rows = [r.model_dump(mode="json") for r in read_report(store, champ.evaluation_fp).rows]
+        except ArtifactError:  # missing or unreadable: show the champion anyway
+            rows = None
+        out["champion"] = {**champ.model_dump(mode="json"), "report": rows}
     return out

@@ -1,8 +1,9 @@
 """train_router: fit encoder + linear head on the tag-enhanced targets with Ray Train; save the router in the store.
 
 Training rows are the labels' `train` split; a slice of them (by a hash of the id) is held out for validation
-and picks the best epoch. The router directory is written file by file with `router.json` last, so a router
-exists exactly when its `router.json` does.
+and picks the best epoch. The rows reach the Ray Train workers through Ray's object store (cluster/train.py).
+The router directory is written file by file with its metadata file (ROUTER_JSON) last, so a router exists
+exactly when that file does.
 """
 
 from __future__ import annotations
@@ -16,9 +17,19 @@ import polars as pl
 from cluster import models
 from cluster.router import build_from_config, save
 from cluster.train import fit
-from schemas.artifacts import LABELS, fingerprint, labels_path, router_dir
+from schemas.artifacts import (
+    LABELS,
+    ROUTER_JSON,
+    embeddings_dir,
+    fingerprint,
+    labels_path,
+    router_file,
+    router_train_dir,
+)
 from schemas.config import RouterConfig
-from schemas.store import Store, compute_once
+from schemas.errors import ArtifactError, ConfigError
+from schemas.leases import compute_once
+from schemas.store import Store
 from tasks.aggregate import hash_split
 
 CODE_VERSION = 2  # 2: frozen-encoder routers store only their head
@@ -33,31 +44,32 @@ def router_fingerprint(cfg: RouterConfig, labels_fp: str) -> str:
 
 def train_val(labels: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     train = labels.filter(pl.col("split") == "train")
-    is_val = pl.Series(hash_split(train["query_id"].to_list(), VAL_FRACTION, salt="val")) == "test"
+    is_val = pl.Series(hash_split(train["query_id"].to_list(), VAL_FRACTION, salt="val"), dtype=pl.String) == "test"
     if train.height < 8:  # too few rows to hold any out
-        is_val = pl.Series([False] * train.height)
+        is_val = pl.Series([False] * train.height, dtype=pl.Boolean)
     return train.filter(~is_val), train.filter(is_val)
 
 
 def with_features(store: Store, labels: pl.DataFrame, embed_fp: str) -> pl.DataFrame:
     """Labels joined with the embed step's cells (`vector`); every label row must have one."""
-    cells = [f"embeddings/{embed_fp}/{n}" for n in store.ls(f"embeddings/{embed_fp}") if n.endswith(".parquet")]
+    cells = [f"{embeddings_dir(embed_fp)}/{n}" for n in store.ls(embeddings_dir(embed_fp)) if n.endswith(".parquet")]
     if not cells:
-        raise ValueError(f"router.freeze_encoder: no embeddings {embed_fp} in {store.url}; run the embed step")
+        raise ArtifactError(f"router.freeze_encoder: no embeddings {embed_fp} in {store.url}; run the embed step")
     out = labels.join(store.scan(cells).collect(), on="query_id", how="left", maintain_order="left")
     missing = out.filter(pl.col("vector").is_null()).height
     if missing:
-        raise ValueError(f"embeddings {embed_fp}: {missing} labelled queries have no embedding")
+        raise ArtifactError(f"{store.uri(embeddings_dir(embed_fp))}: {missing} labelled queries have no embedding; "
+                            "run the embed step")
     return out
 
 
 def run_train_router(store: Store, labels_fp: str, cfg: RouterConfig,
                      embed_fp: str | None = None) -> tuple[str, dict]:
-    """Train unless this exact router exists; returns (router fingerprint, router.json contents).
+    """Train unless this exact router exists; returns (router fingerprint, the router's metadata file).
     With `cfg.freeze_encoder`, `embed_fp` names the embedding cells the head trains on. Leased: two runs that
     need the same router train it once, the other waits for it."""
     fp = router_fingerprint(cfg, labels_fp)
-    done = f"{router_dir(fp)}/router.json"
+    done = router_file(fp, ROUTER_JSON)
 
     def compute(keys: list[str], claim: Callable[[str], bool]) -> Iterator[str]:
         if claim(fp):
@@ -68,41 +80,32 @@ def run_train_router(store: Store, labels_fp: str, cfg: RouterConfig,
     return fp, store.read_json(done)
 
 
-def _train(store: Store, labels_fp: str, cfg: RouterConfig, embed_fp: str | None, fp: str) -> dict:
-    rel = router_dir(fp)
+def _train(store: Store, labels_fp: str, cfg: RouterConfig, embed_fp: str | None, fp: str) -> None:
     labels = pl.from_arrow(store.read_table(labels_path(labels_fp), LABELS))
     experts = store.read_meta(labels_path(labels_fp))["experts"]
     train, val = train_val(labels)
     if train.height == 0:
-        raise ValueError(f"labels {labels_fp}: no training rows (data.test_fraction leaves none)")
+        raise ConfigError(f"labels {labels_fp}: no training rows (data.test_fraction leaves none)")
     cols = ["text", "target"]
     if cfg.freeze_encoder:
         if embed_fp is None:
-            raise ValueError("router.freeze_encoder needs the embed step's fingerprint")
+            raise ValueError("router.freeze_encoder needs the embed step's fingerprint")  # a caller's bug
         train, val, cols = with_features(store, train, embed_fp), with_features(store, val, embed_fp), \
             ["vector", "target"]
-    with tempfile.TemporaryDirectory(prefix="zooter-train-") as tmp:
-        tmp_p = Path(tmp)
-        train.select(cols).write_parquet(tmp_p / "train.parquet")
-        val.select(cols).write_parquet(tmp_p / "val.parquet")
-        loop_cfg = {**cfg.model_dump(mode="json"), "experts": experts, "labels_fingerprint": labels_fp,
-                    "train_path": str(tmp_p / "train.parquet"), "val_path": str(tmp_p / "val.parquet"),
-                    "threads": max(1, int(cfg.cpus_per_worker))}
-        payload, history = fit(loop_cfg, store.path(f"{rel}/ray_train"), "train", cfg.num_workers, cfg.use_gpu,
-                               cfg.cpus_per_worker, None if store.local else store.arrow_fs())
-        model, tok = build_from_config(cfg.model_dump(mode="json"), len(experts))
-        # A frozen encoder's checkpoints hold only the head: the encoder weights are the shipped ones.
-        missing, unexpected = model.load_state_dict(payload["model"], strict=not cfg.freeze_encoder)
-        if unexpected or any(not k.startswith("encoder.") for k in missing):
-            raise ValueError(f"router {fp}: checkpoint does not fit the model ({missing[:3]}, {unexpected[:3]})")
-        meta = {"router_fingerprint": fp, "labels_fingerprint": labels_fp, "experts": experts,
-                "encoder": cfg.encoder, "pooling": cfg.pooling, "max_length": cfg.max_length,
-                "config": cfg.model_dump(mode="json"), "best_epoch": payload["epoch"], "history": history,
-                "train_rows": train.height, "val_rows": val.height, "embeddings": embed_fp,
-                "encoder_identity": models.identity(cfg.encoder)}
-        out = tmp_p / "router"
-        save(model, tok, out, meta)
-        for f in sorted(p for p in out.rglob("*") if p.is_file() and p.name != "router.json"):
-            store.write_bytes(f"{rel}/{f.relative_to(out).as_posix()}", f.read_bytes())
-        store.write_bytes(f"{rel}/router.json", (out / "router.json").read_bytes())
-    return meta
+    payload, history = fit(cfg, train.select(cols).to_arrow(), val.select(cols).to_arrow(), experts, labels_fp,
+                           store.path(router_train_dir(fp)), None if store.local else store.arrow_fs())
+    model, tok = build_from_config(cfg, len(experts))
+    # A frozen encoder's checkpoints hold only the head: the encoder weights are the shipped ones.
+    missing, unexpected = model.load_state_dict(payload["model"], strict=not cfg.freeze_encoder)
+    if unexpected or any(not k.startswith("encoder.") for k in missing):
+        raise ValueError(f"router {fp}: checkpoint does not fit the model ({missing[:3]}, {unexpected[:3]})")
+    meta = {"router_fingerprint": fp, "labels_fingerprint": labels_fp, "experts": experts,
+            "encoder": cfg.encoder, "pooling": cfg.pooling, "max_length": cfg.max_length,
+            "best_epoch": payload["epoch"], "history": history, "train_rows": train.height, "val_rows": val.height,
+            "embeddings": embed_fp, "encoder_identity": models.identity(cfg.encoder)}
+    with tempfile.TemporaryDirectory(prefix="zooter-router-") as tmp:
+        out = Path(tmp)
+        save(model, tok, cfg, out, meta)
+        for f in sorted(p for p in out.rglob("*") if p.is_file() and p.name != ROUTER_JSON):
+            store.write_bytes(router_file(fp, f.relative_to(out).as_posix()), f.read_bytes())
+        store.write_bytes(router_file(fp, ROUTER_JSON), (out / ROUTER_JSON).read_bytes())

@@ -1,7 +1,6 @@
 """Exclusive creates, leases and compute_once (concurrent runs compute each cell once), and retries while an
 S3 endpoint is down (moto on 127.0.0.1, stopped and restarted)."""
 
-import json
 import logging
 import threading
 import time
@@ -9,7 +8,8 @@ import time
 import polars as pl
 import pytest
 
-from schemas.store import Leases, Store, StoreUnavailable, compute_once
+from schemas.leases import Leases, compute_once
+from schemas.store import Store, StoreUnavailable
 from tasks.ingest import store_shards, write_shards
 from tests.s3util import OutageS3
 
@@ -23,22 +23,49 @@ def test_create_is_exclusive_and_leaves_no_temp_file(tmp_path):
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["x.json"]
 
 
-def test_lease_is_held_renewed_released_and_taken_over_when_expired(tmp_path, caplog):
-    s = Store(str(tmp_path))
-    a, b = Leases(s, "run-a", ttl_s=0.6), Leases(s, "run-b", ttl_s=0.6)
+class FakeClock:
+    """Wall-clock seconds that only move when the test says so."""
+
+    def __init__(self, t: float = 1_000.0):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_lease_is_held_released_and_taken_over_when_expired(tmp_path, caplog):
+    s, clock = Store(str(tmp_path)), FakeClock()
+    a, b = Leases(s, "run-a", ttl_s=60, clock=clock), Leases(s, "run-b", ttl_s=60, clock=clock)
     assert a.acquire("cell") and not b.acquire("cell")
-    time.sleep(1.5)  # > ttl: a's heartbeat renewed it
-    assert not b.acquire("cell")
+    assert a.holder("cell") == {"owner": "run-a", "expires": 1_060.0}
+    clock.t += 59  # not expired yet (the heartbeat beats every 20 s of real time: it has not run)
+    assert not b.free("cell") and not b.acquire("cell")
     a.release("cell")
-    assert b.acquire("cell")
+    assert b.free("cell") and b.acquire("cell")
     b.close()
     assert not (tmp_path / "leases" / "cell.lease").exists()
-    # a run killed outright leaves its lease; once expired, another run takes the work over (logged)
-    s.write_bytes("leases/cell.lease", json.dumps({"owner": "dead-run", "expires": time.time() - 1}).encode())
-    with caplog.at_level(logging.WARNING, logger="zooter.store"):
-        assert a.acquire("cell")
-    assert "held by dead-run expired" in caplog.text
+    # a run killed outright stops renewing: once its lease expires, another run takes the work over (logged)
+    assert a.acquire("cell")
+    clock.t += 61
+    with caplog.at_level(logging.WARNING, logger="zooter.leases"):
+        assert b.acquire("cell")
+    assert "held by run-a expired" in caplog.text
+    assert b.holder("cell")["owner"] == "run-b"
     a.close()
+    b.close()
+
+
+def test_heartbeat_renews_from_the_clock(tmp_path):
+    """The heartbeat (real thread, every ttl/3 of real time) rewrites the expiry from the injected clock."""
+    s, clock = Store(str(tmp_path)), FakeClock()
+    with Leases(s, "run-a", ttl_s=0.03, clock=clock) as a:
+        assert a.acquire("cell")
+        clock.t += 100  # far past the first expiry
+        deadline = time.monotonic() + 5
+        while a.holder("cell")["expires"] < clock.t and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert a.holder("cell")["expires"] == pytest.approx(clock.t + 0.03)
+        assert not Leases(s, "run-b", clock=clock).acquire("cell")  # renewed: still a's
 
 
 def test_compute_once_across_concurrent_runs(tmp_path):
@@ -140,9 +167,9 @@ def test_a_released_lease_stays_released_while_the_heartbeat_runs(tmp_path):
 
     s = SlowStore(str(tmp_path))
     with Leases(s, "run-a", ttl_s=0.03) as a:  # heartbeat every 10 ms
-        for i in range(50):
+        for i in range(20):
             assert a.acquire(f"c{i % 5}")
             time.sleep(0.015)  # a renewal is under way
             a.release(f"c{i % 5}")
-    time.sleep(0.1)
+    time.sleep(0.05)
     assert not list((tmp_path / "leases").glob("*.lease"))

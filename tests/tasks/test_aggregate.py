@@ -3,9 +3,13 @@
 import math
 
 import polars as pl
+import pyarrow as pa
 import pytest
 
-from tasks.aggregate import combine, hash_split, softmax, tag_enhance
+from schemas.artifacts import LABELS, QUERIES, SCORES, TAGS, labels_path, queries_path, score_path, tags_path
+from schemas.config import AggregateConfig
+from schemas.store import Store
+from tasks.aggregate import ScoreSource, combine, hash_split, labels_fingerprint, run_aggregate, softmax, tag_enhance
 
 
 def _rewards(rows):
@@ -109,3 +113,37 @@ def test_tag_temperature_uses_a_softmax_of_the_tags_mean_reward():
     assert t[("q3", "a")] == pytest.approx(s_t_a)  # test query: train tag statistics only
     # a sharp prior: the tag's best expert dominates where the paper's mean of s(q) would be 0.6 / 0.4
     assert t[("q1", "a")] > 0.9
+
+
+EXPERTS = [("a", "fa1"), ("b", "fb2")]
+SOURCES = [ScoreSource("rm", "r1", 1.0), ScoreSource("judge", "j2", 0.5)]
+
+
+def test_labels_fingerprint_is_unchanged_by_the_typed_config():
+    # Values computed by the positional-float signature before AggregateConfig: existing stores keep their labels.
+    fp = lambda agg: labels_fingerprint(EXPERTS, SOURCES, "tagfp", [0, 1], agg, 0.25)  # noqa: E731
+    assert fp(AggregateConfig(beta=0.3, temperature=1.0)) == "d38335fc72c3"
+    assert fp(AggregateConfig(beta=0.3, temperature=1.0, tag_temperature=0.05)) == "b5c5a9600a5c"
+    assert fp(AggregateConfig(beta=0.5)) != fp(AggregateConfig(beta=0.3))
+
+
+def test_run_aggregate_writes_labels_in_expert_order_once(tmp_path):
+    store = Store(str(tmp_path / "store"))
+    ids = ["q1", "q2"]
+    store.write_table(queries_path(0), pa.table({
+        "query_id": ids, "text": ["one", "two"], "input_tags": [[], []], "reference": [None, None],
+        "split": ["train", "test"], "source_line": [1, 2]}), QUERIES)
+    store.write_table(tags_path("tagfp", 0), pa.table({"query_id": ids, "tags": [["t"], ["t"]]}), TAGS)
+    rewards = {"a": [1.0, 0.0], "b": [0.0, 2.0]}
+    for name, efp in EXPERTS:
+        store.write_table(score_path("rm", "r1", name, efp, 0),
+                          pa.table({"query_id": ids, "score": rewards[name], "flag": [None, None]}), SCORES)
+    agg = AggregateConfig(beta=1.0)
+    fp, rows = run_aggregate(store, EXPERTS, SOURCES[:1], "tagfp", [0], agg, 0.25)
+    assert (fp, rows) == (labels_fingerprint(EXPERTS, SOURCES[:1], "tagfp", [0], agg, 0.25), 2)
+    df = pl.from_arrow(store.read_table(labels_path(fp), LABELS))
+    assert df["rewards"].to_list() == [[1.0, 0.0], [0.0, 2.0]]  # a, b order
+    assert df["target"].to_list()[1] == pytest.approx([1 / (1 + math.exp(2)), 1 / (1 + math.exp(-2))])
+    meta = store.read_meta(labels_path(fp))
+    assert (meta["experts"], meta["beta"], meta["tag_temperature"]) == (["a", "b"], 1.0, None)
+    assert run_aggregate(store, EXPERTS, SOURCES[:1], "tagfp", [0], agg, 0.25) == (fp, 2)  # reused

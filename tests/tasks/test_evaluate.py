@@ -1,10 +1,18 @@
-"""evaluate: strategies, costs and MTR on a hand-made table."""
+"""evaluate: strategies, costs and MTR on a hand-made table; the typed report and what is rendered from it."""
+
+import json
 
 import numpy as np
 import polars as pl
 import pytest
 
-from tasks.evaluate import evaluate, to_markdown
+from schemas.artifacts import report_path
+from schemas.errors import ArtifactError
+from schemas.evaluation import EvalReport, read_report
+from schemas.store import Store
+from tasks.evaluate import bar_chart, evaluate, to_markdown
+
+EXPERTS = ["a", "b"]
 
 
 def _labels(rewards, tags):
@@ -12,27 +20,82 @@ def _labels(rewards, tags):
     return pl.DataFrame({"query_id": [f"q{i}" for i in range(n)], "rewards": rewards, "tags": tags})
 
 
-def test_strategies_hand_computed():
-    experts = ["a", "b"]
+def _report() -> EvalReport:
     test = _labels([[1.0, 0.0], [0.0, 2.0], [3.0, 1.0]], [["x"], ["y"], ["x"]])
     train = _labels([[1.0, 0.0], [1.0, 0.5]], [["x"], ["y"]])  # a is the best single expert on train
     probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.4, 0.6]])  # router picks a, b, b
-    scores = pl.DataFrame({"query_id": ["q0", "q0", "q1", "q1", "q2", "q2"], "expert": experts * 3,
+    scores = pl.DataFrame({"query_id": ["q0", "q0", "q1", "q1", "q2", "q2"], "expert": EXPERTS * 3,
                            "rm": ["exact"] * 6, "score": [1.0, 0.0, None, None, 0.0, 1.0]})
-    rep = evaluate(test, train, experts, probs, scores)
-    rows = {r["strategy"]: r for r in rep["rows"]}
-    assert rep["best_single"] == "a"
-    assert rows["router"]["reward"] == pytest.approx((1 + 2 + 1) / 3)
-    assert rows["best_single (a)"]["reward"] == pytest.approx((1 + 0 + 3) / 3)
-    assert rows["random"]["reward"] == pytest.approx((0.5 + 1 + 2) / 3)
-    assert rows["oracle"]["reward"] == pytest.approx((1 + 2 + 3) / 3)
-    assert rows["rm_ranking"]["reward"] == pytest.approx(2.0)
+    return evaluate(test, train, EXPERTS, probs, scores, evaluation="e1", labels="l1", router="r1")
+
+
+def test_strategies_hand_computed():
+    rep = _report()
+    rows = {r.strategy: r for r in rep.rows}
+    assert (rep.evaluation, rep.labels, rep.router, rep.best_single) == ("e1", "l1", "r1", "a")
+    assert rep.router_reward == rows["router"].reward == pytest.approx((1 + 2 + 1) / 3)
+    assert rows["best_single (a)"].reward == pytest.approx((1 + 0 + 3) / 3)
+    assert rows["random"].reward == pytest.approx((0.5 + 1 + 2) / 3)
+    assert rows["oracle"].reward == pytest.approx((1 + 2 + 3) / 3)
+    assert rows["rm_ranking"].reward == pytest.approx(2.0)
     # the verifiable column skips q1 (no reference): router picks a on q0 (1) and b on q2 (1)
-    assert rows["router"]["rm:exact"] == pytest.approx(1.0)
-    assert rows["expert:a"]["rm:exact"] == pytest.approx(0.5)
-    assert (rows["router"]["expert_calls"], rows["rm_ranking"]["expert_calls"], rows["rm_ranking"]["rm_calls"]) \
-        == (1, 2, 2)
-    assert rep["router_share"] == {"a": pytest.approx(1 / 3, abs=1e-4), "b": pytest.approx(2 / 3, abs=1e-4)}
-    # tag x: rm_ranking 2.0 > expert a 2.0 (tie) > router 1.0 ... ranks share the best place on ties
-    assert rows["rm_ranking"]["mtr"] == pytest.approx(1.0) and rows["rm_ranking"]["first"] == 1.0
-    assert "| router |" in to_markdown(rep)
+    assert rows["router"].rm == {"exact": pytest.approx(1.0)}
+    assert rows["expert:a"].rm["exact"] == pytest.approx(0.5)
+    assert rows["oracle"].rm["exact"] == pytest.approx(1.0)
+    assert (rows["router"].expert_calls, rows["rm_ranking"].expert_calls, rows["rm_ranking"].rm_calls) == (1, 2, 2)
+    assert rep.router_share == {"a": pytest.approx(1 / 3, abs=1e-4), "b": pytest.approx(2 / 3, abs=1e-4)}
+
+
+def test_mtr_and_per_tag_means():
+    rep = _report()
+    rows = {r.strategy: r for r in rep.rows}
+    # tag x (q0, q2): router 1.0, rm_ranking 2.0, a 2.0, b 0.5; tag y (q1): router 2, rm_ranking 2, a 0, b 2
+    assert (rows["rm_ranking"].mtr, rows["rm_ranking"].first) == (1.0, 1.0)
+    assert (rows["router"].mtr, rows["router"].first) == (pytest.approx((3 + 1) / 2), 0.5)
+    assert (rows["expert:a"].mtr, rows["expert:b"].mtr) == (pytest.approx((1 + 4) / 2), pytest.approx((4 + 1) / 2))
+    assert (rows["best_single (a)"].mtr, rows["best_single (a)"].first) == (rows["expert:a"].mtr,
+                                                                             rows["expert:a"].first)
+    assert rows["random"].mtr is None and rows["oracle"].first is None  # not ranked
+    pt = rep.per_tag
+    assert (pt.tags, pt.n) == (["x", "y"], [2, 1])
+    assert pt.strategies["router"] == {"x": 1.0, "y": 2.0, "tag_average": 1.5}
+    assert pt.strategies["oracle"]["x"] == pytest.approx(2.0)
+
+
+def test_untagged_queries_have_no_ranks():
+    test = _labels([[1.0, 0.0], [0.0, 2.0]], [[], []])
+    scores = pl.DataFrame({"query_id": [], "expert": [], "rm": [], "score": []},
+                          schema={"query_id": pl.String, "expert": pl.String, "rm": pl.String, "score": pl.Float64})
+    rep = evaluate(test, test.clear(), EXPERTS, np.array([[1.0, 0.0], [0.0, 1.0]]), scores,
+                   evaluation="e", labels="l", router="r")
+    assert rep.per_tag.tags == [] and all(r.mtr is None and r.rm == {} for r in rep.rows)
+    assert rep.router_reward == pytest.approx(1.5)
+    assert "| mtr |" not in to_markdown(rep)
+
+
+def test_markdown_and_chart_are_rendered_from_the_typed_report():
+    rep = _report()
+    md = to_markdown(rep)
+    assert "| strategy | reward | rm:exact | expert_calls | rm_calls | mtr | first |" in md
+    assert "| router | 1.3333 | 1.0000 | 1 | 0 | 2.0000 | 0.5000 |" in md
+    assert "| random | 1.1667 | 0.5000 | 1 | 0 | - | - |" in md
+    assert "| router | 1.0000 | 2.0000 | 1.5000 |" in md  # per-tag table: x, y, tag_average
+    assert bar_chart(rep)[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_round_trips_and_reads_version_1_reports(tmp_path):
+    store = Store(str(tmp_path))
+    rep = _report()
+    store.write_json(report_path("e1"), rep.model_dump(mode="json"))
+    assert read_report(store, "e1") == rep == read_report(store, "evaluations/e1")
+    v1 = rep.model_dump(mode="json")
+    v1["by_tag"] = [{"tag": "x", "n": 2}]
+    v1["rows"] = [{k: v for k, v in r.items() if k != "rm"} | {f"rm:{k}": v for k, v in r["rm"].items()}
+                  for r in v1["rows"]]
+    store.write_json(report_path("e0"), v1)
+    assert read_report(store, "e0").rows == rep.rows
+    store.write_bytes(report_path("bad"), json.dumps({"rows": 3}).encode())
+    with pytest.raises(ArtifactError, match=r"evaluations/bad/report.json: not an evaluation report"):
+        read_report(store, "bad")
+    with pytest.raises(ArtifactError, match="missing"):
+        read_report(store, "nope")

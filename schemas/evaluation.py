@@ -1,0 +1,141 @@
+"""Typed evaluation artifacts: the evaluation report and the store's champion record.
+
+Readers validate them here, so a field is read by name with a type, never by a string key into a dict, and a
+corrupted or foreign file is one clear error naming the object.
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from schemas.artifacts import CHAMPION_PATH, EVALUATIONS_DIR, ROUTERS_DIR, report_path
+from schemas.errors import ArtifactError
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StrategyRow(_Model):
+    """One routing strategy measured on the held-out split."""
+
+    strategy: str = Field(description="router, best_single (<expert>), rm_ranking, expert:<name>, random, oracle.")
+    reward: float | None = Field(description="Mean combined reward of the chosen answers (None: nothing scored).")
+    rm: dict[str, float | None] = Field(default_factory=dict, description="Mean score of the chosen answers "
+                                        "under each reward model alone, by reward model name.")
+    expert_calls: int = Field(description="Generations needed per query.")
+    rm_calls: int = Field(description="Reward-model scorings needed per query.")
+    mtr: float | None = Field(None, description="Mean rank over tag subsets (1 = best), the paper's MTR.")
+    first: float | None = Field(None, description="Share of tag subsets where this strategy ranks first.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_v1(cls, v: object) -> object:
+        """Reports of evaluation code 1 held each reward model's mean as an `rm:<name>` key."""
+        if isinstance(v, dict) and any(k.startswith("rm:") for k in v):
+            rm = {k.removeprefix("rm:"): x for k, x in v.items() if k.startswith("rm:")}
+            v = {k: x for k, x in v.items() if not k.startswith("rm:")} | {"rm": rm}
+        return v
+
+
+class PerTag(_Model):
+    """Mean reward of each strategy on each tag's test queries, plus the plain mean over tags (`tag_average`)."""
+
+    tags: list[str] = Field(default_factory=list, description="Tags present on test queries, sorted.")
+    n: list[int] = Field(default_factory=list, description="Test queries per tag, in `tags` order.")
+    strategies: dict[str, dict[str, float | None]] = Field(
+        default_factory=dict, description="strategy -> tag (and 'tag_average') -> mean reward.")
+
+
+class EvalReport(_Model):
+    """What the evaluate step writes as the report's JSON (its Markdown and PNG are rendered from it)."""
+
+    evaluation: str = Field(description="This evaluation's fingerprint (its directory under evaluations/).")
+    labels: str = Field(description="Fingerprint of the labels whose test split was used.")
+    router: str = Field(description="Fingerprint of the router evaluated.")
+    experts: list[str] = Field(description="Experts in the router's output order.")
+    test_queries: int = Field(description="Held-out queries evaluated.")
+    best_single: str = Field(description="The expert with the best training reward (tag average when tagged).")
+    rows: list[StrategyRow] = Field(description="One row per strategy.")
+    router_share: dict[str, float] = Field(description="Share of test queries the router sends to each expert.")
+    per_tag: PerTag = Field(default_factory=PerTag, description="Per-tag mean rewards and the tag average.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_v1(cls, v: object) -> object:
+        """Reports of evaluation code 1 also had `by_tag`, the same means `per_tag` holds."""
+        return {k: x for k, x in v.items() if k != "by_tag"} if isinstance(v, dict) else v
+
+    def row(self, strategy: str) -> StrategyRow:
+        for r in self.rows:
+            if r.strategy == strategy:
+                return r
+        raise KeyError(f"evaluation {self.evaluation}: no strategy {strategy!r}")
+
+    @property
+    def router_reward(self) -> float | None:
+        return self.row("router").reward
+
+    def table(self) -> list[dict[str, str | float | int | None]]:
+        """The strategy table as flat rows, the way the CLI, report.md and the Prefect artifact show it: strategy,
+        reward, `rm:<name>` per reward model, expert_calls, rm_calls, and mtr/first where tags were ranked."""
+        rms = list(self.rows[0].rm) if self.rows else []
+        ranked = any(r.mtr is not None for r in self.rows)
+        return [{"strategy": r.strategy, "reward": r.reward, **{f"rm:{k}": r.rm.get(k) for k in rms},
+                 "expert_calls": r.expert_calls, "rm_calls": r.rm_calls,
+                 **({"mtr": r.mtr, "first": r.first} if ranked else {})} for r in self.rows]
+
+
+class Champion(_Model):
+    """The champion record: the router that `zooter route` and the gateway use, and how it got there."""
+
+    router: str = Field(description="Store path of the router directory (routers/<fp>).")
+    evaluation: str = Field(description="Store path of its evaluation (evaluations/<fp>).")
+    labels: str = Field(description="Fingerprint of the labels it was trained and measured on.")
+    experts: list[str] = Field(description="Experts it routes to, in output order.")
+    reward: float | None = Field(description="Its router reward on the held-out split of `labels`.")
+    run_id: str = Field(description="The run that promoted it.")
+    published: str = Field(description="When it was promoted (UTC, ISO 8601).")
+    replaced: str | None = Field(None, description="Fingerprint of the router it replaced.")
+
+    @property
+    def router_fp(self) -> str:
+        return self.router.removeprefix(f"{ROUTERS_DIR}/")
+
+    @property
+    def evaluation_fp(self) -> str:
+        return self.evaluation.removeprefix(f"{EVALUATIONS_DIR}/")
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _read(store, rel: str, model: type[M], bad: str) -> M:
+    """`rel` validated as `model`; missing or invalid is one ArtifactError naming the object (`bad`: what to say
+    about an invalid one)."""
+    try:
+        return model.model_validate_json(store.read_bytes(rel))
+    except FileNotFoundError:
+        raise ArtifactError(f"{store.uri(rel)}: missing") from None
+    except ValidationError as e:
+        err = e.errors()[0]
+        why = f"{'.'.join(map(str, err['loc']))}: {err['msg']}" if err["loc"] else err["msg"]
+        raise ArtifactError(f"{store.uri(rel)}: {bad.format(why=why)}") from None
+
+
+def read_champion(store) -> Champion | None:
+    """The store's champion, None when there is none; a corrupted record is an ArtifactError that names the
+    object and how to repair it. (`store` is a schemas.store.Store.)"""
+    if not store.exists(CHAMPION_PATH):
+        return None
+    return _read(store, CHAMPION_PATH, Champion, "corrupted champion record ({why}); delete it and rerun "
+                 "`zooter train`/`zooter run`, or restore it from a run manifest")
+
+
+def read_report(store, evaluation: str) -> EvalReport:
+    """An evaluation's report, validated. `evaluation` is its fingerprint or its directory (`evaluations/<fp>`,
+    as the champion record holds it)."""
+    return _read(store, report_path(evaluation.removeprefix(f"{EVALUATIONS_DIR}/")), EvalReport,
+                 "not an evaluation report ({why}); delete the folder to recompute it")

@@ -1,0 +1,86 @@
+"""publish: the champion/challenger rule, the champion record it writes, its lease, and corrupted records."""
+
+import threading
+import time
+
+import pytest
+
+from schemas.artifacts import CHAMPION_PATH
+from schemas.errors import ArtifactError
+from schemas.evaluation import EvalReport, StrategyRow, read_champion
+from schemas.leases import Leases
+from schemas.store import Store
+from tasks.publish import decide, publish
+
+
+def report(router: str, reward: float | None, labels: str = "l1") -> EvalReport:
+    return EvalReport(evaluation=f"e-{router}", labels=labels, router=router, experts=["a", "b"], test_queries=3,
+                      best_single="a", rows=[StrategyRow(strategy="router", reward=reward, expert_calls=1, rm_calls=0)],
+                      router_share={"a": 1.0, "b": 0.0})
+
+
+@pytest.mark.parametrize(("challenger", "champion", "has", "want"), [
+    (0.1, None, False, ("promoted", "no champion yet")),
+    (None, None, False, ("promoted", "no champion yet")),
+    (0.1, None, True, ("promoted", "the champion cannot be measured on this held-out split")),
+    (None, 0.5, True, ("kept", "the challenger has no reward on this held-out split")),
+    (0.5, 0.5, True, ("promoted", "the challenger is not worse than the champion")),
+    (0.6, 0.5, True, ("promoted", "the challenger is not worse than the champion")),
+    (0.4, 0.5, True, ("kept", "the challenger is worse than the champion")),
+])
+def test_decide(challenger, champion, has, want):
+    assert decide(challenger, champion, has) == want
+
+
+def _publish(store, rep: EvalReport, run_id: str = "run"):
+    return publish(store, rep.router, rep.evaluation, rep, run_id)
+
+
+def test_champion_record_follows_the_rule_on_the_same_labels(tmp_path):
+    store = Store(str(tmp_path))
+    assert read_champion(store) is None
+    d = _publish(store, report("r1", 1.0), "run1")
+    assert (d.decision, d.champion, d.compared_on) == ("promoted", None, None)
+    champ = read_champion(store)
+    assert (champ.router, champ.evaluation, champ.router_fp, champ.evaluation_fp) == \
+        ("routers/r1", "evaluations/e-r1", "r1", "e-r1")
+    assert (champ.labels, champ.experts, champ.reward, champ.run_id, champ.replaced) == \
+        ("l1", ["a", "b"], 1.0, "run1", None)
+
+    d = _publish(store, report("r1", 1.0))
+    assert (d.decision, d.reason) == ("kept", "the champion is this run's router")
+    d = _publish(store, report("r2", 0.5))
+    assert (d.decision, d.champion, d.champion_reward, d.compared_on) == ("kept", "r1", 1.0, "l1")
+    assert read_champion(store).router_fp == "r1"
+    d = _publish(store, report("r3", 1.0), "run3")  # a tie promotes the challenger
+    assert (d.decision, d.challenger, d.challenger_reward) == ("promoted", "r3", 1.0)
+    assert (read_champion(store).router_fp, read_champion(store).replaced) == ("r3", "r1")
+
+
+def _heartbeats(owner: str) -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == f"leases-{owner}"]
+
+
+def test_publish_uses_the_run_leases_or_closes_its_own(tmp_path):
+    store = Store(str(tmp_path))
+    with Leases(store, owner="run-a") as leases:
+        _ = publish(store, "r1", "e1", report("r1", 1.0), "run-a", leases)
+        assert not leases.held and not store.exists(f"leases/{CHAMPION_PATH}.lease")
+        assert _heartbeats("run-a")  # still the run's: publish does not close it
+    publish(store, "r2", "e2", report("r2", 2.0), "run-b")
+    deadline = time.monotonic() + 5
+    while _heartbeats("run-b") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _heartbeats("run-b")  # its own leases were closed: no heartbeat thread leaks
+    assert read_champion(store).router_fp == "r2"
+
+
+@pytest.mark.parametrize("body", [b"{not json", b"[]", b'{"router": "routers/r1"}'])
+def test_a_corrupted_champion_record_is_one_artifact_error(tmp_path, body):
+    store = Store(str(tmp_path))
+    store.write_bytes(CHAMPION_PATH, body)
+    with pytest.raises(ArtifactError, match=r"champion.json: corrupted champion record \(.+\); delete it"):
+        read_champion(store)
+    with pytest.raises(ArtifactError, match="corrupted champion record"):
+        _publish(store, report("r1", 1.0))
+    assert store.read_bytes(CHAMPION_PATH) == body  # never overwritten
