@@ -68,7 +68,7 @@ def main() -> None:
         store, shards = fresh("hf_direct")
         g = HFGenerator(args.model, dtype="float32", threads=1)
         t = time.perf_counter()
-        toks = sum(generate_cell(g, spec("hf"), expert_fingerprint(spec("hf")), store, s)["new_tokens"]
+        toks = sum(generate_cell(g, s, spec=spec("hf"), fp=expert_fingerprint(spec("hf")), store=store)["new_tokens"]
                    for s in shards)
         res["hf_direct"] = _rate(toks, time.perf_counter() - t)
         prompts = render(g, "chat", queries["text"].to_list())

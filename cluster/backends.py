@@ -1,7 +1,8 @@
 """Backend registry: a model spec -> a zero-argument builder that an actor calls once to load its model.
 
 Builders are `functools.partial` objects of backend classes (or a `Fallback` of them), so they pickle by
-reference and the model is only ever loaded inside the actor.
+reference and the model is only ever loaded inside the actor: generators (experts), scorers (reward models) and
+the router's frozen encoder (`QueryEncoder`, the embed step's model).
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from schemas.config import ExpertSpec, RewardSpec
+import numpy as np
+
+from schemas.config import ExpertSpec, RewardSpec, RouterConfig
 
 log = logging.getLogger("zooter.backends")
 
@@ -57,3 +60,28 @@ def scorer_builder(rm: RewardSpec) -> Callable[[], Any]:
         return Fallback(partial(VLLMClassifierScorer, rm.model, tensor_parallel_size=rm.tensor_parallel_size,
                                 **common), hf)
     return hf
+
+
+class QueryEncoder:
+    """A router's encoder as shipped (frozen): pooled features of query texts, loaded once per actor."""
+
+    def __init__(self, encoder: str, pooling: str, max_length: int, prefix: str = "", threads: int = 1,
+                 batch_size: int = 32):
+        import torch
+
+        from cluster.router import build
+
+        torch.set_num_threads(threads)
+        self.model, self.tok = build(encoder, 1, pooling)
+        self.model.to("cuda" if torch.cuda.is_available() else "cpu")
+        self.max_length, self.prefix, self.batch_size = max_length, prefix, batch_size
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """(len(texts), hidden) float32 features, as the router computes them at inference."""
+        from cluster.router import embed_texts
+
+        return embed_texts(self.model, self.tok, texts, self.max_length, self.prefix, self.batch_size)
+
+
+def encoder_builder(cfg: RouterConfig, threads: int = 1) -> Callable[[], QueryEncoder]:
+    return partial(QueryEncoder, cfg.encoder, cfg.pooling, cfg.max_length, cfg.prefix, threads)

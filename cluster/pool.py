@@ -1,7 +1,8 @@
 """Ray: connecting, and one actor pool per model.
 
-Each actor builds its model once (in `__init__`) and then runs whole-shard jobs against it. The jobs are plain
-functions from `tasks/` (`fn(model, *args)`), so the step logic stays testable without Ray.
+Each actor builds its model once (in `__init__`) and then runs per-cell jobs against it. A job is a plain
+function from `tasks/` (`job(model, key)`), so the step logic stays testable without Ray; `cluster/stage.py`
+drives a pool for each stage.
 """
 
 from __future__ import annotations
@@ -9,9 +10,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import threading
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import ray
 from ray.util import ActorPool
@@ -22,22 +22,12 @@ from schemas.config import RayConfig, Resources
 
 log = logging.getLogger("zooter.cluster")
 
-# Modules actors must import: shipped to the workers of a remote cluster by the runtime environment.
-PROJECT_MODULES = ["flows", "tasks", "cluster", "schemas"]
-
 # Embedded Ray's node IP: its servers listen on loopback only (see `connect`).
 LOOPBACK = "127.0.0.1"
 
 _ENV_PASSTHROUGH = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "ZOOTER_CACHE", "AWS_EC2_METADATA_DISABLED")
 
-# Where each pool's actors ran: pool key ("<job function>:<spec name>", see `pool_key`) -> Ray node ids of its
-# last run in this process. The flow copies it into the run manifest, the lineage of a multi-node run.
-PLACEMENTS: dict[str, list[str]] = {}
-_placements_lock = threading.Lock()
-
-
-def pool_key(fn: Callable[..., Any], spec: Any) -> str:
-    return f"{getattr(fn, '__name__', fn)}:{getattr(spec, 'name', spec)}"
+K = TypeVar("K", bound=Hashable)
 
 
 def connect(cfg: RayConfig) -> None:
@@ -70,13 +60,13 @@ def connect(cfg: RayConfig) -> None:
 
 @ray.remote
 class ModelActor:
-    """Holds one loaded model; runs whole-shard jobs against it."""
+    """Holds one loaded model; runs per-cell jobs against it."""
 
     def __init__(self, build: Callable[[], Any]):
         self.model = build()
 
-    def run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return fn(self.model, *args)
+    def run(self, job: Callable[[Any, Any], Any], key: Any) -> tuple[Any, Any]:
+        return key, job(self.model, key)
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
@@ -100,44 +90,42 @@ def _actor(build: Callable[[], Any], res: Resources, tp: int):
     return ModelActor.options(**opts).remote(build), pg
 
 
-def run_pool(build: Callable[[], Any], jobs: Iterable[tuple[Callable[..., Any], tuple]],
-             res: Resources, tp: int = 1, claim: Callable[[int], bool] | None = None) -> Iterator[Any]:
-    """Start up to `res.pool_size` actors that each build the model once, feed them the jobs, yield results as
-    they finish (unordered), then release the actors so their CPUs/GPUs go to the next pool.
+def run_pool(build: Callable[[], Any], job: Callable[[Any, K], Any], keys: Sequence[K], res: Resources,
+             tp: int = 1, claim: Callable[[K], bool] | None = None,
+             nodes: set[str] | None = None) -> Iterator[tuple[K, Any]]:
+    """Start up to `res.pool_size` actors that each build the model once, run `job(model, key)` for the keys, yield
+    (key, result) as they finish (unordered), then release the actors so their CPUs/GPUs go to the next pool.
 
-    `claim(i)` is asked just before job i goes to a free actor; False skips the job (another run took it), so
-    concurrent runs split the work. No actor starts unless a first job is claimed."""
-    jobs = list(jobs)
-    order = iter(range(len(jobs)))
+    `claim(key)` is asked just before a key goes to a free actor; False skips it (another run took it), so
+    concurrent runs split the work. No actor starts unless a first key is claimed. The Ray node ids the actors
+    ran on are added to `nodes` (the stage's placements, recorded in the run manifest)."""
+    order = iter(enumerate(keys))
 
-    def next_job() -> int | None:
-        return next((i for i in order if claim is None or claim(i)), None)
+    def next_key() -> tuple[int, K] | None:  # (position, key): a falsy key is still a key
+        return next(((i, k) for i, k in order if claim is None or claim(k)), None)
 
-    first = next_job()
-    if first is None:
+    nxt = next_key()
+    if nxt is None:
         return
-    started = [_actor(build, res, tp) for _ in range(min(res.pool_size, len(jobs) - first))]
+    started = [_actor(build, res, tp) for _ in range(min(res.pool_size, len(keys) - nxt[0]))]
     # Asked now, read at the end without waiting: an actor that never got resources must not block the pool.
-    nodes = [a.node_id.remote() for a, _ in started]
+    where = [a.node_id.remote() for a, _ in started]
     try:
         pool = ActorPool([a for a, _ in started])
-        i: int | None = first
         while True:
-            while i is not None:
-                pool.submit(lambda a, job: a.run.remote(job[0], *job[1]), jobs[i])
-                i = next_job() if pool.has_free() else None
+            while nxt is not None:
+                pool.submit(lambda a, k: a.run.remote(job, k), nxt[1])
+                nxt = next_key() if pool.has_free() else None
             if not pool.has_next():
                 return
             yield pool.get_next_unordered()
-            i = next_job()
+            nxt = next_key()
     finally:
-        ready, _ = ray.wait(nodes, num_returns=len(nodes), timeout=0)
-        placed = []
+        ready, _ = ray.wait(where, num_returns=len(where), timeout=0)
         for ref in ready:
             with contextlib.suppress(ray.exceptions.RayError):  # the actor died; its jobs went elsewhere
-                placed.append(ray.get(ref))
-        with _placements_lock:
-            PLACEMENTS[pool_key(jobs[0][0], jobs[0][1][0])] = sorted(set(placed))
+                if nodes is not None:
+                    nodes.add(ray.get(ref))
         for a, pg in started:
             ray.kill(a)
             if pg is not None:

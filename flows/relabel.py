@@ -11,8 +11,9 @@ from __future__ import annotations
 from prefect import flow
 
 from flows.label import label_dag
+from schemas.manifest import Outcome
 
 
 @flow(name="zooter-relabel", log_prints=True)
-def relabel_flow(config_path: str) -> dict:
+def relabel_flow(config_path: str) -> Outcome:
     return label_dag(config_path, "relabel")

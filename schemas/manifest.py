@@ -1,17 +1,26 @@
 """The run manifest: `runs/<run_id>/manifest.json`, the lineage a user inspects.
 
 Config (with store options redacted), every fingerprint, the cells each stage computed or reused, row counts,
-timings and package versions.
+timings and package versions; and the helpers every flow uses to fill it, write it and return it (`Outcome`).
 """
 
 from __future__ import annotations
 
 import platform
+import sys
+import time
 import uuid
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from schemas.artifacts import report_path, run_manifest_path
+from schemas.config import FlowConfig, TrainConfig
+from schemas.evaluation import EvalReport
+from schemas.store import Store
 
 PACKAGES = ("zooter-flow", "torch", "transformers", "ray", "prefect", "polars", "pyarrow", "s3fs")
 
@@ -30,58 +39,119 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-class StageRecord(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class StageCounts(Protocol):
+    """What a stage run reports (cluster/stage.py `StageResult`): a StageRecord is built from it."""
+
     name: str
     fingerprint: str
-    cells_computed: int = 0
-    cells_reused: int = 0
+    computed: Sequence[Any]
+    skipped: Sequence[Any]
+    repaired: Sequence[Any]
+    rows: int
+    new_tokens: int
+    seconds: float
+    nodes: list[str]
+    flags: dict[str, int]
+
+
+class StageRecord(BaseModel):
+    """One cell-producing stage (an expert's generation, a reward model's scoring, embedding) in one run."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(description="The expert, reward model or encoder the stage ran.")
+    fingerprint: str = Field(description="Its fingerprint: the cells' directory and metadata carry it.")
+    cells_computed: int = Field(0, description="Cells this run computed.")
+    cells_reused: int = Field(0, description="Cells found valid, or written meanwhile by a concurrent run.")
     cells_repaired: int = Field(0, description="Broken files found where a cell belongs (truncated, foreign "
                                 "schema), logged and computed over; included in cells_computed.")
-    rows: int = 0
-    new_tokens: int = 0
-    seconds: float = 0.0
+    rows: int = Field(0, description="Rows in the cells computed.")
+    new_tokens: int = Field(0, description="Tokens generated in the cells computed (generation only).")
+    seconds: float = Field(0.0, description="Wall time of the stage, actor start and model load included.")
     nodes: list[str] = Field(default_factory=list, description="Ray node ids the stage's actors ran on.")
     flags: dict[str, int] = Field(default_factory=dict, description="Rows flagged in the cells computed, by "
                                   "flag: empty_response, nonfinite (see tasks/score.py).")
+
+    @classmethod
+    def of(cls, r: StageCounts) -> StageRecord:
+        return cls(name=r.name, fingerprint=r.fingerprint, cells_computed=len(r.computed),
+                   cells_reused=len(r.skipped), cells_repaired=len(r.repaired), rows=r.rows,
+                   new_tokens=r.new_tokens, seconds=round(r.seconds, 2), nodes=r.nodes, flags=r.flags)
 
 
 class ChampionDecision(BaseModel):
     """Champion/challenger at publish: the run's router replaces the champion only if it is not worse."""
 
     model_config = ConfigDict(extra="forbid")
-    decision: str  # "promoted" | "kept"
-    reason: str
-    challenger: str  # router fingerprint of this run
-    challenger_reward: float | None
-    champion: str | None = None  # router fingerprint of the champion before this run (None: there was none)
-    champion_reward: float | None = None  # the champion's reward on this run's held-out split
-    compared_on: str | None = None  # labels fingerprint whose test split both rewards are measured on
+    decision: Literal["promoted", "kept"] = Field(description="Whether this run's router became the champion.")
+    reason: str = Field(description="Why, in words.")
+    challenger: str = Field(description="Router fingerprint of this run.")
+    challenger_reward: float | None = Field(description="Its router reward on its held-out split.")
+    champion: str | None = Field(None, description="Router fingerprint of the champion before this run (None: "
+                                 "there was none).")
+    champion_reward: float | None = Field(None, description="The champion's reward on this run's held-out split.")
+    compared_on: str | None = Field(None, description="Labels fingerprint whose test split both rewards are "
+                                    "measured on.")
 
 
 class RunManifest(BaseModel):
+    """`runs/<run_id>/manifest.json`: one run's lineage."""
+
     model_config = ConfigDict(extra="forbid")
-    run_id: str
-    flow: str
-    status: str = "running"
-    started: str = Field(default_factory=lambda: datetime.now(UTC).isoformat())
-    finished: str | None = None
-    config: dict
-    versions: dict[str, str] = Field(default_factory=package_versions)
-    shards: list[int] = Field(default_factory=list)
-    queries: int = 0
-    new_queries: int = 0
-    tagger: str | None = None
-    generate: list[StageRecord] = Field(default_factory=list)
-    score: list[StageRecord] = Field(default_factory=list)
-    embed: StageRecord | None = None  # query embeddings for a frozen-encoder router
-    labels: str | None = None
-    label_rows: int = 0
-    router: str | None = None
-    evaluation: str | None = None
-    champion: ChampionDecision | None = None
-    timings: dict[str, float] = Field(default_factory=dict)
+    run_id: str = Field(description="UTC start time and a random suffix.")
+    flow: str = Field(description="label, relabel or train.")
+    status: str = Field("running", description="running, completed, or `failed: <exception>`.")
+    started: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(), description="Start (UTC, ISO 8601).")
+    finished: str | None = Field(None, description="End (UTC, ISO 8601).")
+    config: dict = Field(description="The run's config, store options redacted.")
+    versions: dict[str, str] = Field(default_factory=package_versions, description="Python and package versions.")
+    shards: list[int] = Field(default_factory=list, description="Query shards the run covered.")
+    queries: int = Field(0, description="Queries in those shards.")
+    new_queries: int = Field(0, description="Queries this run's ingest added to the store.")
+    tagger: str | None = Field(None, description="Tagger fingerprint (the tag cells' directory).")
+    generate: list[StageRecord] = Field(default_factory=list, description="One record per expert.")
+    score: list[StageRecord] = Field(default_factory=list, description="One record per reward model (or import).")
+    embed: StageRecord | None = Field(None, description="Query embeddings for a frozen-encoder router.")
+    labels: str | None = Field(None, description="Labels fingerprint.")
+    label_rows: int = Field(0, description="Rows in the labels.")
+    router: str | None = Field(None, description="Router fingerprint.")
+    evaluation: str | None = Field(None, description="Evaluation fingerprint.")
+    champion: ChampionDecision | None = Field(None, description="The champion/challenger decision at publish.")
+    timings: dict[str, float] = Field(default_factory=dict, description="Seconds, by step (`total_s`: the run).")
 
     @property
     def cells_computed(self) -> int:
         return sum(s.cells_computed for s in self.generate + self.score)
+
+
+class Outcome(BaseModel):
+    """What a flow returns and `zooter run|relabel|train --json` prints: the manifest, the evaluation report and
+    where both live."""
+
+    model_config = ConfigDict(extra="forbid")
+    manifest: RunManifest = Field(description="The run manifest.")
+    report: EvalReport = Field(description="The evaluation report.")
+    manifest_uri: str = Field(description="Where the manifest is stored.")
+    report_uri: str = Field(description="Where the evaluation's report.md is stored.")
+
+
+def redacted(cfg: FlowConfig | TrainConfig) -> dict:
+    """The config as the manifest records it: store options (endpoint, credentials) replaced by ***."""
+    d = cfg.model_dump(mode="json")
+    d["store"]["options"] = {k: "***" for k in d["store"]["options"]}
+    return d
+
+
+def record(store: Store, m: RunManifest, started: float, ok: bool) -> None:
+    """Write the run manifest when a flow ends, in a `finally:`. A failed run still leaves its lineage: what it
+    computed before the failure, and why it stopped (the exception being raised). `started`: perf_counter()."""
+    e = sys.exc_info()[1]
+    m.timings["total_s"] = round(time.perf_counter() - started, 2)
+    m.status = "completed" if ok else f"failed: {type(e).__name__}: {e}"
+    m.finished = datetime.now(UTC).isoformat()
+    store.write_json(run_manifest_path(m.run_id), m.model_dump(mode="json"))
+
+
+def outcome(store: Store, m: RunManifest, report: EvalReport) -> Outcome:
+    """What a flow returns: the manifest, the evaluation report and where both live."""
+    return Outcome(manifest=m, report=report, manifest_uri=store.uri(run_manifest_path(m.run_id)),
+                   report_uri=store.uri(report_path(m.evaluation, "md")))

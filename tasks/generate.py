@@ -1,29 +1,47 @@
 """generate: every expert answers every query, one Parquet cell per (expert fingerprint, shard).
 
-The pure parts (prompt rendering, the fingerprint, building a cell from a model's outputs) live here; the
-expert's Ray actor pool comes from `cluster/`. A cell that exists and validates is never computed again.
+The pure parts (prompt rendering, the fingerprint, building a cell from a model's outputs) live here; the stage
+runner (`cluster/stage.py`) runs the cell job in the expert's Ray actor pool. A cell that exists and validates is
+never computed again.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from functools import partial
 from importlib.resources import files
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pyarrow as pa
-from tqdm.auto import tqdm
 
 from cluster import models
 from cluster.backends import generator_builder
-from cluster.pool import run_pool
+from cluster.stage import Stage, StageResult, run_stage
 from schemas.artifacts import GENERATIONS, QUERIES, fingerprint, generation_path, queries_path
-from schemas.config import ConfigError, ExpertSpec
-from schemas.store import Leases, Store, cell_todo, compute_once
+from schemas.config import ExpertSpec
+from schemas.errors import ConfigError
+from schemas.leases import Leases
+from schemas.store import Store
+
+if TYPE_CHECKING:
+    from cluster.hf import Generation
 
 CODE_VERSION = 1  # bump when a change here alters generated text
+
+
+class Generator(Protocol):
+    """An expert as the generate job sees it (cluster/hf.py `HFGenerator`, cluster/vllm_backend.py
+    `VLLMGenerator`)."""
+
+    def render(self, query: str) -> str:
+        """The query in the model's chat template."""
+        ...
+
+    def generate(self, prompts: list[str], *, max_new_tokens: int, temperature: float, top_p: float, seed: int,
+                 stop: list[str], batch_size: int) -> list[Generation]:
+        """One answer per prompt, in order."""
+        ...
 
 
 def template_text(prompt: str) -> str:
@@ -50,14 +68,14 @@ def expert_fingerprint(spec: ExpertSpec) -> str:
     return fingerprint(d)
 
 
-def render(model: Any, template: str, texts: list[str]) -> list[str]:
+def render(model: Generator | None, template: str, texts: list[str]) -> list[str]:
     if template == "chat":
         return [model.render(t) for t in texts]
     return [template.replace("{query}", t) for t in texts]
 
 
-def generate_cell(model: Any, spec: ExpertSpec, fp: str, store: Store, shard: int) -> dict:
-    """Answer one shard and write its cell (runs inside the expert's actor)."""
+def generate_cell(model: Generator, shard: int, *, spec: ExpertSpec, fp: str, store: Store) -> dict:
+    """Answer one shard and write its cell (the stage's job: runs inside the expert's actor)."""
     t0 = time.perf_counter()
     q = store.read_table(queries_path(shard), QUERIES)
     prompts = render(model, template_text(spec.prompt), q["text"].to_pylist())
@@ -75,51 +93,15 @@ def generate_cell(model: Any, spec: ExpertSpec, fp: str, store: Store, shard: in
     store.write_table(generation_path(spec.name, fp, shard), table, GENERATIONS, {
         "stage": "generations", "fingerprint": fp, "shard": shard, "expert": spec.name,
         "spec": spec.model_dump(mode="json", exclude={"resources"}), "flags": {"empty_response": empty}})
-    return {"shard": shard, "rows": table.num_rows, "new_tokens": sum(g.new_tokens for g in gens),
+    return {"rows": table.num_rows, "new_tokens": sum(g.new_tokens for g in gens),
             "seconds": time.perf_counter() - t0, "flags": {"empty_response": empty}}
-
-
-@dataclass
-class StageResult:
-    name: str
-    fingerprint: str
-    computed: list[int] = field(default_factory=list)
-    skipped: list[int] = field(default_factory=list)  # valid already, or written meanwhile by a concurrent run
-    repaired: list[int] = field(default_factory=list)  # broken files found in place of a cell, computed over
-    rows: int = 0
-    new_tokens: int = 0
-    seconds: float = 0.0  # wall time of the stage, actor start and model load included
-    job_seconds: float = 0.0  # summed time inside the shard jobs (read, model, write)
-    flags: dict[str, int] = field(default_factory=dict)  # flagged rows in the cells computed, by flag
-
-    def add(self, out: dict) -> None:
-        """Count one finished job (a dict from generate_cell / score_cell)."""
-        self.rows += out["rows"]
-        self.new_tokens += out.get("new_tokens", 0)
-        self.job_seconds += out["seconds"]
-        for k, n in out.get("flags", {}).items():
-            if n:
-                self.flags[k] = self.flags.get(k, 0) + n
 
 
 def run_generate(store: Store, spec: ExpertSpec, shards: list[int], leases: Leases | None = None) -> StageResult:
     """Write the expert's missing cells (leased, so a concurrent run never computes the same cell)."""
     fp = expert_fingerprint(spec)
-    res = StageResult(spec.name, fp)
-    rel = lambda s: generation_path(spec.name, fp, s)  # noqa: E731
-    todo, res.skipped, res.repaired = cell_todo(store, [(s, rel(s)) for s in shards], GENERATIONS, fp)
-    t0 = time.perf_counter()
-
-    def compute(keys: list[int], claim: Callable[[int], bool]) -> Iterator[int]:
-        jobs = [(generate_cell, (spec, fp, store, s)) for s in keys]
-        pool = run_pool(generator_builder(spec), jobs, spec.resources, spec.tensor_parallel_size,
-                        claim=lambda i: claim(keys[i]))
-        for out in tqdm(pool, total=len(jobs), desc=f"generate {spec.name}", unit="shard"):
-            res.add(out)
-            yield out["shard"]
-
-    computed, by_others = compute_once(leases or store, todo, rel,
-                                       lambda s: store.valid_cell(rel(s), GENERATIONS, fp), compute)
-    res.computed, res.skipped = sorted(computed), sorted(res.skipped + by_others)
-    res.seconds = time.perf_counter() - t0
-    return res
+    return run_stage(store, Stage(
+        step="generate", name=spec.name, fingerprint=fp, schema=GENERATIONS, keys=shards,
+        path=partial(generation_path, spec.name, fp), job=partial(generate_cell, spec=spec, fp=fp, store=store),
+        build=generator_builder(spec), resources=spec.resources, tensor_parallel=spec.tensor_parallel_size,
+        unit="shard"), leases)

@@ -1,10 +1,11 @@
 """score: every reward model scores every (query, answer) of every expert; one cell per (RM, expert, shard).
 
-Reward kinds: `loglik` and `classifier` run in the RM's Ray actor pool (cluster/); `verifiable` is a pure
-function of the answer and the query's reference and runs in-process. A null score means "no score for this
-row"; aggregation skips nulls (see tasks/aggregate.py `combine`). Rows are never dropped; anomalies are flagged:
-`empty_response` (the expert answered nothing: not an answer, so null under every reward model) and
-`nonfinite` (the reward model returned NaN/inf: stored as null). Counts go to the run manifest and `inspect`.
+Reward kinds: `loglik` and `classifier` run in the RM's Ray actor pool (the stage runner, cluster/stage.py);
+`verifiable` is a pure function of the answer and the query's reference and runs in-process. A null score means
+"no score for this row"; aggregation skips nulls (see tasks/aggregate.py `combine`). Rows are never dropped;
+anomalies are flagged: `empty_response` (the expert answered nothing: not an answer, so null under every reward
+model) and `nonfinite` (the reward model returned NaN/inf: stored as null). Counts go to the run manifest and
+`inspect`.
 """
 
 from __future__ import annotations
@@ -12,22 +13,33 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from functools import partial
+from typing import Any, Protocol
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from tqdm.auto import tqdm
 
 from cluster import models
 from cluster.backends import scorer_builder
-from cluster.pool import run_pool
+from cluster.stage import Stage, StageResult, run_stage
 from schemas.artifacts import GENERATIONS, QUERIES, SCORES, fingerprint, generation_path, queries_path, score_path
 from schemas.config import ExpertSpec, RewardSpec
-from schemas.store import Leases, Store, cell_todo, compute_once
-from tasks.generate import StageResult, expert_fingerprint
+from schemas.leases import Leases
+from schemas.store import Store
+from tasks.generate import expert_fingerprint
 
 CODE_VERSION = 1
+
+
+class Scorer(Protocol):
+    """A reward model as the score job sees it (cluster/hf.py `HFLoglikScorer`, `HFClassifierScorer`,
+    cluster/vllm_backend.py `VLLMClassifierScorer`)."""
+
+    backend: str  # the backend that actually loaded (vllm falls back to hf), recorded in each cell
+
+    def score(self, queries: list[str], answers: list[str], batch_size: int) -> list[float | None]:
+        """One reward per (query, answer); None where the pair has no score."""
+        ...
 
 _NUM = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 
@@ -63,9 +75,12 @@ def rm_fingerprint(rm: RewardSpec) -> str:
     return fingerprint(d)
 
 
-def score_cell(model: Any, rm: RewardSpec, rm_fp: str, expert: str, expert_fp: str, store: Store,
-               shard: int) -> dict:
-    """Score one expert's answers on one shard and write the cell (inside the RM's actor, or in-process)."""
+def score_cell(model: Scorer | None, key: tuple[str, int], *, rm: RewardSpec, rm_fp: str,
+               expert_fps: dict[str, str], store: Store) -> dict:
+    """Score one expert's answers on one shard, key = (expert, shard), and write the cell (the stage's job:
+    inside the RM's actor, or in-process with no model for a verifiable reward)."""
+    expert, shard = key
+    expert_fp = expert_fps[expert]
     t0 = time.perf_counter()
     q = store.read_table(queries_path(shard), QUERIES)
     g = store.read_table(generation_path(expert, expert_fp, shard), GENERATIONS)
@@ -81,10 +96,9 @@ def score_cell(model: Any, rm: RewardSpec, rm_fp: str, expert: str, expert_fp: s
     counts = {f: flags.count(f) for f in FLAGS}
     store.write_table(score_path(rm.name, rm_fp, expert, expert_fp, shard), table, SCORES, {
         "stage": "scores", "fingerprint": rm_fp, "shard": shard, "reward_model": rm.name, "expert": expert,
-        "expert_fingerprint": expert_fp, "backend_used": getattr(model, "backend", None),
+        "expert_fingerprint": expert_fp, "backend_used": model.backend if model else None,
         "spec": rm.model_dump(mode="json", exclude={"resources"}), "flags": counts})
-    return {"expert": expert, "shard": shard, "rows": table.num_rows, "seconds": time.perf_counter() - t0,
-            "flags": counts}
+    return {"rows": table.num_rows, "seconds": time.perf_counter() - t0, "flags": counts}
 
 
 FLAGS = ("empty_response", "nonfinite")
@@ -108,30 +122,12 @@ def flag_scores(answers: list[str], scores: list[float | None]) -> tuple[list[fl
 
 def run_score(store: Store, rm: RewardSpec, experts: list[ExpertSpec], shards: list[int],
               leases: Leases | None = None) -> StageResult:
-    """Write the RM's missing cells for every expert (leased, like run_generate)."""
+    """Write the RM's missing cells for every expert (leased, like run_generate); keys are (expert, shard)."""
     fp = rm_fingerprint(rm)
-    res = StageResult(rm.name, fp)
     efps = {e.name: expert_fingerprint(e) for e in experts}
-    rel = lambda k: score_path(rm.name, fp, k[0], efps[k[0]], k[1])  # noqa: E731 - k = (expert, shard)
-    keys = [(e.name, s) for e in experts for s in shards]
-    todo, done, repaired = cell_todo(store, [(k, rel(k)) for k in keys], SCORES, fp)
-    t0 = time.perf_counter()
-
-    def compute(keys: list[tuple[str, int]], claim: Callable[[tuple[str, int]], bool]) -> Iterator[tuple[str, int]]:
-        jobs = [(score_cell, (rm, fp, e, efps[e], store, s)) for e, s in keys]
-        if rm.kind == "verifiable":
-            results = (fn(None, *args) for k, (fn, args) in zip(keys, jobs, strict=True) if claim(k))
-        else:
-            results = run_pool(scorer_builder(rm), jobs, rm.resources, rm.tensor_parallel_size,
-                               claim=lambda i: claim(keys[i]))
-        for out in tqdm(results, total=len(jobs), desc=f"score {rm.name}", unit="cell"):
-            res.add(out)
-            yield out["expert"], out["shard"]
-
-    computed, by_others = compute_once(leases or store, todo, rel, lambda k: store.valid_cell(rel(k), SCORES, fp),
-                                       compute)
-    res.computed = [s for _, s in computed]
-    res.skipped = [s for _, s in done + by_others]
-    res.repaired = [s for _, s in repaired]
-    res.seconds = time.perf_counter() - t0
-    return res
+    return run_stage(store, Stage(
+        step="score", name=rm.name, fingerprint=fp, schema=SCORES, keys=[(e.name, s) for e in experts for s in shards],
+        path=lambda k: score_path(rm.name, fp, k[0], efps[k[0]], k[1]),
+        job=partial(score_cell, rm=rm, rm_fp=fp, expert_fps=efps, store=store),
+        build=None if rm.kind == "verifiable" else scorer_builder(rm), resources=rm.resources,
+        tensor_parallel=rm.tensor_parallel_size), leases)

@@ -7,13 +7,17 @@ and a `tag(queries) -> list[list[str]]`; `column` copies the tags that came with
 
 from __future__ import annotations
 
+import time
+from functools import partial
 from typing import Protocol
 
 import polars as pl
 import pyarrow as pa
 
+from cluster.stage import Stage, StageResult, run_stage
 from schemas.artifacts import QUERIES, TAGS, fingerprint, queries_path, tags_path
 from schemas.config import TaggerConfig
+from schemas.leases import Leases
 from schemas.store import Store
 
 
@@ -46,16 +50,19 @@ def make_tagger(cfg: TaggerConfig) -> Tagger:
     return TAGGERS[cfg.kind]()
 
 
-def run_tag(store: Store, tagger: Tagger, shards: list[int]) -> int:
-    """Write the missing tag cells; returns how many were computed."""
-    done = 0
-    for s in shards:
-        rel = tags_path(tagger.fingerprint, s)
-        if store.valid_cell(rel, TAGS, tagger.fingerprint):
-            continue
-        q = pl.from_arrow(store.read_table(queries_path(s), QUERIES))
-        table = pa.table({"query_id": q["query_id"].to_arrow(),
-                          "tags": pa.array(tagger.tag(q), pa.list_(pa.string()))})
-        store.write_table(rel, table, TAGS, {"stage": "tags", "fingerprint": tagger.fingerprint, "shard": s})
-        done += 1
-    return done
+def tag_cell(model: None, shard: int, *, tagger: Tagger, store: Store) -> dict:
+    """Tag one shard's queries and write its cell (the stage's job; taggers run in-process, without a model)."""
+    t0 = time.perf_counter()
+    q = pl.from_arrow(store.read_table(queries_path(shard), QUERIES))
+    table = pa.table({"query_id": q["query_id"].to_arrow(), "tags": pa.array(tagger.tag(q), pa.list_(pa.string()))})
+    store.write_table(tags_path(tagger.fingerprint, shard), table, TAGS,
+                      {"stage": "tags", "fingerprint": tagger.fingerprint, "shard": shard})
+    return {"rows": table.num_rows, "seconds": time.perf_counter() - t0}
+
+
+def run_tag(store: Store, tagger: Tagger, shards: list[int], leases: Leases | None = None) -> StageResult:
+    """Write the missing tag cells."""
+    return run_stage(store, Stage(
+        step="tag", name=type(tagger).__name__, fingerprint=tagger.fingerprint, schema=TAGS, keys=shards,
+        path=partial(tags_path, tagger.fingerprint), job=partial(tag_cell, tagger=tagger, store=store),
+        unit="shard"), leases)

@@ -38,7 +38,7 @@ try:
     from flows.label import label_flow
     out = label_flow(config)
     nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
-    print("RESULT " + json.dumps({"nodes": nodes, "manifest": out["manifest"]}))
+    print("RESULT " + json.dumps({"nodes": nodes, "manifest": out.manifest.model_dump(mode="json")}))
 finally:
     import ray
     ray.shutdown()

@@ -150,7 +150,7 @@ def test_sigkilled_run_resumes_without_recomputing_a_finished_cell(tmp_path, tin
     ref_path = _config(tmp_path / "ref", tiny_models, small_shards)
     path = _config(tmp_path / "run", tiny_models, small_shards, lease_ttl_s=5)
     total = 12 + 36
-    ref = label_flow(str(ref_path))["manifest"]  # uninterrupted, greedy decoding
+    ref = label_flow(str(ref_path)).manifest.model_dump(mode="json")  # uninterrupted, greedy decoding
     root = tmp_path / "run" / "store"
 
     with tempfile.TemporaryDirectory(prefix="zray-") as ray_tmp:  # Ray's socket paths must stay short
@@ -208,7 +208,7 @@ def test_s3_outage_mid_run_retries_and_the_run_completes(tmp_path, tiny_models, 
         out = label_flow(str(path))
         t1 = time.monotonic()
         t.join(timeout=60)
-        m = out["manifest"]
+        m = out.manifest.model_dump(mode="json")
         assert m["status"] == "completed" and _computed(m) == 24
         assert t0 < window["down"] < window["up"] < t1 and window["dropped"] > 0  # the run called S3 meanwhile
         keys = outage.keys("outage", "store/")
@@ -269,7 +269,7 @@ def test_corrupted_cells_are_detected_logged_and_recomputed(two_relabels, tmp_pa
     (root / gen).write_bytes((root / gen).read_bytes()[:-40])  # truncated
     (root / score).write_bytes(b"PAR1 not a parquet file")  # garbage
     with caplog.at_level(logging.WARNING, logger="zooter.store"):
-        m = label_flow(str(tmp_path / "config.yaml"))["manifest"]
+        m = label_flow(str(tmp_path / "config.yaml")).manifest.model_dump(mode="json")
     assert _computed(m) == 2
     assert sum(s["cells_repaired"] for s in m["generate"] + m["score"]) == 2
     assert f"{gen} is invalid (unreadable Parquet" in caplog.text and f"{score} is invalid" in caplog.text
@@ -309,7 +309,7 @@ def test_nan_rewards_and_empty_answers_are_kept_flagged_and_counted(tmp_path, ti
                                    "dtype": "float32", "resources": res})
 
     path = _config(tmp_path, tiny_models, edit)
-    m = label_flow(str(path))["manifest"]
+    m = label_flow(str(path)).manifest.model_dump(mode="json")
     n = len(TINY_QUERIES)
     flags = {s["name"]: s["flags"] for s in m["score"]}
     # every RM flags mute's 12 empty answers; the NaN RM also flags the 2 real experts' 24 rows

@@ -19,13 +19,13 @@ def _computed(m: dict) -> dict[str, int]:
 def test_add_then_remove_an_expert(tmp_path, tiny_models, ray_session, prefect_harness):
     path = tiny_flow_config(tmp_path, tiny_models)
     cfg = yaml.safe_load(path.read_text())
-    first = label_flow(str(path))["manifest"]
+    first = label_flow(str(path)).manifest.model_dump(mode="json")
     assert _computed(first) == {"generate:a": 3, "generate:b": 3, "score:judge": 6, "score:rm": 6, "score:exact": 6}
 
     # add expert c (lm_b with another prompt: a new fingerprint): only c's generations and scores are computed
     cfg["experts"].append({**cfg["experts"][1], "name": "c", "prompt": "fewshot_qa"})
     path.write_text(yaml.safe_dump(cfg))
-    second = label_flow(str(path))["manifest"]
+    second = label_flow(str(path)).manifest.model_dump(mode="json")
     assert _computed(second) == {"generate:a": 0, "generate:b": 0, "generate:c": 3,
                                  "score:judge": 3, "score:rm": 3, "score:exact": 3}
     store = Store(cfg["store"])
@@ -36,7 +36,7 @@ def test_add_then_remove_an_expert(tmp_path, tiny_models, ray_session, prefect_h
     # remove b: nothing is computed, b's cells stay in the store but leave the labels
     cfg["experts"] = [e for e in cfg["experts"] if e["name"] != "b"]
     path.write_text(yaml.safe_dump(cfg))
-    third = label_flow(str(path))["manifest"]
+    third = label_flow(str(path)).manifest.model_dump(mode="json")
     assert sum(_computed(third).values()) == 0
     assert store.read_meta(labels_path(third["labels"]))["experts"] == ["a", "c"]
     b = next(g for g in first["generate"] if g["name"] == "b")

@@ -42,7 +42,7 @@ def test_champion_challenger_and_relabel(tmp_path, tiny_models, ray_session, pre
     path = tiny_flow_config(tmp_path, tiny_models, router=ROUTER_A)
     store = Store(str(tmp_path / "store"))
 
-    first = label_flow(str(path))
+    first = label_flow(str(path)).model_dump(mode="json")
     m1 = first["manifest"]
     assert m1["champion"]["decision"] == "promoted" and m1["champion"]["champion"] is None
     assert m1["champion"]["challenger_reward"] == pytest.approx(_reward(first["report"], "router"))
@@ -54,7 +54,7 @@ def test_champion_challenger_and_relabel(tmp_path, tiny_models, ray_session, pre
     assert png.read_bytes()[:4] == b"\x89PNG"
 
     _set_router(path, ROUTER_B)
-    second = relabel_flow(str(path))
+    second = relabel_flow(str(path)).model_dump(mode="json")
     m2 = second["manifest"]
     r_b = _reward(second["report"], "router")
     assert m2["flow"] == "relabel" and _computed(m2) == 0 and m2["labels"] == m1["labels"]
@@ -86,7 +86,7 @@ def test_champion_challenger_and_relabel(tmp_path, tiny_models, ray_session, pre
     res = CliRunner().invoke(app, ["experts", "remove", str(path), "--name", "b"])
     assert res.exit_code == 0, res.output
     assert [e["name"] for e in yaml.safe_load(path.read_text())["experts"]] == ["a"]
-    fourth = relabel_flow(str(path))
+    fourth = relabel_flow(str(path)).model_dump(mode="json")
     m4 = fourth["manifest"]
     assert _computed(m4) == 0 and m4["labels"] != m1["labels"]
     c4 = m4["champion"]

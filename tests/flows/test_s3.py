@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from flows.label import label_flow, record, redacted
+from flows.label import label_flow
 from schemas.artifacts import LABELS, generation_path, labels_path, run_manifest_path
 from schemas.config import load_config
-from schemas.manifest import RunManifest, new_run_id
+from schemas.manifest import RunManifest, new_run_id, record, redacted
 from schemas.store import Store
 from tests.conftest import tiny_flow_config
 
@@ -102,11 +102,11 @@ def test_s3_store_matches_local_store(tmp_path_factory, tiny_models, ray_session
     tmp = tmp_path_factory.mktemp("s3flow")
     (tmp / "local").mkdir()
     (tmp / "s3").mkdir()
-    local = label_flow(str(tiny_flow_config(tmp / "local", tiny_models)))["manifest"]
+    local = label_flow(str(tiny_flow_config(tmp / "local", tiny_models))).manifest.model_dump(mode="json")
     cfg = tiny_flow_config(tmp / "s3", tiny_models, store={"url": "s3://zooter/runs-a", "options": s3_server})
     remote = label_flow(str(cfg))
-    m = remote["manifest"]
-    assert remote["manifest_uri"].startswith("s3://zooter/runs-a/")
+    m = remote.manifest.model_dump(mode="json")
+    assert remote.manifest_uri.startswith("s3://zooter/runs-a/")
     assert _cells(m) == _cells(local)  # same fingerprints, same row counts
     assert (m["labels"], m["router"], m["label_rows"]) == (local["labels"], local["router"], local["label_rows"])
 
@@ -116,7 +116,7 @@ def test_s3_store_matches_local_store(tmp_path_factory, tiny_models, ray_session
     assert store.read_table(labels_path(m["labels"]), LABELS).num_rows == 12
     assert store.exists(f"routers/{m['router']}/router.json")
 
-    again = label_flow(str(cfg))["manifest"]
+    again = label_flow(str(cfg)).manifest.model_dump(mode="json")
     assert sum(s["cells_computed"] for s in again["generate"] + again["score"]) == 0
 
     # credentials and tokens never land in the store (manifests, Parquet footers, reports): grep every object

@@ -42,7 +42,7 @@ def test_generate_cell_without_ray(tmp_path, tiny_models):
     spec = _spec(tiny_models["lm_a"], sampling={"max_new_tokens": 5}, resources={"batch_size": 2})
     model = HFGenerator(spec.model, dtype="float32")
     fp = expert_fingerprint(spec)
-    out = generate_cell(model, spec, fp, store, 0)
+    out = generate_cell(model, 0, spec=spec, fp=fp, store=store)
     assert out["rows"] == 3
     rel = generation_path("a", fp, 0)
     assert store.valid_cell(rel, GENERATIONS, fp)
@@ -50,7 +50,7 @@ def test_generate_cell_without_ray(tmp_path, tiny_models):
     assert t["query_id"].to_pylist() == ["a", "b", "c"]
     assert all(0 < n <= 5 for n in t["new_tokens"].to_pylist())
     # greedy decoding is deterministic: the same shard gives the same cell content
-    generate_cell(model, spec, fp, store, 0)
+    generate_cell(model, 0, spec=spec, fp=fp, store=store)
     assert store.read_table(rel, GENERATIONS)["response"].equals(t["response"])
 
 
