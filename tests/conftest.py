@@ -169,8 +169,9 @@ def tiny_config(tmp_path, tiny_models):
 
 
 def json_doc(output: str) -> dict:
-    """The one JSON document in the output: a shared Ray session may print actor logs around it, and a
-    progress bar may leave its last frame on the same line (no newline after a carriage return)."""
+    """The one JSON document in a `--json` command's output. Its stdout is exactly that document (one line), but
+    CliRunner's `output` and a subprocess run with stderr=STDOUT mix stderr in: Ray actor logs around it, and a
+    progress bar's last frame on the same line (no newline after a carriage return)."""
     for line in output.splitlines():
         if '{"' in line:
             try:

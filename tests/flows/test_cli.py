@@ -37,3 +37,117 @@ def test_trust_remote_code_warns(tiny_config):
         warnings.simplefilter("always")
         preflight(load_config(path))
     assert any("trust_remote_code" in str(w.message) for w in caught)
+
+
+def test_version():
+    from importlib.metadata import version
+
+    res = runner.invoke(app, ["--version"])
+    assert res.exit_code == 0 and res.stdout == f"zooter-flow {version('zooter-flow')}\n"
+
+
+def test_reading_commands_speak_json(tiny_config):
+    import json
+
+    path = tiny_config()
+    listed = json.loads(runner.invoke(app, ["experts", "list", str(path), "--json"]).stdout)
+    assert [(e["name"], e["dtype"], e["backend"]) for e in listed] == [("a", "float32", "hf"), ("b", "float32", "hf")]
+    models = json.loads(runner.invoke(app, ["models", "--json"]).stdout)
+    assert "packaged:all-minilm-l6-v2" in [m["name"] for m in models] and all(m["licence"] for m in models)
+
+
+def test_enum_options_are_choices(tiny_config):
+    path = tiny_config()
+    before = path.read_text()
+    for opt, bad in (("--backend", "tgi"), ("--dtype", "int3")):
+        res = runner.invoke(app, ["experts", "add", str(path), "--name", "c", "--model", "x", opt, bad])
+        assert res.exit_code == 2 and "Invalid value" in res.output and bad in res.output
+    assert path.read_text() == before
+    res = runner.invoke(app, ["import-scores", str(path), "--store", "s", "--format", "csv"])
+    assert res.exit_code == 2 and "Invalid value for '--format'" in res.output and "csv" in res.output
+    for cmd in (["experts", "add", "--help"], ["import-scores", "--help"], ["export", "--help"]):
+        assert runner.invoke(app, cmd, terminal_width=200).exit_code == 0
+
+
+def test_inspect_store_as_option_or_argument(tmp_path):
+    from schemas.artifacts import run_manifest_path
+    from schemas.manifest import RunManifest
+    from schemas.store import Store
+
+    store = tmp_path / "store"
+    m = RunManifest(run_id="20260101T000000Z-000000", flow="label", status="completed", config={})
+    Store(str(store)).write_json(run_manifest_path(m.run_id), m.model_dump(mode="json"))
+    for args in (["inspect", "--store", str(store), "--json"], ["inspect", str(store), "--json"]):
+        res = runner.invoke(app, args)
+        assert res.exit_code == 0, res.output
+        assert [r["run_id"] for r in yaml.safe_load(res.stdout)["runs"]] == [m.run_id]
+    res = runner.invoke(app, ["inspect"])
+    assert res.exit_code == 2 and res.output.startswith("error: no store given")
+    res = runner.invoke(app, ["inspect", str(store), "--store", str(tmp_path / "other")])
+    assert res.exit_code == 2 and "two stores given" in res.output
+
+
+def test_serve_schedule_is_utc(tiny_config):
+    from flows.deploy import deployments
+
+    _, relabel = deployments(str(tiny_config()))
+    assert [(s.schedule.cron, s.schedule.timezone) for s in relabel.schedules] == [("0 3 * * *", "UTC")]
+    assert "in UTC" in runner.invoke(app, ["serve", "--help"], terminal_width=200).output
+
+
+def test_evaluate_shows_the_champions_report(tmp_path):
+    import json
+
+    from schemas.artifacts import CHAMPION_PATH, evaluation_dir, report_path
+    from schemas.evaluation import Champion, EvalReport, PerTag, StrategyRow
+    from schemas.store import Store
+
+    store = Store(str(tmp_path / "store"))
+    res = runner.invoke(app, ["evaluate", "--store", store.url, "--json"])
+    assert res.exit_code == 2 and json.loads(res.stdout)["error"]["type"] == "ArtifactError"
+    rows = [StrategyRow(strategy="router", reward=0.5, rm={"judge": 0.5, "exact": None}, expert_calls=1, rm_calls=0,
+                        mtr=1.0, first=1.0),
+            StrategyRow(strategy="rm_ranking", reward=0.25, rm={"judge": 0.25, "exact": None}, expert_calls=2,
+                        rm_calls=2)]
+    report = EvalReport(evaluation="e1", labels="l1", router="r1", experts=["a", "b"], test_queries=3,
+                        best_single="a", rows=rows, router_share={"a": 2 / 3, "b": 1 / 3},
+                        per_tag=PerTag(tags=["math"], n=[3], strategies={"router": {"math": 0.5, "tag_average": 0.5}}))
+    store.write_json(report_path("e1"), report.model_dump(mode="json"))
+    store.write_json(CHAMPION_PATH, Champion(router="routers/r1", evaluation=evaluation_dir("e1"), labels="l1",
+                                             experts=["a", "b"], reward=0.5, run_id="run1",
+                                             published="2026-01-01T00:00:00+00:00").model_dump(mode="json"))
+    res = runner.invoke(app, ["evaluate", "--store", store.url])
+    assert res.exit_code == 0, res.output
+    out = res.stdout
+    assert "Evaluation on 3 held-out queries" in out and "rm:judge" in out and "rm:exact" in out
+    assert "│ router     │ 0.5000 │   0.5000 │        - │" in out
+    assert "Mean reward per tag" in out and "router sends: a 67%, b 33%" in out
+    assert f"report: {store.url}/evaluations/e1/report.md" in out
+    assert EvalReport.model_validate(json.loads(runner.invoke(app, ["evaluate", "--store", store.url,
+                                                                    "--json"]).stdout)) == report
+
+
+def test_run_summary_for_a_person():
+    import io
+
+    from rich.console import Console
+
+    from flows.cli import _show_outcome
+    from schemas.evaluation import EvalReport, StrategyRow
+    from schemas.manifest import ChampionDecision, Outcome, RunManifest, StageRecord
+
+    m = RunManifest(run_id="r1", flow="label", config={}, timings={"total_s": 41.6},
+                    generate=[StageRecord(name="a", fingerprint="f", cells_computed=2, cells_reused=1)],
+                    score=[StageRecord(name="rm", fingerprint="g", cells_reused=3)],
+                    champion=ChampionDecision(decision="promoted", reason="no champion yet", challenger="r",
+                                              challenger_reward=0.5))
+    report = EvalReport(evaluation="e", labels="l", router="r", experts=["a"], test_queries=1, best_single="a",
+                        rows=[StrategyRow(strategy="router", reward=0.5, expert_calls=1, rm_calls=0)],
+                        router_share={"a": 1.0})
+    buf = io.StringIO()
+    _show_outcome(Console(file=buf, width=150), Outcome(manifest=m, report=report, manifest_uri="s/runs/r1/m.json",
+                                                        report_uri="s/evaluations/e/report.md"))
+    out = buf.getvalue()
+    assert "generation + scoring cells: 2 computed, 4 reused" in out and "run r1 took 42s" in out
+    assert "champion/challenger: promoted (no champion yet; challenger 0.5000, champion -)" in out
+    assert "manifest: s/runs/r1/m.json\nreport:   s/evaluations/e/report.md" in out

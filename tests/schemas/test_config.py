@@ -1,8 +1,14 @@
-"""Config validation: one-line errors that name the file and the key."""
+"""Config validation: one-line errors that name the file and the key; every schema field is documented."""
+
+import importlib
+import inspect
+import pkgutil
 
 import pytest
 import yaml
+from pydantic import BaseModel
 
+import schemas
 from schemas.config import ConfigError, load_config
 
 
@@ -42,3 +48,26 @@ def test_invalid_yaml_names_line(tmp_path):
     p.write_text("store: x\ndata: [\n")
     with pytest.raises(ConfigError, match=r"c.yaml:\d+: invalid YAML"):
         load_config(p)
+
+
+def _models() -> list[type]:
+    """Every pydantic model defined in a module of schemas/."""
+    out = []
+    for info in pkgutil.iter_modules(schemas.__path__):
+        mod = importlib.import_module(f"schemas.{info.name}")
+        out += [c for _, c in inspect.getmembers(mod, inspect.isclass)
+                if issubclass(c, BaseModel) and c.__module__ == mod.__name__]
+    return out
+
+
+def test_models_found():
+    names = {m.__name__ for m in _models()}
+    assert {"FlowConfig", "ExpertSpec", "RunManifest", "EvalReport", "Champion"} <= names
+
+
+@pytest.mark.parametrize("module", ["config", "manifest", "evaluation"])
+def test_every_field_has_a_description(module):
+    """What `zooter` users read about a key comes from here: a field without a description is undocumented."""
+    missing = [f"{m.__name__}.{name}" for m in _models() if m.__module__ == f"schemas.{module}"
+               for name, field in m.model_fields.items() if not (field.description or "").strip()]
+    assert not missing, f"fields without a description: {missing}"

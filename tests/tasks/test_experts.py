@@ -1,0 +1,110 @@
+"""experts: round-trip edits of a user's YAML keep its comments, order, formatting and permissions."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from schemas.config import ConfigError
+from tasks.experts import add_expert, list_experts, remove_expert
+
+QUICKSTART = Path(__file__).resolve().parents[2] / "examples" / "quickstart.yaml"
+SPEC = {"name": "tiny", "model": "packaged:smollm2-135m-instruct", "sampling": {"max_new_tokens": 8},
+        "resources": {"pool_size": 2}}
+
+
+def comments(text: str) -> list[str]:
+    return [line for line in text.splitlines() if "#" in line]
+
+
+@pytest.fixture
+def quickstart(tmp_path) -> Path:
+    path = tmp_path / "quickstart.yaml"
+    shutil.copy(QUICKSTART, path)
+    path.chmod(0o640)
+    return path
+
+
+def test_add_then_remove_gives_the_file_back_byte_for_byte(quickstart):
+    before = quickstart.read_text()
+    assert len(comments(before)) == 16
+    add_expert(quickstart, SPEC)
+    added = quickstart.read_text()
+    assert comments(added) == comments(before)  # all 16 comment lines, unchanged
+    assert added.startswith(before[:before.index("reward_models:") - 1])  # everything before the new entry as it was
+    assert "  - name: tiny\n    model: packaged:smollm2-135m-instruct\n" in added
+    # nested mappings in the flow style its siblings use, and their dtype (all float32; the schema says bfloat16)
+    assert "    sampling: {max_new_tokens: 8}\n    resources: {pool_size: 2}\n    dtype: float32\n" in added
+    assert [e.name for e in list_experts(quickstart)] == ["smollm2", "gemma3", "qwen-coder", "tiny"]
+    assert (quickstart.stat().st_mode & 0o777) == 0o640
+    remove_expert(quickstart, "tiny")
+    assert quickstart.read_text() == before
+    assert (quickstart.stat().st_mode & 0o777) == 0o640
+    assert sorted(p.name for p in quickstart.parent.iterdir()) == ["quickstart.yaml"]  # no temp file left
+
+
+def test_remove_keeps_the_rest(quickstart):
+    before = quickstart.read_text()
+    remove_expert(quickstart, "gemma3")
+    after = quickstart.read_text()
+    gemma = before[before.index("  - name: gemma3"):before.index("  - name: qwen-coder")]
+    assert after == before.replace(gemma, "")
+    remove_expert(quickstart, "qwen-coder")  # the last one: the blank line before reward_models stays
+    assert "threads: 1}\n\nreward_models:" in quickstart.read_text()
+
+
+def test_comments_after_a_removed_expert_stay(tmp_path):
+    path = tmp_path / "c.yaml"
+    text = ("store: s   # where\ndata: {path: q.jsonl}\nexperts:\n- name: a\n  model: packaged:x\n"
+            "- name: b\n  model: packaged:y\n  sampling:\n    max_new_tokens: 4\n\n# about c\n"
+            "- name: c\n  model: packaged:z\nreward_models:\n- {name: exact, kind: verifiable}\n")
+    path.write_text(text)
+    remove_expert(path, "b")
+    assert path.read_text() == text.replace("- name: b\n  model: packaged:y\n  sampling:\n    max_new_tokens: 4\n",
+                                            "")
+
+
+def test_dtype_default_follows_the_config(tmp_path):
+    cfg = {"store": "s", "data": {"path": "q.jsonl"}, "reward_models": [{"name": "exact", "kind": "verifiable"}],
+           "experts": [{"name": "a", "model": "packaged:x", "dtype": "float16"},
+                       {"name": "b", "model": "packaged:y", "dtype": "float16"}]}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    add_expert(path, {"name": "c", "model": "packaged:z"})
+    assert yaml.safe_load(path.read_text())["experts"][2]["dtype"] == "float16"  # the one they share
+    add_expert(path, {"name": "d", "model": "packaged:z", "dtype": "float32"})  # an explicit dtype wins
+    add_expert(path, {"name": "e", "model": "packaged:z"})  # they disagree now: the schema default
+    experts = yaml.safe_load(path.read_text())["experts"]
+    assert experts[3]["dtype"] == "float32" and "dtype" not in experts[4]
+    assert [e.dtype for e in list_experts(path)] == ["float16", "float16", "float16", "float32", "bfloat16"]
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda p: add_expert(p, {"name": "smollm2", "model": "packaged:x"}), "exists already"),
+    (lambda p: add_expert(p, {"name": "x", "model": "packaged:x", "dtype": "int3"}), r"expert dtype: Input should"),
+    (lambda p: add_expert(p, {"name": "../x", "model": "packaged:x"}), r"expert name: .*must match"),
+    (lambda p: remove_expert(p, "nope"), r"no expert named 'nope' \(have \['smollm2', 'gemma3', 'qwen-coder'\]\)"),
+])
+def test_bad_edits_leave_the_file_alone(quickstart, change, match):
+    before = quickstart.read_text()
+    with pytest.raises(ConfigError, match=match):
+        change(quickstart)
+    assert quickstart.read_text() == before
+
+
+def test_the_last_expert_stays(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("store: s\ndata: {path: q.jsonl}\nexperts:\n- {name: a, model: packaged:x}\n"
+                    "reward_models:\n- {name: exact, kind: verifiable}\n")
+    with pytest.raises(ConfigError, match="experts: at least one expert is required"):
+        remove_expert(path, "a")
+
+
+def test_invalid_yaml_names_the_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("store: s\nexperts: [\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml:\d+: invalid YAML"):
+        list_experts(path)
