@@ -3,7 +3,7 @@
 Many users already have a score table (a benchmark run, a human rating pass). Importing it writes exactly the
 artifacts that aggregate -> train_router -> evaluate read: query shards (with `split` and the task as a tag) and
 one score cell per (expert, shard) under a reward model named after the import; then an import record
-`imports/<name>.json` that says which experts and score source the training flow should use.
+(`schemas.artifacts.import_path`) that says which experts and score source the training flow should use.
 
 Formats:
 - `routerdc`: RouterDC's score tables, a folder of `<task>_{train,test}.json` (or `<task>-train.json`) files,
@@ -23,10 +23,11 @@ from pathlib import Path
 
 import polars as pl
 
-from schemas.artifacts import QUERIES, SCORES, fingerprint, queries_path, score_path
+from schemas.artifacts import QUERIES, SCORES, fingerprint, import_path, queries_path, score_path
 from schemas.config import NAME_RE
+from schemas.errors import ArtifactError, InputError
 from schemas.store import Store
-from tasks.ingest import InputError, store_shards, text_id, write_shards
+from tasks.ingest import store_shards, text_id, write_shards
 
 CODE_VERSION = 1
 FORMATS = ("routerdc", "long")
@@ -46,10 +47,6 @@ class ImportRecord:
 
     def to_json(self) -> dict:
         return self.__dict__ | {"experts": [list(e) for e in self.experts]}
-
-
-def import_path(name: str) -> str:
-    return f"imports/{name}.json"
 
 
 def read_routerdc(folder: str | Path) -> pl.DataFrame:
@@ -84,7 +81,10 @@ def read_routerdc(folder: str | Path) -> pl.DataFrame:
         parts.append(pl.DataFrame({"query_id": ids, "text": texts, "expert": experts, "score": scores})
                      .with_columns(credit.alias("score"), pl.lit(split).alias("split"),
                                    pl.lit([task], dtype=pl.List(pl.String)).alias("tags")))
-    return pl.concat(parts)
+    long = pl.concat(parts)
+    if long.height == 0:
+        raise InputError(f"{folder}: the RouterDC tables hold no scores, nothing to import")
+    return long
 
 
 def read_long(path: str | Path) -> pl.DataFrame:
@@ -92,7 +92,8 @@ def read_long(path: str | Path) -> pl.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: score table not found")
-    readers = {".csv": pl.read_csv, ".parquet": pl.read_parquet, ".jsonl": pl.read_ndjson}
+    readers = {".csv": lambda p: pl.read_csv(p, infer_schema=False),  # text as written: ids like 007 stay
+               ".parquet": pl.read_parquet, ".jsonl": pl.read_ndjson}
     if path.suffix not in readers:
         raise InputError(f"{path}: unsupported score table type {path.suffix!r} (use .csv, .parquet or .jsonl)")
     try:
@@ -103,6 +104,10 @@ def read_long(path: str | Path) -> pl.DataFrame:
     if missing:
         raise InputError(f"{path}: missing column(s) {missing}; need query, expert, score "
                          "(optional: query_id, tags or task, split)")
+    if df.height == 0:
+        raise InputError(f"{path}: no rows, nothing to import (need one row per scored (query, expert))")
+    if "query_id" in df.columns and not (df.schema["query_id"] == pl.String or df.schema["query_id"].is_integer()):
+        raise InputError(f"{path}: column 'query_id' is {df.schema['query_id']}; ids must be strings or integers")
     row = lambda i: i + (2 if path.suffix == ".csv" else 1)  # noqa: E731 - csv line 1 is the header
     bad = df.with_row_index().filter(pl.col("query").is_null() | (pl.col("query").cast(pl.String).str.strip_chars()
                                                                   == "") | pl.col("expert").is_null())
@@ -192,6 +197,10 @@ def read_import(store: Store, name: str) -> ImportRecord:
     rel = import_path(name)
     if not store.exists(rel):
         raise InputError(f"{store.uri(rel)}: no import named {name!r}; run `zooter import-scores` first")
-    d = store.read_json(rel)
-    return ImportRecord(d["name"], d["rm_fingerprint"], [tuple(e) for e in d["experts"]], d["shards"], d["rows"],
-                        d["queries"])
+    try:
+        d = store.read_json(rel)
+        return ImportRecord(d["name"], d["rm_fingerprint"], [tuple(e) for e in d["experts"]], d["shards"],
+                            d["rows"], d["queries"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ArtifactError(f"{store.uri(rel)}: corrupted import record ({type(e).__name__}: {e}); run "
+                            "`zooter import-scores` again") from None

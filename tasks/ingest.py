@@ -1,7 +1,9 @@
 """ingest: read the query file, validate every row, give each query a stable id, append new queries as new shards.
 
-Existing shards never change: a query already in the store keeps its shard, so every cell computed for that shard
-stays valid. Bad input stops here, before anything is written, with the file and line in the message.
+Ids are kept as written: strings, or integers as their decimal digits (CSV cells are text, so `007` stays "007");
+a float, boolean, list or object id is an error, and so is a text without a visible character. Existing shards
+never change: a query already in the store keeps its shard, so every cell computed for that shard stays valid.
+Bad input stops here, before anything is written, with the file and line in the message.
 """
 
 from __future__ import annotations
@@ -9,18 +11,17 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 import polars as pl
 import pyarrow as pa
 
 from schemas.artifacts import QUERIES, queries_path, shard_index
-from schemas.config import ConfigError, DataConfig
+from schemas.config import DataConfig
+from schemas.errors import InputError
 from schemas.store import Store
-
-
-class InputError(ConfigError):
-    """Bad input data; the message names the file and line."""
+from tasks.records import check_file, is_text, records, schema, visible
 
 
 def text_id(text: str) -> str:
@@ -31,70 +32,62 @@ def _as_tags(v: object, where: str) -> list[str]:
     if v is None:
         return []
     if isinstance(v, str):
-        return [v] if v.strip() else []
+        return [v] if visible(v) else []
     if isinstance(v, list | tuple) and all(isinstance(t, str) for t in v):
-        return [t for t in v if t.strip()]
+        return [t for t in v if visible(t)]
     raise InputError(f"{where}: tags must be a string or a list of strings, got {type(v).__name__}")
 
 
-def _rows_jsonl(path: Path) -> list[tuple[int, dict]]:
-    rows = []
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise InputError(f"{path}:{n}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{n}: malformed JSON ({e.msg}, column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise InputError(f"{path}:{n}: each line must be a JSON object")
-            rows.append((n, obj))
-    return rows
+def _as_written(v: object, where: str, field: str) -> str:
+    """An id or reference as written: a string, or an integer as its decimal digits; anything else is an error
+    (a float, boolean, list or object has no one way to be written)."""
+    if isinstance(v, str) and visible(v):
+        return v
+    if isinstance(v, int) and not isinstance(v, bool):
+        return str(v)
+    got = f"{v!r:.40}" if isinstance(v, str) else f"{type(v).__name__} {json.dumps(v, default=str):.40}"
+    raise InputError(f"{where}: field {field!r} must be a string with a visible character or an integer, got {got}")
 
 
-def _rows_table(path: Path) -> list[tuple[int, dict]]:
-    try:
-        df = pl.read_parquet(path) if path.suffix == ".parquet" else pl.read_csv(path)
-    except Exception as e:  # noqa: BLE001 - polars raises many types; the message is what matters
-        raise InputError(f"{path}: unreadable {path.suffix[1:]} file ({str(e).splitlines()[0]})") from None
-    first = 2 if path.suffix == ".csv" else 1  # csv line 1 is the header
-    return [(first + i, row) for i, row in enumerate(df.iter_rows(named=True))]
+def _check_columns(path: Path, cfg: DataConfig) -> None:
+    """A Parquet file's column types, before any row is read (CSV cells are all text; JSON is checked per line)."""
+    fields = schema(path) if path.suffix == ".parquet" else None
+    if fields is None:
+        return
+    rules = [(cfg.text_field, "data.text_field", "text", is_text),
+             (cfg.id_field, "data.id_field", "text or integers", lambda t: is_text(t) or pa.types.is_integer(t)),
+             (cfg.reference_field, "data.reference_field", "text or integers",
+              lambda t: is_text(t) or pa.types.is_integer(t)),
+             (cfg.tags_field, "data.tags_field", "text or lists of text",
+              lambda t: is_text(t) or (pa.types.is_list(t) or pa.types.is_large_list(t)) and is_text(t.value_type))]
+    for name, key, want, ok in rules:
+        if name and name in fields.names and not (ok(t := fields.field(name).type) or pa.types.is_null(t)):
+            raise InputError(f"{path}: column {name!r} is {t}; it must hold {want} ({key})")
 
 
 def read_queries(cfg: DataConfig) -> pl.DataFrame:
-    """Validate the whole input file and return one row per distinct query (QUERIES columns)."""
+    """Validate the input file (its first `data.limit` records) and return one row per distinct query (QUERIES
+    columns). Ids, texts and references are kept exactly as written (see `tasks.records`)."""
     path = Path(cfg.path)
-    if not path.is_file():
-        raise InputError(f"{path}: data file not found (data.path)")
-    if path.suffix == ".jsonl":
-        rows = _rows_jsonl(path)
-    elif path.suffix in (".parquet", ".csv"):
-        rows = _rows_table(path)
-    else:
-        raise InputError(f"{path}: unsupported data file type {path.suffix!r} (use .jsonl, .parquet or .csv)")
-    if cfg.limit:
-        rows = rows[: cfg.limit]
+    check_file(path, "data file", " (data.path)")
+    _check_columns(path, cfg)
     out: dict[str, dict] = {}
-    for line, obj in rows:
+    for line, obj in islice(records(path), cfg.limit):
         where = f"{path}:{line}"
         text = obj.get(cfg.text_field)
         if text is None:
             raise InputError(f"{where}: missing field {cfg.text_field!r} (data.text_field)")
-        if not isinstance(text, str) or not text.strip():
-            raise InputError(f"{where}: field {cfg.text_field!r} must be a non-empty string")
+        if not isinstance(text, str) or not visible(text):
+            raise InputError(f"{where}: field {cfg.text_field!r} must be a non-empty string with a visible "
+                             f"character, got {text!r:.40}")
         qid = obj.get(cfg.id_field) if cfg.id_field else None
         if cfg.id_field and qid is None:
             raise InputError(f"{where}: missing field {cfg.id_field!r} (data.id_field)")
-        qid = str(qid) if qid is not None else text_id(text)
-        ref = obj.get(cfg.reference_field) if cfg.reference_field else None
+        qid = _as_written(qid, where, cfg.id_field) if cfg.id_field else text_id(text)
+        ref = obj.get(cfg.reference_field) if cfg.reference_field else None  # "": none (an empty CSV cell)
         row = {"query_id": qid, "text": text, "source_line": line,
                "input_tags": _as_tags(obj.get(cfg.tags_field) if cfg.tags_field else None, where),
-               "reference": None if ref is None else str(ref)}
+               "reference": None if ref is None or ref == "" else _as_written(ref, where, cfg.reference_field)}
         if qid in out:
             if out[qid]["text"] != text:
                 raise InputError(f"{where}: id {qid!r} was used at line {out[qid]['source_line']} "

@@ -1,122 +1,219 @@
 """route: send new queries to experts with the store's champion router.
 
-Reads JSONL, Parquet or CSV (by extension) in batches, so files larger than memory stream through; writes each
-input record back with `expert` (the chosen expert's name) and `probs` (expert -> probability). The output is
-written to a temporary file beside the target and renamed into place when complete.
+Every record comes back as written, with `expert` (the chosen expert's name) and `probs` (expert -> probability)
+added: all fields of every record (the union over the whole file, not the first record's), values and types as
+read by `tasks.records` (CSV cells stay text). A first pass checks the whole input and the output location before
+the router runs; the second routes in batches, so files larger than memory stream through. The output is written
+to a temporary file beside the target (created with the usual permissions, or the replaced file's) and renamed
+into place when complete; an error, Ctrl-C, SIGTERM or SIGHUP removes it.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import os
-import tempfile
+import signal
+import stat
+import threading
+import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
+import numpy as np
 import pyarrow as pa
-import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from cluster.router import Router
 from schemas.artifacts import CHAMPION_PATH
+from schemas.errors import ArtifactError, InputError
+from schemas.evaluation import read_champion
 from schemas.store import Store
-from tasks.ingest import InputError
+from tasks.records import Record, batches, check_file, check_suffix, is_text, schema, visible
 
-SUFFIXES = (".jsonl", ".parquet", ".csv")
+if TYPE_CHECKING:
+    from cluster.router import Router
+
+ADDED = ("expert", "probs")  # the fields routing adds
+
+
+class Routes(Protocol):
+    """What `route_file` needs of a router (cluster/router.py `Router`)."""
+
+    experts: list[str]
+
+    def probs(self, texts: list[str]) -> np.ndarray:
+        """(len(texts), len(experts)) probabilities."""
+        ...
 
 
 def champion(store: Store) -> Router:
-    if not store.exists(CHAMPION_PATH):
-        raise InputError(f"{store.uri(CHAMPION_PATH)}: the store has no champion router; train one first")
-    return Router.from_store(store, store.read_json(CHAMPION_PATH)["router"])
+    """The store's champion router, loaded for inference."""
+    champ = read_champion(store)
+    if champ is None:
+        raise ArtifactError(f"{store.uri(CHAMPION_PATH)}: the store has no champion router; train one first")
+    from cluster.router import Router  # torch + transformers: only when a router is loaded
+
+    return Router.from_store(store, champ.router_fp)
 
 
-def _batches(path: Path, batch_size: int) -> Iterator[list[tuple[int, dict]]]:
-    """(line or row number, record) batches."""
-    if path.suffix == ".jsonl":
-        batch = []
-        with open(path, "rb") as f:
-            for n, raw in enumerate(f, 1):
-                if not raw.strip():
-                    continue
-                try:
-                    obj = json.loads(raw.decode("utf-8"))
-                except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                    raise InputError(f"{path}:{n}: not a JSON line ({e})") from None
-                if not isinstance(obj, dict):
-                    raise InputError(f"{path}:{n}: each line must be a JSON object")
-                batch.append((n, obj))
-                if len(batch) == batch_size:
-                    yield batch
-                    batch = []
-        if batch:
-            yield batch
-        return
-    if path.suffix == ".parquet":
-        reader, first = pq.ParquetFile(path).iter_batches(batch_size=batch_size), 1
-    else:
-        reader, first = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=1 << 20)), 2
-    n = first
-    for rb in reader:
-        rows = rb.to_pylist()
-        yield list(zip(range(n, n + len(rows)), rows, strict=True))
-        n += len(rows)
-
-
-def _writer(path: Path):
-    """An append-only writer for the output type; returns (write(records), close())."""
-    if path.suffix == ".jsonl":
-        f = open(path, "w", encoding="utf-8")  # noqa: SIM115 - closed by close()
-        return (lambda recs: f.writelines(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in recs),
-                f.close)
-    state: dict = {}
-
-    def write(recs: list[dict]) -> None:
-        if path.suffix == ".csv":  # CSV has no maps: probs as a JSON string
-            recs = [r | {"probs": json.dumps(r["probs"])} for r in recs]
-        table = pa.Table.from_pylist(recs)
-        if "w" not in state:  # the first batch fixes the output schema; later batches are cast to it
-            state["schema"] = table.schema
-            state["w"] = pq.ParquetWriter(path, table.schema) if path.suffix == ".parquet" \
-                else pacsv.CSVWriter(path, table.schema)
-        state["w"].write_table(table.cast(state["schema"]))
-
-    return write, lambda: state["w"].close() if "w" in state else None
-
-
-def route_file(router: Router, src: str | Path, text_field: str, dst: str | Path, batch_size: int = 256) -> int:
-    """Route every record of `src` into `dst`; returns the number of records routed."""
+def route_file(router: Routes, src: str | Path, text_field: str, dst: str | Path, batch_size: int = 256,
+               overwrite: bool = False) -> int:
+    """Route every record of `src` into `dst`; returns the number of records routed. An input field named
+    `expert` or `probs` is an error unless `overwrite`."""
     src, dst = Path(src), Path(dst)
-    for p in (src, dst):
-        if p.suffix not in SUFFIXES:
-            raise InputError(f"{p}: unsupported file type {p.suffix!r} (use {', '.join(SUFFIXES)})")
-    if not src.is_file():
-        raise InputError(f"{src}: input file not found")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=dst.suffix)
-    os.close(fd)
-    total = 0
-    write, close = _writer(Path(tmp))
+    check_file(src, "input file")
+    _check_output(src, dst)
+    missing = [p for p in (dst.parent, *dst.parent.parents) if not p.exists()]  # nearest first
+    tmp = None
+    with _signals_raise():
+        try:
+            try:
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                tmp = _temp_beside(dst)
+            except FileExistsError as e:  # mkdir met a file where a folder is needed
+                raise InputError(f"{dst}: cannot write the output ({e.filename} is a file, not a folder)") from None
+            except OSError as e:
+                raise InputError(f"{dst}: cannot write the output ({e.filename}: {e.strerror})") from None
+            fields, n = _scan(src, text_field, dst.suffix == ".parquet", batch_size, overwrite)
+            with _writer(tmp, dst.suffix, fields, router.experts) as write, \
+                    tqdm(total=n, desc=f"route {src.name}", unit="q") as bar:
+                for batch in batches(src, batch_size):
+                    probs = router.probs([rec[text_field] for _, rec in batch])
+                    write([rec | {"expert": router.experts[int(p.argmax())],
+                                  "probs": dict(zip(router.experts, map(float, p), strict=True))}
+                           for (_, rec), p in zip(batch, probs, strict=True)])
+                    bar.update(len(batch))
+            os.replace(tmp, dst)  # complete output or none
+        except BaseException:
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
+            for p in missing:  # folders made for the output
+                with suppress(OSError):
+                    p.rmdir()
+            raise
+    return n
+
+
+def _check_output(src: Path, dst: Path) -> None:
+    """Everything about the output that can be known before anything is read or written."""
+    if dst.exists():
+        check_file(dst, "output file")
+        if os.path.samefile(src, dst):
+            raise InputError(f"{dst}: the output is the input file; write the routed records to another path")
+    else:
+        check_suffix(dst, "output file")
+
+
+def _temp_beside(dst: Path) -> Path:
+    """An empty file next to `dst`, with the mode a new file gets (umask) or, when `dst` exists, its mode."""
+    tmp = dst.parent / f".{dst.name}.{uuid.uuid4().hex[:12]}.tmp"
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # 0o666 & ~umask, unlike mkstemp's 0600
+    if dst.exists():
+        os.chmod(tmp, stat.S_IMODE(dst.stat().st_mode))
+    return tmp
+
+
+@contextmanager
+def _signals_raise() -> Iterator[None]:
+    """While routing, SIGINT raises KeyboardInterrupt and SIGTERM/SIGHUP raise SystemExit(128 + signal), so the
+    cleanup in `route_file` runs instead of the process dying with a temp file left (ignored signals stay so)."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+
+    def stop(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
+
+    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    for s, handler in old.items():
+        if handler is not signal.SIG_IGN:
+            signal.signal(s, stop)
     try:
-        with tqdm(desc=f"route {src.name}", unit="q") as bar:
-            for batch in _batches(src, batch_size):
-                texts = []
-                for n, rec in batch:
-                    text = rec.get(text_field)
-                    if not isinstance(text, str) or not text.strip():
-                        raise InputError(f"{src}:{n}: field {text_field!r} must be a non-empty string (--text-field)")
-                    texts.append(text)
-                probs = router.probs(texts)
-                write([rec | {"expert": router.experts[int(p.argmax())],
-                              "probs": dict(zip(router.experts, map(float, p), strict=True))}
-                       for (_, rec), p in zip(batch, probs, strict=True)])
-                total += len(batch)
-                bar.update(len(batch))
-        close()
-        os.replace(tmp, dst)  # complete output or none
-    except BaseException:
-        close()
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return total
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+def _scan(src: Path, text_field: str, typed: bool, batch_size: int, overwrite: bool) -> tuple[pa.Schema, int]:
+    """Check every record; returns the output's input fields and the record count. The fields' types are the file's
+    (Parquet), text (CSV) or, for JSONL, inferred over the whole file when `typed` (a Parquet output), else null."""
+    fixed = schema(src)
+    if fixed is not None:  # Parquet, CSV: the fields are the file's
+        clash = [f for f in ADDED if f in fixed.names]
+        if clash and not overwrite:
+            raise InputError(f"{src}: field {clash[0]!r} already exists; routing adds 'expert' and 'probs' "
+                             "(--overwrite replaces them)")
+        if text_field not in fixed.names:
+            raise InputError(f"{src}: no field {text_field!r} (fields: {', '.join(fixed.names)}) (--text-field)")
+        if not (is_text(t := fixed.field(text_field).type) or pa.types.is_null(t)):  # all-null: a row error below
+            raise InputError(f"{src}: field {text_field!r} is {t}, not text (--text-field)")
+    types: dict[str, pa.DataType] = {}
+    n = 0
+    for batch in batches(src, batch_size):
+        for line, rec in batch:
+            text = rec.get(text_field)
+            if not isinstance(text, str) or not visible(text):
+                raise InputError(f"{src}:{line}: field {text_field!r} must be a non-empty string with a visible "
+                                 f"character, got {text!r:.40} (--text-field)")
+            if fixed is None and not overwrite and (clash := [f for f in ADDED if f in rec]):
+                raise InputError(f"{src}:{line}: field {clash[0]!r} already exists; routing adds 'expert' and "
+                                 "'probs' (--overwrite replaces them)")
+        n += len(batch)
+        if fixed is None:
+            for f in dict.fromkeys(k for _, rec in batch for k in rec):
+                if f not in ADDED:
+                    types[f] = _column_type(src, f, types.get(f, pa.null()), batch) if typed else pa.null()
+    fields = fixed if fixed is not None else pa.schema(list(types.items()))
+    return pa.schema([f for f in fields if f.name not in ADDED]), n
+
+
+def _unify(field: str, a: pa.DataType, b: pa.DataType) -> pa.DataType:
+    return pa.unify_schemas([pa.schema([(field, a)]), pa.schema([(field, b)])],
+                            promote_options="permissive").field(0).type
+
+
+def _column_type(src: Path, field: str, before: pa.DataType, batch: list[Record]) -> pa.DataType:
+    """The one Parquet type that holds `field` of the lines before and of `batch` (ints and floats: double; null
+    fits anything); a value that fits no such type is an error at its line."""
+    values = [rec.get(field) for _, rec in batch]
+    try:
+        return _unify(field, before, pa.array(values).type)
+    except (pa.ArrowException, OverflowError):
+        pass
+    for i, (line, _) in enumerate(batch):  # find the first line that does not fit the lines above it
+        try:
+            _unify(field, before, pa.array(values[: i + 1]).type)
+        except (pa.ArrowException, OverflowError) as e:
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise InputError(f"{src}:{line}: field {field!r} does not fit one Parquet column with the lines above "
+                             f"({reason}); a .jsonl output keeps mixed types") from None
+    raise AssertionError("pa.array failed on the whole batch but on no prefix of it")
+
+
+def _cell(v: object) -> str:
+    """A CSV cell: text as is, null empty, anything else as JSON (numbers, true/false, lists, objects)."""
+    return "" if v is None else v if isinstance(v, str) else json.dumps(v, ensure_ascii=False, default=str)
+
+
+@contextmanager
+def _writer(path: Path, suffix: str, fields: pa.Schema, experts: list[str]) -> Iterator:
+    """write(records) for the output type; the header or schema is written first, so an empty input gives a valid
+    empty file of its format."""
+    if suffix == ".parquet":
+        out = pa.schema([*fields, ("expert", pa.string()),
+                         ("probs", pa.struct([(e, pa.float64()) for e in experts]))])
+        with pq.ParquetWriter(path, out) as w:
+            yield lambda recs: w.write_table(pa.Table.from_pylist(recs, schema=out))
+        return
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        if suffix == ".jsonl":
+            yield lambda recs: f.writelines(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in recs)
+            return
+        names = [*fields.names, *ADDED]
+        w = csv.writer(f)  # "\r\n" lines (RFC 4180): then a field holding "\r" or "\n" is quoted
+        w.writerow(names)
+        yield lambda recs: w.writerows([_cell(r.get(k)) for k in names] for r in recs)

@@ -5,10 +5,10 @@ import json
 import polars as pl
 import pytest
 
-from schemas.artifacts import QUERIES, SCORES, queries_path, score_path
+from schemas.artifacts import QUERIES, SCORES, import_path, queries_path, score_path
+from schemas.errors import ArtifactError, InputError
 from schemas.store import Store
 from tasks.import_scores import ROUTERDC_BINARY, import_scores, read_import, read_long, read_routerdc
-from tasks.ingest import InputError
 
 EXPERTS = ["org/model-a", "org/model-b"]
 
@@ -73,6 +73,7 @@ def test_long_csv_with_tasks_and_splits(tmp_path):
     ("query,expert,score\nq,a,1\nq,a,2\n", "has 2 scores for expert 'a'"),
     ("query,expert,score\nq,a,high\n", "column 'score' must be numeric"),
     ("query,expert,score\n,a,1\n", "scores.csv:2: empty query or expert"),
+    ("query,expert,score\n", "scores.csv: no rows, nothing to import"),
 ])
 def test_bad_long_tables_name_the_problem(tmp_path, body, message):
     p = tmp_path / "scores.csv"
@@ -82,8 +83,32 @@ def test_bad_long_tables_name_the_problem(tmp_path, body, message):
         read_long(p)
 
 
+def test_csv_ids_stay_as_written_and_float_ids_are_refused(tmp_path):
+    p = tmp_path / "scores.csv"
+    p.write_text("query_id,query,expert,score\n007,q,a,1\n007,q,b,0.5\n")
+    assert read_long(p)["query_id"].to_list() == ["007", "007"]
+    p = tmp_path / "scores.jsonl"
+    p.write_text('{"query_id": 1.0, "query": "q", "expert": "a", "score": 1}\n')
+    with pytest.raises(InputError, match="scores.jsonl: column 'query_id' is Float64; ids must be strings or int"):
+        read_long(p)
+
+
 def test_bad_routerdc_folder_and_import_name(tmp_path):
     with pytest.raises(InputError, match="no RouterDC tables"):
         read_routerdc(tmp_path)
+    (tmp_path / "mmlu_train.json").write_text("[]")
+    with pytest.raises(InputError, match="the RouterDC tables hold no scores"):
+        read_routerdc(tmp_path)
     with pytest.raises(InputError, match="--name"):
         import_scores(Store(str(tmp_path / "s")), read_routerdc(routerdc_dir(tmp_path)), "../escape")
+
+
+def test_import_record_lives_at_its_path_and_a_missing_or_corrupted_one_says_so(tmp_path):
+    store = Store(str(tmp_path / "s"))
+    with pytest.raises(InputError, match=r"imports/rdc.json: no import named 'rdc'"):
+        read_import(store, "rdc")
+    rec = import_scores(store, read_routerdc(routerdc_dir(tmp_path)), "rdc")
+    assert store.read_json(import_path("rdc")) == rec.to_json() and import_path("rdc") == "imports/rdc.json"
+    store.write_bytes(import_path("rdc"), b'{"name": "rdc"}')
+    with pytest.raises(ArtifactError, match=r"imports/rdc.json: corrupted import record \(KeyError"):
+        read_import(store, "rdc")
