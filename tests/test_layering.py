@@ -1,0 +1,48 @@
+"""The layout shows the DAG: flows -> tasks -> cluster -> schemas, never the other way round.
+
+Every import of a project package in every module (top level or inside a function) is read from the source with
+`ast`, so a lazy import inside a function cannot hide a cycle either.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("flows", "tasks", "cluster", "schemas")
+# What each layer may import from the project (itself included).
+ALLOWED = {
+    "schemas": {"schemas"},
+    "cluster": {"cluster", "schemas"},
+    "tasks": {"tasks", "cluster", "schemas"},
+    "flows": {"flows", "tasks", "cluster", "schemas"},
+}
+
+
+def project_imports(path: Path) -> set[tuple[str, int]]:
+    """(imported project package, line) for every import statement in a module."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+        found |= {(n.split(".")[0], node.lineno) for n in names if n.split(".")[0] in PACKAGES}
+    return found
+
+
+@pytest.mark.parametrize("layer", PACKAGES)
+def test_layer_imports_only_what_is_below_it(layer):
+    bad = [f"{p.relative_to(ROOT)}:{line} imports {pkg}"
+           for p in sorted((ROOT / layer).rglob("*.py"))
+           for pkg, line in sorted(project_imports(p)) if pkg not in ALLOWED[layer]]
+    assert not bad, "layering broken:\n" + "\n".join(bad)
+
+
+def test_every_layer_has_modules():
+    for layer in PACKAGES:
+        assert list((ROOT / layer).glob("*.py")), layer
