@@ -25,12 +25,12 @@ from cluster.router import Router
 from schemas.artifacts import LABELS, labels_path
 from schemas.config import RayConfig, TrainConfig, load_config
 from schemas.store import Store
-from tasks.aggregate import ScoreSource, run_aggregate
+from tasks.aggregate import ScoreSource, run_aggregate, train_val
 from tasks.embed import run_embed
 from tasks.evaluate import per_tag_means
 from tasks.import_scores import read_import
 from tasks.tag import make_tagger, run_tag
-from tasks.train_router import run_train_router, train_val, with_features
+from tasks.train_router import run_train_router, with_features
 
 ROOT = Path(__file__).resolve().parent.parent
 GRID = {"beta": [0.3, 1.0, 0.0], "tag_temperature": [None, 0.05], "loss": ["kl", "hard"], "head_hidden": [0, 256]}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -31,7 +32,9 @@ K = TypeVar("K", bound=Hashable)
 
 
 def connect(cfg: RayConfig) -> None:
-    """Join the configured cluster, or start embedded local Ray once per process."""
+    """Join the configured cluster, or start embedded local Ray once per process: always a new private instance
+    (`address="local"`), never one that RAY_ADDRESS or /tmp/ray/ray_current_cluster points at, which ray.init's
+    default (`address=None`) would attach to."""
     if ray.is_initialized():
         return
     env = {k: os.environ[k] for k in _ENV_PASSTHROUGH if k in os.environ}
@@ -42,19 +45,32 @@ def connect(cfg: RayConfig) -> None:
     if cfg.address:
         ray.init(address=cfg.address, **kw)
     else:
+        # The job's workers look Ray up as well: Ray Train's placement-group cleaner asks the state API, which
+        # takes RAY_ADDRESS, else every Ray on the machine ("Found multiple active Ray instances" when there are
+        # two). So the GCS port is fixed up front and the workers are told which Ray is theirs.
+        from ray._private import ray_constants
+
+        with socket.socket() as sock:
+            sock.bind((LOOPBACK, 0))
+            port = sock.getsockname()[1]
+        env["RAY_ADDRESS"] = f"{LOOPBACK}:{port}"
+        saved_port = os.environ.get(ray_constants.GCS_PORT_ENVIRONMENT_VARIABLE)
+        os.environ[ray_constants.GCS_PORT_ENVIRONMENT_VARIABLE] = str(port)
         # Embedded Ray serves this process only, but on Linux Ray advertises the host's IP as the node IP and
         # binds its GCS, raylet, worker and agent servers to it or to all interfaces (0.0.0.0/::): reachable from
         # the network. Ray's single-machine path (its default on macOS/Windows) makes the node IP loopback, so
         # every one of them binds 127.0.0.1 (tests/flows/test_security.py lists the listening sockets). Passing
         # `_node_ip_address` alone is not enough: on that path ray.init resolves 127.0.0.1 back to the host's IP.
-        from ray._private import ray_constants
-
         cluster, ray_constants.ENABLE_RAY_CLUSTER = ray_constants.ENABLE_RAY_CLUSTER, False
         try:
-            ray.init(num_cpus=cfg.num_cpus, _node_ip_address=LOOPBACK,
+            ray.init(address="local", num_cpus=cfg.num_cpus, _node_ip_address=LOOPBACK,
                      object_store_memory=512 * 1024**2, **kw)
         finally:
             ray_constants.ENABLE_RAY_CLUSTER = cluster
+            if saved_port is None:
+                os.environ.pop(ray_constants.GCS_PORT_ENVIRONMENT_VARIABLE)
+            else:
+                os.environ[ray_constants.GCS_PORT_ENVIRONMENT_VARIABLE] = saved_port
     log.info("Ray resources: %s", ray.cluster_resources())
 
 

@@ -285,11 +285,9 @@ def relabel(config: ConfigArg, json_out: JsonOpt = False) -> Result:
 def train(config: ConfigArg, json_out: JsonOpt = False) -> Result:
     """aggregate -> train_router -> evaluate -> publish over imported scores (a `zooter-train` Prefect flow)."""
     from schemas.config import TrainConfig
-    from schemas.store import Store
-    from tasks.import_scores import read_import
+    from tasks.preflight import preflight_train
 
-    cfg = load_config(config, model=TrainConfig)
-    read_import(Store.from_config(cfg.store), cfg.source)  # fails before the flow starts
+    preflight_train(load_config(config, model=TrainConfig))  # fails before the flow starts
     from flows.train import train_flow
 
     return _outcome(train_flow(str(config.resolve())))

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from schemas.errors import ConfigError
 
@@ -28,8 +28,30 @@ def check_name(v: str) -> str:
     return v
 
 
+def _given(v: str) -> str:
+    if not v.strip():  # "" would resolve to the config's own folder, " " to a file named blank
+        raise ValueError("must not be empty")
+    return v
+
+
+# A path, URL, model source or column name: empty or blank is an error, never "the current folder".
+Given = Annotated[str, AfterValidator(_given)]
+
+
+def store_url_problem(url: str) -> str | None:
+    """What is wrong with a store URL (None: nothing): empty, or a remote scheme without a bucket (`s3://`,
+    `s3:///x`). Also checked by `schemas.store.Store`, which `--store` options reach without a config."""
+    if not url.strip():
+        return "must not be empty"
+    scheme, sep, rest = url.partition("://")
+    if sep and scheme != "file" and not rest.split("/", 1)[0]:
+        return f"{url!r} names no bucket (use {scheme}://bucket/prefix)"
+    return None
+
+
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: `.inf` / `.nan` in YAML are floats to PyYAML; no knob here means anything with them
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Resources(Strict):
@@ -48,14 +70,15 @@ class Sampling(Strict):
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling: keep the smallest token set with this "
                          "total probability (1 = off; only used when temperature > 0).")
     seed: int = Field(0, description="Sampling seed (per shard: seed + shard index).")
-    stop: list[str] = Field(default_factory=list, description="Stop strings; the answer is cut before the first.")
+    stop: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=list, description="Stop strings; the answer is cut before the first.")
 
 
 class ModelRef(Strict):
     """Where model weights come from: `packaged:<name>` (see cluster/models.py) or a local HF directory."""
 
-    model: str = Field(description="`packaged:<name>` or a local directory with an HF model.")
-    revision: str | None = Field(None, description="Weights revision for local dirs; part of the fingerprint.")
+    model: Given = Field(description="`packaged:<name>` or a local directory with an HF model.")
+    revision: Given | None = Field(None, description="Weights revision for local dirs; part of the fingerprint.")
     dtype: Dtype = Field("bfloat16", description="Compute dtype.")
     trust_remote_code: bool = Field(False, description="Allow model code from the model dir (off by default).")
 
@@ -68,7 +91,7 @@ class ExpertSpec(ModelRef):
                                       "KV cache for (prompt + answer).")
     tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs per engine; > 1 places the actor's "
                                       "workers in a Ray placement group.")
-    prompt: str = Field("chat", description="Prompt template: `chat` (the tokenizer's chat template) or a file "
+    prompt: Given = Field("chat", description="Prompt template: `chat` (the tokenizer's chat template) or a file "
                         "name in tasks/prompts/ or a path to a template with a {query} placeholder.")
     sampling: Sampling = Field(default_factory=Sampling, description="How answers are generated.")
     resources: Resources = Field(default_factory=Resources, description="The expert's actor pool (not "
@@ -86,14 +109,14 @@ class RewardSpec(Strict):
         description="loglik = length-normalised log p(answer | prompt) under a judge LM (a proxy reward); "
         "classifier = AutoModelForSequenceClassification reward model (raw logit); "
         "verifiable = 1/0 match against the query's reference answer (null where there is none).")
-    model: str | None = Field(None, description="Model for loglik/classifier (as in ModelRef.model).")
-    revision: str | None = Field(None, description="Weights revision for local dirs; part of the fingerprint.")
+    model: Given | None = Field(None, description="Model for loglik/classifier (as in ModelRef.model).")
+    revision: Given | None = Field(None, description="Weights revision for local dirs; part of the fingerprint.")
     dtype: Dtype = Field("bfloat16", description="Compute dtype.")
     trust_remote_code: bool = Field(False, description="Allow model code from the model dir (off by default).")
     backend: Backend = Field("hf", description="classifier only: vllm = vLLM's pooling runner "
                                            "(raw logits), falling back to hf where it cannot load the model.")
     tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs per engine.")
-    prompt: str = Field("chat", description="How (query, answer) is rendered for the judge/classifier.")
+    prompt: Given = Field("chat", description="How (query, answer) is rendered for the judge/classifier.")
     max_length: int = Field(512, ge=16, description="Token limit of the scored text; longer text is truncated "
                             "from the left of the prompt.")
     weight: float = Field(1.0, description="Weight of this score in the combined reward.")
@@ -115,11 +138,12 @@ class RewardSpec(Strict):
 
 
 class DataConfig(Strict):
-    path: str = Field(description="Query file: .jsonl, .parquet or .csv.")
-    text_field: str = Field("text", description="Column with the query text.")
-    id_field: str | None = Field(None, description="Column with a stable id; default: hash of the text.")
-    tags_field: str | None = Field(None, description="Column with a tag or a list of tags.")
-    reference_field: str | None = Field(None, description="Column with a reference answer (verifiable reward).")
+    path: Given = Field(description="Query file: .jsonl, .parquet or .csv.")
+    # Column names are checked against the file's columns by preflight (tasks/preflight.py).
+    text_field: Given = Field("text", description="Column with the query text.")
+    id_field: Given | None = Field(None, description="Column with a stable id; default: hash of the text.")
+    tags_field: Given | None = Field(None, description="Column with a tag or a list of tags.")
+    reference_field: Given | None = Field(None, description="Column with a reference answer (verifiable reward).")
     shard_size: int = Field(16, ge=1, description="Queries per shard (fixed once a store has shards).")
     test_fraction: float = Field(0.25, ge=0, lt=1, description="Share of queries held out for evaluation "
                                  "(chosen by a hash of the query id, so it is stable as data grows).")
@@ -139,7 +163,7 @@ class AggregateConfig(Strict):
 
 
 class RouterConfig(Strict):
-    encoder: str = Field("packaged:all-minilm-l6-v2", description="Encoder: packaged name or local HF dir.")
+    encoder: Given = Field("packaged:all-minilm-l6-v2", description="Encoder: packaged name or local HF dir.")
     pooling: Literal["mean", "cls"] = Field("mean", description="Query vector: mean of the token states or the "
                                             "first ([CLS]) token's state.")
     max_length: int = Field(128, ge=8, le=4096, description="Token limit of a query (longer ones are cut).")
@@ -165,7 +189,9 @@ class RouterConfig(Strict):
 
 
 class RayConfig(Strict):
-    address: str | None = Field(None, description="None = embedded local Ray; `auto` or ray://... to join.")
+    address: Given | None = Field(
+        None, description="None = embedded local Ray: a private instance of this process, never one already running "
+        "on the machine (cluster/pool.py `connect`); `auto` or ray://... to join a cluster.")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of the embedded local Ray (default: all).")
 
 
@@ -183,13 +209,21 @@ class StoreConfig(Strict):
     def _from_url(cls, v: object) -> object:
         return {"url": v} if isinstance(v, str) else v  # `store: path` is short for `store: {url: path}`
 
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        problem = store_url_problem(v)
+        if problem:
+            raise ValueError(problem)
+        return v
+
 
 class TrainConfig(Strict):
     """`zooter train`: aggregate -> train_router -> evaluate -> publish over scores already in the store
     (written by `zooter import-scores`), without generating or scoring anything."""
     name: str = Field("zooter-train", description="Human name of this training job.")
     store: StoreConfig = Field(description="Where the imported scores are and the router goes.")
-    source: str = Field("imported", description="Name of the import (`zooter import-scores --name`).")
+    source: Given = Field("imported", description="Name of the import (`zooter import-scores --name`).")
     test_fraction: float = Field(0.25, ge=0, lt=1, description="Held-out share for queries without a split.")
     tagger: TaggerConfig = Field(default_factory=TaggerConfig, description="Where query tags come from.")
     aggregate: AggregateConfig = Field(default_factory=AggregateConfig, description="Rewards -> soft labels.")
@@ -230,13 +264,41 @@ def _loc(err: dict) -> str:
     return ".".join(str(p) for p in err["loc"]) or "<root>"
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (YAML forbids it; PyYAML keeps the last one
+    silently). Keys brought in by a `<<` merge may still be overridden: that is what merging is for."""
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode):
+            first: dict[object, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    seen = first.get(key)
+                except TypeError:  # an unhashable key: the base class reports it
+                    continue
+                if seen is not None:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r}, first at line {seen + 1}", key_node.start_mark)
+                first[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | Path, overrides: dict | None = None, model: type = FlowConfig):
     """Read a YAML config; relative data/model paths resolve against the config file's directory."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
+    data = path.read_bytes()
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"{path}: not UTF-8 (byte {e.start}, line {line}: {e.reason}); save it as UTF-8") from None
+    try:
+        raw = yaml.load(text, Loader=UniqueKeyLoader) or {}  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -251,7 +313,7 @@ def load_config(path: str | Path, overrides: dict | None = None, model: type = F
     except ValidationError as e:
         err = e.errors()[0]
         more = f" (+{len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
-        raise ConfigError(f"{path}: {_loc(err)}: {err['msg']}{more}") from None
+        raise ConfigError(f"{path}: {_loc(err)}: {err['msg'].removeprefix('Value error, ')}{more}") from None
     return resolve_paths(cfg, base)
 
 

@@ -28,6 +28,11 @@ class ArtifactError(ZooterError):
     """An artifact is missing, unreadable or does not match its schema."""
 
 
+class StoreRejected(ConfigError, OSError):
+    """The OS refused a local store operation (permission, read-only filesystem, a file in the way, disk full).
+    An OSError too, so code that tolerates a failing store call (lease heartbeats) still does."""
+
+
 class StoreUnavailable(ZooterError, OSError):
     """The store's endpoint stayed unreachable for the whole retry budget."""
 

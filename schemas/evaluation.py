@@ -6,12 +6,9 @@ corrupted or foreign file is one clear error naming the object.
 
 from __future__ import annotations
 
-from typing import TypeVar
-
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from schemas.artifacts import CHAMPION_PATH, EVALUATIONS_DIR, ROUTERS_DIR, report_path
-from schemas.errors import ArtifactError
 
 
 class _Model(BaseModel):
@@ -109,33 +106,18 @@ class Champion(_Model):
         return self.evaluation.removeprefix(f"{EVALUATIONS_DIR}/")
 
 
-M = TypeVar("M", bound=BaseModel)
-
-
-def _read(store, rel: str, model: type[M], bad: str) -> M:
-    """`rel` validated as `model`; missing or invalid is one ArtifactError naming the object (`bad`: what to say
-    about an invalid one)."""
-    try:
-        return model.model_validate_json(store.read_bytes(rel))
-    except FileNotFoundError:
-        raise ArtifactError(f"{store.uri(rel)}: missing") from None
-    except ValidationError as e:
-        err = e.errors()[0]
-        why = f"{'.'.join(map(str, err['loc']))}: {err['msg']}" if err["loc"] else err["msg"]
-        raise ArtifactError(f"{store.uri(rel)}: {bad.format(why=why)}") from None
-
-
 def read_champion(store) -> Champion | None:
     """The store's champion, None when there is none; a corrupted record is an ArtifactError that names the
     object and how to repair it. (`store` is a schemas.store.Store.)"""
     if not store.exists(CHAMPION_PATH):
         return None
-    return _read(store, CHAMPION_PATH, Champion, "corrupted champion record ({why}); delete it and rerun "
-                 "`zooter train`/`zooter run`, or restore it from a run manifest")
+    return store.read_model(CHAMPION_PATH, Champion, "corrupted champion record ({why}); delete it and rerun "
+                            "`zooter train`/`zooter run`, or restore it from a run manifest")
 
 
 def read_report(store, evaluation: str) -> EvalReport:
     """An evaluation's report, validated. `evaluation` is its fingerprint or its directory (`evaluations/<fp>`,
     as the champion record holds it)."""
-    return _read(store, report_path(evaluation.removeprefix(f"{EVALUATIONS_DIR}/")), EvalReport,
-                 "not an evaluation report ({why}); delete the folder to recompute it")
+    fp = evaluation.removeprefix(f"{EVALUATIONS_DIR}/")
+    return store.read_model(report_path(fp), EvalReport, f"not an evaluation report ({{why}}); delete the folder "
+                            f"{EVALUATIONS_DIR}/{fp} to recompute it (rerun the flow)")

@@ -6,11 +6,16 @@ becomes visible when its single PUT (or multipart upload) completes. So a reader
 A remote store retries every call that fails because the endpoint is unreachable (exponential backoff, a
 budget of `retries` attempts), then fails with `StoreUnavailable` naming the operation. Concurrent runs
 coordinate through leases (`schemas/leases.py`): each cell is computed by one run, the others wait for it.
+
+Problems the user fixes are one line naming the store and the object, never a traceback: a URL without a bucket
+or a file where the store's directory should be (at construction), a local store the OS refuses to write or read
+(`StoreRejected`), a corrupted JSON record (`read_model`: ArtifactError saying how to repair it).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import io
 import json
@@ -20,6 +25,7 @@ import posixpath
 import time
 import uuid
 from collections.abc import Callable, Hashable, Iterable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import fsspec
@@ -28,13 +34,25 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+from pydantic import BaseModel, ValidationError
 
 from schemas.artifacts import SCHEMA_VERSION
-from schemas.errors import ArtifactError, StoreUnavailable
+from schemas.config import store_url_problem
+from schemas.errors import ArtifactError, ConfigError, StoreRejected, StoreUnavailable, ZooterError
 
 META_KEY = b"zooter"
 
 log = logging.getLogger("zooter.store")
+M = TypeVar("M", bound=BaseModel)
+
+
+# What the user can do about each refusal, by errno.
+_REPAIR = {errno.EACCES: "make it writable for this user or choose another store",
+           errno.EPERM: "make it writable for this user or choose another store",
+           errno.EROFS: "it is on a read-only filesystem: choose another store",
+           errno.ENOTDIR: "a file is in the way of the store's folders: move it or choose another store",
+           errno.ENOSPC: "the disk is full: free space or choose another store",
+           errno.EDQUOT: "the disk quota is used up: free space or choose another store"}
 
 
 @functools.cache
@@ -55,7 +73,10 @@ def _retryable() -> tuple[type[BaseException], ...]:
 class Store:
     def __init__(self, url: str, options: dict[str, Any] | None = None, retries: int = 5, backoff_s: float = 1.0,
                  lease_ttl_s: float = 120.0):
-        self.url = url.rstrip("/")
+        problem = store_url_problem(url)
+        if problem:
+            raise ConfigError(f"store {url!r}: {problem}")
+        self.url = url.rstrip("/") or "/"
         self.options = dict(options or {})
         self.retries, self.backoff_s, self.lease_ttl_s = retries, backoff_s, lease_ttl_s
         remote = "://" in self.url and not self.url.startswith("file://")
@@ -63,6 +84,33 @@ class Store:
         extra = {"use_listings_cache": False, "skip_instance_cache": True} if remote else {}
         self.fs, self.root = fsspec.core.url_to_fs(self.url, **extra, **self.options)
         self.local = not remote
+        if self.local:
+            self._not_a_file()
+
+    def _existing(self) -> Path:
+        """The store's directory, or its nearest ancestor that exists (local stores)."""
+        p = Path(self.root)
+        while not p.exists() and p != p.parent:
+            p = p.parent
+        return p
+
+    def _not_a_file(self) -> None:
+        p = self._existing()
+        if not p.is_dir():
+            where = "" if str(p) == self.root else f" ({p} is in the way)"
+            raise StoreRejected(f"store {self.url}: a file, not a directory{where}; give a directory (it is created "
+                                "when missing)")
+
+    def check_writable(self) -> None:
+        """Fail now, naming the store, when a local store cannot be written (read-only filesystem, no permission):
+        what preflight calls so a run is refused before any model loads. Remote stores are checked by use."""
+        if not self.local:
+            return
+        self._not_a_file()
+        p = self._existing()
+        if not os.access(p, os.W_OK | os.X_OK):  # also false for root on a read-only filesystem
+            code = errno.EROFS if _read_only(p) else errno.EACCES
+            raise StoreRejected(f"store {self.url}: {p} is not writable ({os.strerror(code)}); {_REPAIR[code]}")
 
     def __repr__(self) -> str:
         return f"Store({self.url!r})"
@@ -80,9 +128,17 @@ class Store:
         self.__init__(**state)
 
     def _io(self, what: str, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
-        """Call fn, retrying with exponential backoff while a remote endpoint is unreachable."""
+        """Call fn, retrying with exponential backoff while a remote endpoint is unreachable. Locally, the OS
+        refusing the call is a StoreRejected naming the store (not-found and already-exists keep their meaning)."""
         if self.local:
-            return fn(*args, **kw)
+            try:
+                return fn(*args, **kw)
+            except (FileNotFoundError, FileExistsError):
+                raise
+            except OSError as e:
+                if e.errno is None:  # not the OS refusing: e.g. pyarrow's IO errors on a corrupted file
+                    raise
+                raise self._rejected(what, e) from None
         t0, delay = time.monotonic(), self.backoff_s
         for attempt in range(1, self.retries + 2):
             try:
@@ -98,6 +154,12 @@ class Store:
                 time.sleep(delay)
                 delay = min(delay * 2, 30.0)
         raise AssertionError("unreachable")
+
+    def _rejected(self, what: str, e: OSError) -> StoreRejected:
+        where = f": {e.filename}" if e.filename else ""
+        why = e.strerror or str(e)
+        fix = _REPAIR.get(e.errno or 0, "check the store's folder")
+        return StoreRejected(f"store {self.url}: cannot {what} ({why}{where}); {fix}")
 
     def path(self, rel: str) -> str:
         parts = rel.split("/")
@@ -126,15 +188,15 @@ class Store:
     # --- atomic writes -------------------------------------------------------------------------------
     def write_bytes(self, rel: str, data: bytes) -> None:
         if self.local:
-            self._put_local(self.path(rel), data, os.replace)
+            self._io(f"write {rel}", self._put_local, self.path(rel), data, os.replace)
         else:
             self._io(f"write {rel}", self.fs.pipe_file, self.path(rel), data)
 
     def create(self, rel: str, data: bytes) -> None:
         """Write rel only if it does not exist yet (atomically: one of two racing writers wins); else
         FileExistsError. Locally a hard link of a complete temp file; on S3 a conditional PUT (If-None-Match)."""
-        if self.local:
-            self._put_local(self.path(rel), data, os.link)  # link fails with FileExistsError when target exists
+        if self.local:  # link fails with FileExistsError when target exists
+            self._io(f"create {rel}", self._put_local, self.path(rel), data, os.link)
         else:
             self._io(f"create {rel}", self.fs.pipe_file, self.path(rel), data, mode="create")
 
@@ -142,7 +204,10 @@ class Store:
     def _put_local(target: str, data: bytes, publish: Callable[[str, str], None]) -> None:
         """Write a complete, fsynced temp file beside target, then publish it (rename or link) in one step."""
         d = os.path.dirname(target)
-        os.makedirs(d, exist_ok=True)
+        try:
+            os.makedirs(d, exist_ok=True)
+        except FileExistsError:  # a file where a folder belongs: not "the target exists", which `create` means
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), d) from None
         tmp = os.path.join(d, f".tmp-{uuid.uuid4().hex}-{os.path.basename(target)}")
         try:
             with open(tmp, "wb") as f:
@@ -174,12 +239,24 @@ class Store:
     def read_json(self, rel: str) -> Any:
         return json.loads(self.read_bytes(rel))
 
+    def read_model(self, rel: str, model: type[M], bad: str) -> M:
+        """A JSON record validated as `model`. Missing, not JSON or not that model is one ArtifactError naming the
+        object; `bad` says what an invalid one is and how to repair it, with `{why}` where the reason goes."""
+        try:
+            return model.model_validate_json(self.read_bytes(rel))
+        except FileNotFoundError:
+            raise ArtifactError(f"{self.uri(rel)}: missing") from None
+        except ValidationError as e:
+            err = e.errors()[0]
+            why = f"{'.'.join(map(str, err['loc']))}: {err['msg']}" if err["loc"] else err["msg"]
+            raise ArtifactError(f"{self.uri(rel)}: {bad.format(why=' '.join(why.split()))}") from None
+
     def _parquet(self, rel: str, read: Callable[..., Any]) -> Any:
         try:
             return self._io(f"read {rel}", read, self.path(rel), filesystem=self.fs)
         except FileNotFoundError:
             raise ArtifactError(f"{self.uri(rel)}: missing") from None
-        except StoreUnavailable:
+        except ZooterError:  # unreachable (remote) or refused (local): already one line naming the store
             raise
         except Exception as e:  # noqa: BLE001 - any parse error means a broken cell
             raise ArtifactError(f"{self.uri(rel)}: unreadable Parquet ({e})") from None
@@ -227,6 +304,10 @@ class Store:
         if self.local:
             return pl.scan_parquet(paths)
         return pl.scan_pyarrow_dataset(pads.dataset(paths, filesystem=self.fs, format="parquet"))
+
+
+def _read_only(p: Path) -> bool:
+    return bool(os.statvfs(p).f_flag & os.ST_RDONLY)
 
 
 def same_fields(got: pa.Schema, want: pa.Schema) -> bool:

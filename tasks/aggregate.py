@@ -37,6 +37,20 @@ def hash_split(query_ids: list[str], test_fraction: float, salt: str = "split") 
     return [one(q) for q in query_ids]
 
 
+# The router holds out this share of its training queries (by a hash of the id) to pick its best epoch.
+VAL_FRACTION = 0.15
+
+
+def train_val(labels: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(train, validation) rows of the labels' train split: the router trains on the first and picks its best
+    epoch on the second. Pure Polars, so preflight can check the sizes before anything runs."""
+    train = labels.filter(pl.col("split") == "train")
+    is_val = pl.Series(hash_split(train["query_id"].to_list(), VAL_FRACTION, salt="val"), dtype=pl.String) == "test"
+    if train.height < 8:  # too few rows to hold any out
+        is_val = pl.Series([False] * train.height, dtype=pl.Boolean)
+    return train.filter(~is_val), train.filter(is_val)
+
+
 def combine(scores: pl.LazyFrame) -> pl.LazyFrame:
     """(query_id, expert, weight, score) -> (query_id, expert, reward).
 

@@ -21,7 +21,14 @@ from schemas.artifacts import (
 )
 from schemas.errors import ArtifactError, ConfigError
 from schemas.evaluation import read_champion, read_report
+from schemas.manifest import RunManifest
 from schemas.store import Store
+
+
+def read_manifest(store: Store, run_id: str) -> RunManifest:
+    """A run's manifest, validated: a corrupted one is one ArtifactError naming it and how to repair it."""
+    return store.read_model(run_manifest_path(run_id), RunManifest, f"corrupted run manifest ({{why}}); it is the "
+                            f"run's record only (its cells stay valid): delete the folder {RUNS_DIR}/{run_id}")
 
 
 def runs(store: Store) -> list[dict]:
@@ -29,13 +36,13 @@ def runs(store: Store) -> list[dict]:
     out = []
     for run_id in store.ls(RUNS_DIR):
         if store.exists(run_manifest_path(run_id)):
-            m = store.read_json(run_manifest_path(run_id))
-            out.append({"run_id": run_id, "status": m["status"], "started": m["started"], "queries": m["queries"],
-                        "cells_computed": sum(s["cells_computed"] for s in m["generate"] + m["score"]),
-                        "cells_reused": sum(s["cells_reused"] for s in m["generate"] + m["score"]),
-                        "cells_repaired": sum(s.get("cells_repaired", 0) for s in m["generate"] + m["score"]),
-                        "flagged": sum(sum(s.get("flags", {}).values()) for s in m["score"]),
-                        "labels": m["labels"], "router": m["router"], "seconds": m["timings"].get("total_s")})
+            m = read_manifest(store, run_id)
+            stages = m.generate + m.score
+            out.append({"run_id": run_id, "status": m.status, "started": m.started, "queries": m.queries,
+                        "cells_computed": m.cells_computed, "cells_reused": sum(s.cells_reused for s in stages),
+                        "cells_repaired": sum(s.cells_repaired for s in stages),
+                        "flagged": sum(sum(s.flags.values()) for s in m.score),
+                        "labels": m.labels, "router": m.router, "seconds": m.timings.get("total_s")})
     return sorted(out, key=lambda r: r["started"])
 
 
@@ -89,7 +96,7 @@ def inspect_store(store: Store, run_id: str | None = None) -> dict:
     if run_id is not None and run_id not in ids:
         raise ConfigError(f"--run {run_id!r}: not in {store.url}; runs are {ids}")
     chosen = run_id or next((r["run_id"] for r in reversed(all_runs) if r["status"] == "completed"), ids[-1])
-    manifest = store.read_json(run_manifest_path(chosen))
+    manifest = read_manifest(store, chosen).model_dump(mode="json")
     out = {"store": store.url, "runs": all_runs, "run": chosen, "manifest": manifest,
            "cells": cell_matrix(store, manifest)}
     if manifest.get("labels"):

@@ -1,27 +1,37 @@
 """preflight: every check that can fail before a model loads or the store is written.
 
 Config (already validated by pydantic), model sources (exist, no hashing), prompt templates, what each reward
-model is (config.json only), the whole query file, S3 credentials, and the store's existing query shards
-(Parquet footers, plus the ids and texts they hold): it reads the store, never writes it. Raises a `ConfigError`
-(an `InputError` for the query file) whose one-line message names the file/line or the config key, or
-`StoreUnavailable` when the store does not answer.
+model is (config.json only), the data columns the config names (against the file's columns), the whole query
+file, S3 credentials, the store (a directory this process can write; its existing query shards: Parquet footers,
+plus the ids, texts and splits they hold; the champion record), and enough training queries for the router's
+validation slice: it reads the store, never writes it. Raises a `ConfigError` (an `InputError` for the query
+file) whose one-line message names the file/line or the config key, an `ArtifactError` for a corrupted record in
+the store, or `StoreUnavailable` when the store does not answer. `preflight_train` does the same for `zooter
+train` (imported scores).
 """
 
 from __future__ import annotations
 
 import warnings
+from itertools import islice
+from pathlib import Path
 
 import polars as pl
 import pyarrow as pa
 
 from cluster.models import ModelSourceError, architectures, check_source
-from schemas.artifacts import QUERIES, queries_path
-from schemas.config import ConfigError, FlowConfig, RewardSpec, StoreConfig
+from schemas.artifacts import QUERIES, SCORES, import_path, queries_path, score_path
+from schemas.config import ConfigError, DataConfig, FlowConfig, RewardSpec, StoreConfig, TrainConfig
+from schemas.evaluation import read_champion
 from schemas.store import ArtifactError, Store, same_fields
+from tasks.aggregate import VAL_FRACTION, ScoreSource, hash_split, scan_scores, train_val
 from tasks.generate import template_text
+from tasks.import_scores import ImportRecord, read_import
 from tasks.ingest import check_stored_ids, read_queries, store_shards
+from tasks.records import check_file, records, schema
 
 CAUSAL_LM = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+COLUMN_KEYS = ("text_field", "id_field", "tags_field", "reference_field")  # DataConfig keys that name a column
 
 
 def preflight(cfg: FlowConfig) -> pl.DataFrame:
@@ -40,10 +50,89 @@ def preflight(cfg: FlowConfig) -> pl.DataFrame:
         if spec.trust_remote_code:
             warnings.warn(f"{key}: {spec.name!r} sets trust_remote_code: code from {spec.model} will run",
                           stacklevel=2)
+    _columns(cfg.data)
     queries = read_queries(cfg.data)
     _s3_credentials(cfg.store)
-    _stored_queries(Store.from_config(cfg.store), queries, cfg.data.path)
+    store = Store.from_config(cfg.store)
+    store.check_writable()
+    known = _stored_queries(store, queries, cfg.data.path)
+    read_champion(store)  # publish reads it after training: a corrupted one fails now
+    new = queries.join(known, on="query_id", how="anti").select("query_id", pl.lit(None, pl.String).alias("split"))
+    enough_training(pl.concat([known, new]), cfg.data.test_fraction, "data.test_fraction", cfg.data.path)
     return queries
+
+
+def preflight_train(cfg: TrainConfig) -> ImportRecord:
+    """What `zooter train` checks before Ray starts: the encoder, S3 credentials, the store, the import record,
+    its scores (missing (query, expert) pairs and NaN/inf scores are warned about as counts; none usable is an
+    error) and enough scored training queries for the router's validation slice."""
+    _source("router.encoder", cfg.router.encoder)
+    _s3_credentials(cfg.store)
+    store = Store.from_config(cfg.store)
+    store.check_writable()
+    rec = read_import(store, cfg.source)
+    read_champion(store)
+    where = store.uri(import_path(rec.name))
+    _query_cells(store, rec.shards)
+    for e, efp in rec.experts:  # Polars would fail on a missing or foreign cell with a traceback
+        for s in rec.shards:
+            rel = score_path(rec.name, rec.rm_fingerprint, e, efp, s)
+            why = store.check_cell(rel, SCORES, rec.rm_fingerprint)
+            if why is not None:
+                raise ArtifactError(f"{store.uri(rel)}: {why}; run `zooter import-scores` again")
+    scores = scan_scores(store, rec.experts, [ScoreSource(rec.name, rec.rm_fingerprint, 1.0)], rec.shards)
+    counts = scores.select(
+        pl.len().alias("pairs"),
+        (pl.col("score").is_null() & pl.col("flag").is_null()).sum().alias("missing"),
+        (pl.col("flag") == "nonfinite").sum().alias("nonfinite")).collect().row(0, named=True)
+    if counts["missing"] or counts["nonfinite"]:
+        warnings.warn(f"{where}: of {counts['pairs']} (query, expert) pairs, {counts['missing']} have no score and "
+                      f"{counts['nonfinite']} had a NaN/inf score (both left out of the reward; see README)",
+                      stacklevel=2)
+    scored = scores.group_by("query_id").agg(pl.col("score").is_not_null().any().alias("ok")).filter("ok")
+    queries = (store.scan([queries_path(s) for s in rec.shards]).select("query_id", "split")
+               .join(scored.select("query_id"), on="query_id").collect())
+    if queries.height == 0:
+        raise ArtifactError(f"{where}: no query has a usable score ({counts['missing']} missing, "
+                            f"{counts['nonfinite']} NaN/inf of {counts['pairs']}); import the scores again")
+    enough_training(queries, cfg.test_fraction, "test_fraction", where)
+    return rec
+
+
+def enough_training(queries: pl.DataFrame, test_fraction: float, key: str, where: str) -> None:
+    """Refuse, before any model loads, a query set (query_id, split: null = by a hash of the id) whose training
+    split gives the router no validation slice: the split and the slice are computed by the functions the
+    aggregate and train_router steps use (the router fails on an empty slice after every model has run)."""
+
+    split = pl.Series(hash_split(queries["query_id"].to_list(), test_fraction), dtype=pl.String)
+    labels = queries.with_columns(pl.col("split").fill_null(split))
+    train, val = train_val(labels)
+    if val.height == 0:
+        n, t = labels.height, train.height
+        raise ConfigError(f"{where}: too few queries to train the router: {key} {test_fraction} leaves {t} of {n} "
+                          f"for training, and none of them falls into the router's validation slice (about "
+                          f"{VAL_FRACTION:.0%} of them, by a hash of the id; none below 8); add queries or lower "
+                          f"{key}")
+
+
+def _columns(data: DataConfig) -> None:
+    """Every column the config names is one the file has: Parquet's schema, the CSV header, or a key of some JSON
+    record (read until each has turned up). A file with no records is left to ingest ("no queries")."""
+    path = Path(data.path)
+    check_file(path, "data file", " (data.path)")
+    wanted = {f"data.{k}": name for k in COLUMN_KEYS if (name := getattr(data, k))}
+    fields = schema(path)
+    found: list[str] = [] if fields is None else fields.names
+    if fields is None:  # JSONL: keys in order of first appearance
+        for _, rec in islice(records(path), data.limit):
+            found += [k for k in rec if k not in found]
+            if set(wanted.values()) <= set(found):
+                return
+    absent = [(key, name) for key, name in wanted.items() if name not in found]
+    if absent and found:
+        key, name = absent[0]
+        shown = ", ".join(found[:20]) + (f", ... ({len(found) - 20} more)" if len(found) > 20 else "")
+        raise ConfigError(f"{path}: {key} {name!r} is not a column of the file (columns found: {shown})")
 
 
 def _source(key: str, ref: str) -> None:
@@ -98,15 +187,8 @@ def _fields(schema: pa.Schema) -> str:
     return ", ".join(f"{f.name}: {f.type}" for f in schema)
 
 
-def _stored_queries(store: Store, queries: pl.DataFrame, data_path: str) -> None:
-    """Existing query shards must be queries cells (footers only) and must not hold a query's id with another
-    text; reading, never writing."""
-    try:
-        shards = store_shards(store)
-    except ValueError as e:  # a stray queries/shard-*.parquet name that is not a number
-        raise ConfigError(f"store: {store.uri('queries')}: not a zooter store ({e})") from None
-    if not shards:
-        return
+def _query_cells(store: Store, shards: list[int]) -> None:
+    """Each query shard is a queries cell (footers only)."""
     for s in shards:
         rel = queries_path(s)
         try:
@@ -116,5 +198,18 @@ def _stored_queries(store: Store, queries: pl.DataFrame, data_path: str) -> None
         if not same_fields(got, QUERIES):
             raise ConfigError(f"store: {store.uri(rel)}: not a queries cell (columns {_fields(got)}; expected "
                               f"{_fields(QUERIES)})")
-    known = store.scan([queries_path(s) for s in shards]).select("query_id", "text").collect()
-    check_stored_ids(queries, known, store.url, data_path)
+
+
+def _stored_queries(store: Store, queries: pl.DataFrame, data_path: str) -> pl.DataFrame:
+    """Existing query shards must be queries cells (footers only) and must not hold a query's id with another
+    text; reading, never writing. Returns the stored queries' (query_id, split)."""
+    try:
+        shards = store_shards(store)
+    except ValueError as e:  # a stray queries/shard-*.parquet name that is not a number
+        raise ConfigError(f"store: {store.uri('queries')}: not a zooter store ({e})") from None
+    if not shards:
+        return pl.DataFrame(schema={"query_id": pl.String, "split": pl.String})
+    _query_cells(store, shards)
+    known = store.scan([queries_path(s) for s in shards]).select("query_id", "text", "split").collect()
+    check_stored_ids(queries, known.drop("split"), store.url, data_path)
+    return known.select("query_id", "split")

@@ -30,24 +30,13 @@ from schemas.config import RouterConfig
 from schemas.errors import ArtifactError, ConfigError
 from schemas.leases import compute_once
 from schemas.store import Store
-from tasks.aggregate import hash_split
+from tasks.aggregate import train_val
 
 CODE_VERSION = 2  # 2: frozen-encoder routers store only their head
-VAL_FRACTION = 0.15
-
-
 def router_fingerprint(cfg: RouterConfig, labels_fp: str) -> str:
     d = cfg.model_dump(mode="json", exclude={"use_gpu", "cpus_per_worker", "encoder"})
     d.update(labels=labels_fp, encoder=models.identity(cfg.encoder), code=CODE_VERSION)
     return fingerprint(d)
-
-
-def train_val(labels: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
-    train = labels.filter(pl.col("split") == "train")
-    is_val = pl.Series(hash_split(train["query_id"].to_list(), VAL_FRACTION, salt="val"), dtype=pl.String) == "test"
-    if train.height < 8:  # too few rows to hold any out
-        is_val = pl.Series([False] * train.height, dtype=pl.Boolean)
-    return train.filter(~is_val), train.filter(is_val)
 
 
 def with_features(store: Store, labels: pl.DataFrame, embed_fp: str) -> pl.DataFrame:

@@ -1,9 +1,10 @@
-"""Bad input (issue #7), through the real CLI: `zooter run CONFIG` exits 2 with exactly one `error:` line that
-names the file:line or the config key, before Ray starts or any model loads, and the store is left as it was."""
+"""Bad input (issues #7 and #15), through the real CLI: `zooter run CONFIG` exits 2 with exactly one `error:` line
+that names the file:line or the config key, before Ray starts or any model loads, and the store is left as it was."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -86,6 +87,57 @@ def _rm(index: int, model: str) -> Callable[[Path, dict], None]:
     return lambda path, models: _edit(path, lambda c: c["reward_models"][index].update(model=str(models[model])))
 
 
+def _text(fn: Callable[[str], str]) -> Callable[[Path, dict], None]:
+    """A case that edits the config's YAML text (what `_edit` cannot write: duplicate keys, bytes)."""
+    return lambda path, _models: path.write_text(fn(path.read_text()))
+
+
+def _config_bytes(path: Path, _models: dict) -> None:
+    path.write_bytes(path.read_bytes() + b"# caf\xe9 (Latin-1)\n")
+
+
+def _queries(n: int) -> Callable[[Path, dict], None]:
+    """A case whose query file holds only the first n tiny queries."""
+    def setup(path: Path, _models: dict) -> None:
+        data = path.parent / "queries.jsonl"
+        data.write_text("".join(data.read_text().splitlines(keepends=True)[:n]))
+    return setup
+
+
+def _csv_data(path: Path, _models: dict) -> None:
+    (path.parent / "queries.csv").write_text("id,text,tags\nq0,What is 2 + 3?,math\n")
+    _edit(path, lambda c: c["data"].update(path=str(path.parent / "queries.csv"), reference_field="answer"))
+
+
+def _parquet_data(path: Path, _models: dict) -> None:
+    pl.DataFrame({"id": ["q0"], "text": ["What is 2 + 3?"]}).write_parquet(path.parent / "queries.parquet")
+    _edit(path, lambda c: c["data"].update(path=str(path.parent / "queries.parquet")))
+
+
+def _store_file(path: Path, _models: dict) -> None:
+    (path.parent / "store").write_text("not a folder\n")
+
+
+def _store_under_file(path: Path, _models: dict) -> None:
+    (path.parent / "store").write_text("not a folder\n")
+    _edit(path, lambda c: c.update(store=str(path.parent / "store" / "sub")))
+
+
+def _champion(raw: bytes) -> Callable[[Path, dict], None]:
+    """A case with a store whose champion.json holds `raw`."""
+    def setup(path: Path, _models: dict) -> None:
+        (path.parent / "store").mkdir()
+        (path.parent / "store" / "champion.json").write_bytes(raw)
+    return setup
+
+
+def _expert(**update) -> Callable[[Path, dict], None]:
+    return _config(lambda c: c["experts"][0].update(**update))
+
+
+INF, NAN = float("inf"), float("nan")
+
+
 # case -> (setup(config path, tiny models), regex the single `error:` line must match)
 CASES: dict[str, tuple[Callable[[Path, dict], None], str]] = {
     # the query file: file:line
@@ -98,7 +150,8 @@ CASES: dict[str, tuple[Callable[[Path, dict], None], str]] = {
                                      r"queries\.jsonl:13: id 'q0' was used at line 1 with a different text"),
     "tags of wrong type": (_line(b'{"id": "q99", "text": "Hi", "tags": 3}'),
                            r"queries\.jsonl:13: tags must be a string or a list of strings, got int"),
-    "parquet without text column": (_parquet_without_text, r"queries\.parquet:1: missing field 'text'"),
+    "parquet without text column": (_parquet_without_text, r"queries\.parquet: data\.text_field 'text' is not a "
+                                    r"column of the file \(columns found: id, question\)"),
     "unsupported data file type": (_unsupported_data_type, r"queries\.txt: unsupported data file type '\.txt'"),
     "missing data file": (_config(lambda c: c["data"].update(path="/nonexistent.jsonl")),
                           r"/nonexistent\.jsonl: data file not found \(data\.path\)"),
@@ -140,6 +193,82 @@ CASES: dict[str, tuple[Callable[[Path, dict], None], str]] = {
     "loglik judge that is not a causal LM": (
         _rm(0, "rm"), r"reward_models\.0\.model: .*rm: not a judge LM \(architectures "
         r"\[BertForSequenceClassification\], num_labels 1; kind loglik needs a causal LM"),
+    # issue 15, configs: no float is NaN/inf; no key twice; no empty path, URL, model or column; UTF-8 only
+    "aggregate temperature .inf": (_config(lambda c: c.update(aggregate={"temperature": INF})),
+                                   r"config\.yaml: aggregate\.temperature: Input should be a finite number"),
+    "reward weight .nan": (_config(lambda c: c["reward_models"][1].update(weight=NAN)),
+                           r"config\.yaml: reward_models\.1\.weight: Input should be a finite number"),
+    "aggregate beta .nan": (_config(lambda c: c.update(aggregate={"beta": NAN})),
+                            r"aggregate\.beta: Input should be a finite number"),
+    "tag temperature .inf": (_config(lambda c: c.update(aggregate={"tag_temperature": INF})),
+                             r"aggregate\.tag_temperature: Input should be a finite number"),
+    "sampling temperature .inf": (_expert(sampling={"temperature": INF}),
+                                  r"experts\.0\.sampling\.temperature: Input should be a finite number"),
+    "router lr .nan": (_config(lambda c: c["router"].update(lr=NAN)),
+                       r"router\.lr: Input should be a finite number"),
+    "test fraction .nan": (_config(lambda c: c["data"].update(test_fraction=NAN)),
+                           r"data\.test_fraction: Input should be a finite number"),
+    "actor CPUs .inf": (_expert(resources={"num_cpus": INF}),
+                        r"experts\.0\.resources\.num_cpus: Input should be a finite number"),
+    "store backoff .inf": (_config(lambda c: c.update(store={"url": c["store"], "backoff_s": INF})),
+                           r"store\.backoff_s: Input should be a finite number"),
+    "store given twice": (_text(lambda t: t + f"store: {t.split('store: ')[1].splitlines()[0]}-2\n"),
+                          r"config\.yaml:\d+: invalid YAML \(duplicate key 'store', first at line \d+\)"),
+    "data key given twice": (_text(lambda t: t.replace("data:\n", "data:\n  shard_size: 2\n")),
+                             r"config\.yaml:\d+: invalid YAML \(duplicate key 'shard_size', first at line \d+\)"),
+    "config not UTF-8": (_config_bytes, r"config\.yaml: not UTF-8 \(byte \d+, line \d+: .*\); save it as UTF-8"),
+    "empty store": (_config(lambda c: c.update(store="")), r"config\.yaml: store\.url: must not be empty$"),
+    "blank store": (_config(lambda c: c.update(store="  ")), r"config\.yaml: store\.url: must not be empty$"),
+    "s3 store without a bucket": (_config(lambda c: c.update(store="s3://")),
+                                  r"store\.url: 's3://' names no bucket \(use s3://bucket/prefix\)"),
+    "s3 store with an empty bucket": (_config(lambda c: c.update(store="s3:///zooter")),
+                                      r"store\.url: 's3:///zooter' names no bucket"),
+    "empty data path": (_config(lambda c: c["data"].update(path="")), r"data\.path: must not be empty$"),
+    "empty expert model": (_expert(model=""), r"experts\.0\.model: must not be empty$"),
+    "empty reward model": (_config(lambda c: c["reward_models"][1].update(model="")),
+                           r"reward_models\.1\.model: must not be empty$"),
+    "empty encoder": (_config(lambda c: c["router"].update(encoder="")), r"router\.encoder: must not be empty$"),
+    "empty revision": (_expert(revision=""), r"experts\.0\.revision: must not be empty$"),
+    "empty prompt": (_expert(prompt=""), r"experts\.0\.prompt: must not be empty$"),
+    "empty stop string": (_expert(sampling={"stop": [""]}),
+                          r"experts\.0\.sampling\.stop\.0: String should have at least 1 character"),
+    "empty ray address": (_config(lambda c: c.update(ray={"address": ""})), r"ray\.address: must not be empty$"),
+    "empty text field": (_config(lambda c: c["data"].update(text_field="")), r"data\.text_field: must not be empty"),
+    # issue 15, configs: every column the config names is a column of the data file
+    "tags field not a column": (
+        _config(lambda c: c["data"].update(tags_field="tag")),
+        r"queries\.jsonl: data\.tags_field 'tag' is not a column of the file \(columns found: id, text, tags, "
+        r"reference\)$"),
+    "reference field not a column": (_config(lambda c: c["data"].update(reference_field="answer")),
+                                     r"queries\.jsonl: data\.reference_field 'answer' is not a column of the file"),
+    "id field not a column": (_config(lambda c: c["data"].update(id_field="qid")),
+                              r"queries\.jsonl: data\.id_field 'qid' is not a column of the file"),
+    "text field not a column": (_config(lambda c: c["data"].update(text_field="question")),
+                                r"queries\.jsonl: data\.text_field 'question' is not a column of the file"),
+    "CSV without the reference column": (
+        _csv_data, r"queries\.csv: data\.reference_field 'answer' is not a column of the file \(columns found: id, "
+        r"text, tags\)"),
+    "Parquet without the tags column": (
+        _parquet_data, r"queries\.parquet: data\.tags_field 'tags' is not a column of the file \(columns found: "
+        r"id, text\)"),
+    # issue 15, small data: enough training queries for the router's validation slice, before any model loads
+    "three queries": (_queries(3), r"queries\.jsonl: too few queries to train the router: data\.test_fraction 0\.25 "
+                                   r"leaves \d of 3 for training, .*add queries or lower data\.test_fraction"),
+    "test fraction leaves too few": (_config(lambda c: c["data"].update(test_fraction=0.9)),
+                                     r"too few queries to train the router: data\.test_fraction 0\.9 leaves \d+ "
+                                     r"of 12"),
+    "limit leaves too few": (_config(lambda c: c["data"].update(limit=5)),
+                             r"too few queries to train the router: .* of 5 for training"),
+    # issue 15, store problems: one line naming the store or the object, and how to repair it
+    "store is a plain file": (_store_file, r"store .*/store: a file, not a directory; give a directory"),
+    "store under a plain file": (_store_under_file,
+                                 r"store .*/store/sub: a file, not a directory \(.*/store is in the way\)"),
+    "champion.json not JSON": (_champion(b"{not json"),
+                               r"store/champion\.json: corrupted champion record \(Invalid JSON: .*\); delete it"),
+    "champion.json of another shape": (_champion(json.dumps({"router": "routers/x"}).encode()),
+                                       r"store/champion\.json: corrupted champion record \(evaluation: Field "
+                                       r"required\); delete it and rerun"),
+    "champion.json not UTF-8": (_champion(b'{"router": "caf\xe9"}'), r"store/champion\.json: corrupted champion"),
 }
 
 
@@ -200,8 +329,8 @@ def test_bad_input_fails_fast(tiny_config, tiny_models, no_models, no_aws_creden
     assert snapshot(store) == before  # for most cases: no store before, none after
 
 
-def test_cases_cover_issue_7():
-    assert len(CASES) >= 15
+def test_cases_cover_issues_7_and_15():
+    assert len(CASES) >= 27 + 30
 
 
 def test_s3_credentials_from_options_or_environment(monkeypatch, no_aws_credentials):

@@ -48,7 +48,8 @@ def config(tmp_path) -> Path:
     for name, arch in (("lm", "LlamaForCausalLM"), ("enc", "BertModel")):
         (tmp_path / name).mkdir()
         (tmp_path / name / "config.json").write_text(json.dumps({"architectures": [arch]}))
-    (tmp_path / "q.jsonl").write_text('{"text": "What is 2 + 3?"}\n{"text": "Name a planet."}\n')
+    # 12 queries: enough for the router's validation slice (preflight refuses fewer training queries)
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps({"text": f"What is {i} + {i}?"}) + "\n" for i in range(12)))
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({
         "store": str(tmp_path / "store"), "data": {"path": "q.jsonl"},
@@ -61,9 +62,9 @@ def config(tmp_path) -> Path:
 def test_validate_result_on_stdout(config):
     res = zooter("validate", str(config))
     assert res.returncode == 0, res.stderr
-    assert res.stdout.startswith("ok: 1 experts, 1 reward models, 2 queries") and res.stdout.count("\n") == 1
+    assert res.stdout.startswith("ok: 1 experts, 1 reward models, 12 queries") and res.stdout.count("\n") == 1
     doc = one_json(zooter("validate", str(config), "--json").stdout)
-    assert doc == {"config": str(config), "experts": ["a"], "reward_models": ["judge"], "queries": 2,
+    assert doc == {"config": str(config), "experts": ["a"], "reward_models": ["judge"], "queries": 12,
                    "store": str(config.parent / "store")}
 
 

@@ -71,3 +71,71 @@ def test_every_field_has_a_description(module):
     missing = [f"{m.__name__}.{name}" for m in _models() if m.__module__ == f"schemas.{module}"
                for name, field in m.model_fields.items() if not (field.description or "").strip()]
     assert not missing, f"fields without a description: {missing}"
+
+
+INF, NAN = float("inf"), float("nan")
+
+
+@pytest.mark.parametrize("changes,key", [
+    ({"aggregate": {"temperature": INF}}, "aggregate.temperature"),
+    ({"aggregate": {"beta": NAN}}, "aggregate.beta"),
+    ({"reward_models": [{"name": "exact", "kind": "verifiable", "weight": NAN}]}, "reward_models.0.weight"),
+    ({"reward_models": [{"name": "exact", "kind": "verifiable", "weight": -INF}]}, "reward_models.0.weight"),
+    ({"experts": [{"name": "a", "model": "x", "sampling": {"top_p": NAN}}]}, "experts.0.sampling.top_p"),
+    ({"router": {"weight_decay": INF}}, "router.weight_decay"),
+    ({"store": {"url": "s", "lease_ttl_s": INF}}, "store.lease_ttl_s"),
+    ({"ray": {"num_cpus": INF}}, "ray.num_cpus"),
+])
+def test_no_float_is_nan_or_infinite(tmp_path, changes, key):
+    with pytest.raises(ConfigError, match=rf"c.yaml: {key}: Input should be a finite number"):
+        load_config(_cfg(tmp_path, **changes))
+
+
+@pytest.mark.parametrize("changes,key", [
+    ({"store": ""}, "store.url"), ({"store": {"url": " "}}, "store.url"), ({"data": {"path": ""}}, "data.path"),
+    ({"data": {"path": "q.jsonl", "tags_field": ""}}, "data.tags_field"),
+    ({"experts": [{"name": "a", "model": ""}]}, "experts.0.model"),
+    ({"reward_models": [{"name": "j", "kind": "loglik", "model": ""}]}, "reward_models.0.model"),
+    ({"router": {"encoder": ""}}, "router.encoder"), ({"ray": {"address": ""}}, "ray.address"),
+])
+def test_empty_paths_urls_and_columns_are_errors(tmp_path, changes, key):
+    with pytest.raises(ConfigError, match=rf"c.yaml: {key}: must not be empty$"):
+        load_config(_cfg(tmp_path, **changes))
+
+
+@pytest.mark.parametrize("url", ["s3://", "s3:///prefix"])
+def test_s3_url_needs_a_bucket(tmp_path, url):
+    with pytest.raises(ConfigError, match=rf"store.url: '{url}' names no bucket \(use s3://bucket/prefix\)"):
+        load_config(_cfg(tmp_path, store=url))
+
+
+def test_duplicate_keys_name_both_lines(tmp_path):
+    p = _cfg(tmp_path)
+    text = p.read_text()
+    p.write_text(text + "store: elsewhere\n")
+    first = text.splitlines().index(f"store: {tmp_path / 's'}") + 1
+    with pytest.raises(ConfigError, match=rf"c.yaml:{len(text.splitlines()) + 1}: invalid YAML \(duplicate key "
+                                          rf"'store', first at line {first}\)$"):
+        load_config(p)
+    p.write_text(text.replace("data:\n", "data:\n  path: other.jsonl\n"))
+    with pytest.raises(ConfigError, match=r"duplicate key 'path', first at line \d+"):
+        load_config(p)
+    p.write_text(text + "aggregate: {beta: 0.1, beta: 0.2}\n")
+    with pytest.raises(ConfigError, match=r"duplicate key 'beta'"):
+        load_config(p)
+
+
+def test_merge_keys_may_override(tmp_path):
+    """`<<` merges are not duplicates: overriding a merged key is what they are for."""
+    p = _cfg(tmp_path)
+    p.write_text(p.read_text() + "aggregate: &agg {beta: 0.5}\nrouter: {<<: {epochs: 2}, epochs: 3}\n")
+    cfg = load_config(p)
+    assert cfg.router.epochs == 3 and cfg.aggregate.beta == 0.5
+
+
+def test_config_that_is_not_utf8(tmp_path):
+    p = _cfg(tmp_path)
+    p.write_bytes(p.read_bytes() + "name: caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"c.yaml: not UTF-8 \(byte \d+, line \d+: invalid continuation byte\); "
+                                          "save it as UTF-8"):
+        load_config(p)

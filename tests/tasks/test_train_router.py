@@ -9,7 +9,8 @@ from schemas.artifacts import EMBEDDINGS, LABELS, embeddings_path, labels_path
 from schemas.config import RouterConfig
 from schemas.errors import ArtifactError, ConfigError
 from schemas.store import Store
-from tasks.train_router import router_fingerprint, run_train_router, train_val, with_features
+from tasks.aggregate import train_val
+from tasks.train_router import router_fingerprint, run_train_router, with_features
 
 
 def test_validation_slice_is_disjoint_stable_and_train_only():
