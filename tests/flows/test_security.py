@@ -74,8 +74,9 @@ def test_experts_add_and_remove_reject_bad_names(tiny_config, tiny_models, name)
 
 
 def _fake_run(store: Path, run_id: str = "20260101T000000Z-000000") -> None:
-    m = {"run_id": run_id, "flow": "label", "config": {}, "status": "completed", "started": "2026-01-01T00:00:00+00:00", "queries": 0,
-         "generate": [], "score": [], "labels": None, "router": None, "timings": {"total_s": 1.0}, "shards": []}
+    m = {"run_id": run_id, "flow": "label", "config": {}, "status": "completed", "started": "2026-01-01T00:00:00+00:00",
+         "queries": 0, "generate": [], "score": [], "labels": None, "router": None, "timings": {"total_s": 1.0},
+         "shards": []}
     Store(str(store)).write_json(run_manifest_path(run_id), m)
 
 
