@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -62,9 +63,11 @@ def other_ray():
         procs = [psutil.Process(head.pid), *psutil.Process(head.pid).children(recursive=True)]
         for p in procs:
             p.send_signal(signal.SIGTERM)
-        _, alive = psutil.wait_procs(procs, timeout=30)
+        _, alive = psutil.wait_procs(procs, timeout=5)  # some of Ray's processes ignore SIGTERM: don't wait long
         for p in alive:
             p.kill()
+        psutil.wait_procs(alive, timeout=5)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_embedded_ray_is_private_when_another_ray_runs(other_ray):
