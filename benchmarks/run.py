@@ -52,7 +52,9 @@ def main() -> None:
     data = Path(__file__).resolve().parents[1] / "examples" / "data" / "mtbench.jsonl"
     queries = read_queries(DataConfig(path=str(data), limit=args.prompts))
     has_vllm = importlib.util.find_spec("vllm") is not None
-    res: dict = {"setup": vars(args) | {"cpus": os.cpu_count(), "dtype": "float32", "greedy": True}}
+    # the output path is not a result (and must not carry this machine's absolute paths)
+    res: dict = {"setup": {k: v for k, v in vars(args).items() if k != "out"}
+                 | {"cpus": os.cpu_count(), "dtype": "float32", "greedy": True}}
 
     def spec(backend: str) -> ExpertSpec:
         return ExpertSpec(name=f"bench-{backend}", model=args.model, backend=backend, dtype="float32",
