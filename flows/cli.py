@@ -378,7 +378,8 @@ def route(input_path: Annotated[Path, typer.Option("--input", help="Queries: .js
     from schemas.store import Store
     from tasks.route import champion, route_file
 
-    n = route_file(champion(Store(store)), input_path, text_field, output, batch_size, overwrite=overwrite)
+    # the champion (torch, transformers) loads only once the files have passed their checks
+    n = route_file(lambda: champion(Store(store)), input_path, text_field, output, batch_size, overwrite=overwrite)
     return Result({"routed": n, "input": str(input_path), "output": str(output)},
                   lambda c: c.print(f"routed {n} queries -> {output}"))
 

@@ -107,11 +107,12 @@ def _open(path: Path) -> BinaryIO:
         raise InputError(f"{path}: cannot read ({e.strerror})") from None
 
 
-def _decode(raw: bytes, path: Path, n: int) -> str:
+def _decode(raw: bytes, path: Path, n: int, where: int | None = None) -> str:
+    """Physical line n as text; an error names line `where` (default n: a CSV record names where it starts)."""
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise InputError(f"{path}:{n}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+        raise InputError(f"{path}:{where or n}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
     return line.removeprefix("\ufeff") if n == 1 else line
 
 
@@ -163,8 +164,8 @@ def _jsonl(path: Path) -> Iterator[Record]:
 def _csv_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
     """(physical line where the row starts, cells as text); blank lines skipped."""
     with _open(path) as f:
-        reader = csv.reader((_decode(raw, path, n) for n, raw in enumerate(f, 1)), strict=True)
-        start = 1
+        start = 1  # read lazily by the generator below: errors name the line where the current record starts
+        reader = csv.reader((_decode(raw, path, n, start) for n, raw in enumerate(f, 1)), strict=True)
         while True:
             try:
                 row = next(reader, None)

@@ -17,7 +17,7 @@ import signal
 import stat
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -59,10 +59,11 @@ def champion(store: Store) -> Router:
     return Router.from_store(store, champ.router_fp)
 
 
-def route_file(router: Routes, src: str | Path, text_field: str, dst: str | Path, batch_size: int = 256,
-               overwrite: bool = False) -> int:
+def route_file(router: Routes | Callable[[], Routes], src: str | Path, text_field: str, dst: str | Path,
+               batch_size: int = 256, overwrite: bool = False) -> int:
     """Route every record of `src` into `dst`; returns the number of records routed. An input field named
-    `expert` or `probs` is an error unless `overwrite`."""
+    `expert` or `probs` is an error unless `overwrite`. `router` may be a loader (e.g. of the champion): it is
+    called only once the input and output have passed their checks, so a bad file never waits for a model load."""
     src, dst = Path(src), Path(dst)
     check_file(src, "input file")
     _check_output(src, dst)
@@ -78,6 +79,8 @@ def route_file(router: Routes, src: str | Path, text_field: str, dst: str | Path
             except OSError as e:
                 raise InputError(f"{dst}: cannot write the output ({e.filename}: {e.strerror})") from None
             fields, n = _scan(src, text_field, dst.suffix == ".parquet", batch_size, overwrite)
+            if not hasattr(router, "probs"):  # a loader
+                router = router()
             with _writer(tmp, dst.suffix, fields, router.experts) as write, \
                     tqdm(total=n, desc=f"route {src.name}", unit="q") as bar:
                 for batch in batches(src, batch_size):

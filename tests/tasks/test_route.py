@@ -168,6 +168,22 @@ def test_the_output_location_is_checked_before_the_router_runs(tmp_path):
     assert src.read_text() == "".join(json.dumps(r) + "\n" for r in RECORDS)
 
 
+def test_a_router_loader_is_called_only_after_the_files_pass_their_checks(tmp_path):
+    # what `zooter route` passes: loading the champion (torch) must not delay a bad file's one-line error
+    loads: list[int] = []
+
+    def load() -> FakeRouter:
+        loads.append(1)
+        return FakeRouter()
+
+    src = write(tmp_path / "in.jsonl", [{"q": "a poem", "expert": "mine"}])
+    with pytest.raises(InputError, match="field 'expert' already exists"):
+        route_file(load, src, "q", tmp_path / "out.jsonl")
+    assert loads == []
+    assert route_file(load, write(tmp_path / "ok.jsonl"), "q", tmp_path / "out.jsonl") == len(RECORDS)
+    assert loads == [1] and [r["expert"] for r in read(tmp_path / "out.jsonl")][0] == "calc"
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
 def test_a_read_only_folder_fails_before_routing(tmp_path):
     ro = tmp_path / "ro"
