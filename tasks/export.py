@@ -25,7 +25,6 @@ from typing import Literal, get_args
 
 import polars as pl
 import pyarrow as pa
-from pydantic import ValidationError
 
 from schemas.artifacts import (
     GENERATIONS,
@@ -41,7 +40,7 @@ from schemas.evaluation import read_champion
 from schemas.manifest import RunManifest
 from schemas.store import Store
 from tasks.aggregate import ScoreSource, scan_scores
-from tasks.inspect import runs
+from tasks.inspect import read_manifest, runs
 
 Format = Literal["parquet", "jsonl", "hf"]
 FORMATS: tuple[str, ...] = get_args(Format)
@@ -79,12 +78,7 @@ def source_run(store: Store, labels_fp: str | None = None) -> RunManifest:
     if not made:
         raise ArtifactError(f"labels {labels_fp}: no run in {store.url} made them (no {run_manifest_path('*')} "
                             "names them)")
-    run_id = ([r for r in made if r["status"] == "completed"] or made)[-1]["run_id"]
-    try:
-        return RunManifest.model_validate(store.read_json(run_manifest_path(run_id)))
-    except ValidationError as e:
-        raise ArtifactError(f"{store.uri(run_manifest_path(run_id))}: not a run manifest "
-                            f"({e.errors()[0]['msg']})") from None
+    return read_manifest(store, ([r for r in made if r["status"] == "completed"] or made)[-1]["run_id"])
 
 
 def _require(store: Store, cells: list[str], schema: pa.Schema, fp: str) -> None:
