@@ -2,7 +2,8 @@
 
 Builders are `functools.partial` objects of backend classes (or a `Fallback` of them), so they pickle by
 reference and the model is only ever loaded inside the actor: generators (experts), scorers (reward models) and
-the router's frozen encoder (`QueryEncoder`, the embed step's model).
+the router's frozen encoder (`QueryEncoder`, the embed step's model). The hf builders carry the identity the
+driver fingerprints (`models.identity`, no weights read), so an actor refuses a source that changed since.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from cluster import models
 from schemas.config import ExpertSpec, RewardSpec, RouterConfig
 
 log = logging.getLogger("zooter.backends")
@@ -35,7 +37,9 @@ class Fallback:
 
 
 def generator_builder(spec: ExpertSpec) -> Callable[[], Any]:
-    common = dict(dtype=spec.dtype, threads=spec.resources.threads, trust_remote_code=spec.trust_remote_code)
+    # `expect`: the identity the driver fingerprinted; the actor refuses other weights (cluster/models.py resolve)
+    common = dict(dtype=spec.dtype, threads=spec.resources.threads, trust_remote_code=spec.trust_remote_code,
+                  revision=spec.revision, expect=models.identity(spec.model, spec.revision))
     if spec.backend == "vllm":
         from cluster.vllm_backend import VLLMGenerator
 
@@ -52,7 +56,7 @@ def scorer_builder(rm: RewardSpec) -> Callable[[], Any]:
     if rm.kind == "verifiable":
         raise ValueError(f"reward model {rm.name!r}: kind 'verifiable' runs without a model")
     common = dict(dtype=rm.dtype, threads=rm.resources.threads, trust_remote_code=rm.trust_remote_code,
-                  max_length=rm.max_length)
+                  max_length=rm.max_length, revision=rm.revision, expect=models.identity(rm.model, rm.revision))
     hf = partial(HFLoglikScorer if rm.kind == "loglik" else HFClassifierScorer, rm.model, **common)
     if rm.backend == "vllm":
         from cluster.vllm_backend import VLLMClassifierScorer
@@ -66,13 +70,13 @@ class QueryEncoder:
     """A router's encoder as shipped (frozen): pooled features of query texts, loaded once per actor."""
 
     def __init__(self, encoder: str, pooling: str, max_length: int, prefix: str = "", threads: int = 1,
-                 batch_size: int = 32):
+                 batch_size: int = 32, expect: str | None = None):
         import torch
 
         from cluster.router import build
 
         torch.set_num_threads(threads)
-        self.model, self.tok = build(encoder, 1, pooling)
+        self.model, self.tok = build(encoder, 1, pooling, expect=expect)
         self.model.to("cuda" if torch.cuda.is_available() else "cpu")
         self.max_length, self.prefix, self.batch_size = max_length, prefix, batch_size
 
@@ -84,4 +88,5 @@ class QueryEncoder:
 
 
 def encoder_builder(cfg: RouterConfig, threads: int = 1) -> Callable[[], QueryEncoder]:
-    return partial(QueryEncoder, cfg.encoder, cfg.pooling, cfg.max_length, cfg.prefix, threads)
+    return partial(QueryEncoder, cfg.encoder, cfg.pooling, cfg.max_length, cfg.prefix, threads,
+                   expect=models.identity(cfg.encoder))

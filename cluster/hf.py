@@ -27,10 +27,11 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _load(auto_cls, ref: str, dtype: str, threads: int, trust_remote_code: bool):
-    """Tokenizer (left padding) and model, loaded once per actor."""
+def _load(auto_cls, ref: str, dtype: str, threads: int, trust_remote_code: bool, revision: str | None = None,
+          expect: str | None = None):
+    """Tokenizer (left padding) and model, loaded once per actor. `revision`/`expect` as in `models.resolve`."""
     torch.set_num_threads(threads)
-    path = models.resolve(ref)
+    path = models.resolve(ref, revision, expect)
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     tok.padding_side = "left"
     tok.truncation_side = "left"  # long prompts keep their end (the question and the generation prompt)
@@ -74,8 +75,9 @@ class Generation:
 class HFGenerator:
     backend = "hf"
 
-    def __init__(self, model: str, dtype: str = "bfloat16", threads: int = 1, trust_remote_code: bool = False):
-        self.tok, self.model = _load(AutoModelForCausalLM, model, dtype, threads, trust_remote_code)
+    def __init__(self, model: str, dtype: str = "bfloat16", threads: int = 1, trust_remote_code: bool = False,
+                 revision: str | None = None, expect: str | None = None):
+        self.tok, self.model = _load(AutoModelForCausalLM, model, dtype, threads, trust_remote_code, revision, expect)
         self.device = self.model.device
         self.max_context = int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
         # The first generate in a process is 2-5x slower on CPU: pay it here, not inside the first shard.
@@ -138,8 +140,8 @@ class HFLoglikScorer:
     backend = "hf"
 
     def __init__(self, model: str, dtype: str = "bfloat16", threads: int = 1, trust_remote_code: bool = False,
-                 max_length: int = 512):
-        self.tok, self.model = _load(AutoModelForCausalLM, model, dtype, threads, trust_remote_code)
+                 max_length: int = 512, revision: str | None = None, expect: str | None = None):
+        self.tok, self.model = _load(AutoModelForCausalLM, model, dtype, threads, trust_remote_code, revision, expect)
         self.device = self.model.device
         self.max_length = max_length
 
@@ -179,8 +181,9 @@ class HFClassifierScorer:
     backend = "hf"
 
     def __init__(self, model: str, dtype: str = "bfloat16", threads: int = 1, trust_remote_code: bool = False,
-                 max_length: int = 512):
-        self.tok, self.model = _load(AutoModelForSequenceClassification, model, dtype, threads, trust_remote_code)
+                 max_length: int = 512, revision: str | None = None, expect: str | None = None):
+        self.tok, self.model = _load(AutoModelForSequenceClassification, model, dtype, threads, trust_remote_code,
+                                     revision, expect)
         self.device = self.model.device
         if self.model.config.num_labels != 1:
             raise models.ModelSourceError(

@@ -1,8 +1,15 @@
-"""Models that ship inside installable packages, resolved to local HF directories. Nothing is downloaded.
+"""Model sources, resolved to local HF directories. Nothing is downloaded from a model hub.
 
-`packaged:<name>` names one of PACKAGED below. GGUF files are assembled from the package data, their sha256 is
-verified, then dequantised once by transformers into a safetensors cache (`ZOOTER_CACHE`, default
-~/.cache/zooter/models); later loads take a second or two. Local directories are used as they are.
+- `packaged:<name>` names one of PACKAGED below. GGUF files are assembled from the package data, their sha256 is
+  verified, then dequantised once by transformers into a safetensors cache (`ZOOTER_CACHE`, default
+  ~/.cache/zooter/models); later loads take a second or two.
+- `s3://bucket/prefix/`: an HF model directory in S3. The driver identifies it by its listing (keys, sizes,
+  ETags; nothing downloaded); each node copies it once into `cache_root()/s3/` and verifies every object against
+  that listing (MD5 ETag, or the multipart ETag recomputed from the part size S3 reports). Endpoint and
+  credentials come from the node's standard AWS environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...).
+- `org/name` (or `hf://org/name`) with a pinned `revision`: a Hugging Face repo read from the node's local HF
+  cache only (HF_HUB_CACHE); identified as `hf:org/name@<commit>` without reading weights.
+- Anything else is a local HF directory, used as it is.
 """
 
 from __future__ import annotations
@@ -16,9 +23,11 @@ import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
+from schemas.config import HUB_ID
 from schemas.errors import ConfigError
 
 
@@ -88,6 +97,10 @@ PACKAGED: dict[str, Packaged] = {p.name: p for p in [
 ]}
 
 
+MARKER = "zooter-source.json"  # written last into a cache dir: its presence means the copy is complete
+Kind = Literal["packaged", "s3", "hub", "local"]
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("ZOOTER_CACHE", Path.home() / ".cache" / "zooter" / "models"))
 
@@ -110,28 +123,53 @@ def packaged(ref: str) -> Packaged | None:
     return PACKAGED[name]
 
 
-def check_source(ref: str) -> None:
-    """Cheap existence check (no hashing, no loading): used to fail fast before any model loads."""
-    pk = packaged(ref)
-    if pk is not None:
-        pk.files()
-        return
-    p = Path(ref)
-    if not p.is_dir():
-        raise ModelSourceError(f"{ref}: model directory not found")
-    if not (p / "config.json").is_file():
-        raise ModelSourceError(f"{ref}: not an HF model directory (no config.json)")
+def kind(ref: str) -> Kind:
+    """Which source a reference names. A relative `org/name` that is not an existing directory is a hub id."""
+    if ref.startswith("packaged:"):
+        return "packaged"
+    if ref.startswith("s3://"):
+        return "s3"
+    if ref.startswith("hf://") or (HUB_ID.match(ref) and not Path(ref).exists()):
+        return "hub"
+    return "local"
 
 
-def architectures(ref: str) -> tuple[list[str], int | None]:
+def check_source(ref: str, revision: str | None = None) -> None:
+    """Cheap existence check (no hashing, no loading; one LIST for S3): used to fail fast before any model loads."""
+    match kind(ref):
+        case "packaged":
+            packaged(ref).files()  # type: ignore[union-attr]
+        case "s3":
+            if "config.json" not in _s3_listing(ref):
+                raise ModelSourceError(f"{ref}: not an HF model prefix (no config.json under it)")
+        case "hub":
+            if not (_snapshot(ref, revision) / "config.json").is_file():
+                raise ModelSourceError(f"{ref}@{revision}: not an HF model (no config.json in the cached snapshot)")
+        case "local":
+            p = Path(ref)
+            if not p.is_dir():
+                raise ModelSourceError(f"{ref}: model directory not found")
+            if not (p / "config.json").is_file():
+                raise ModelSourceError(f"{ref}: not an HF model directory (no config.json)")
+
+
+def _config_json(ref: str, revision: str | None) -> str:
+    """config.json's text, the only file read (S3: one GET of that object)."""
+    check_source(ref, revision)
+    if kind(ref) == "s3":
+        return _s3fs().cat_file(f"{_s3_key(ref)}/config.json").decode("utf-8")
+    base = _snapshot(ref, revision) if kind(ref) == "hub" else Path(ref)
+    return (base / "config.json").read_text(encoding="utf-8")
+
+
+def architectures(ref: str, revision: str | None = None) -> tuple[list[str], int | None]:
     """(architectures, num_labels) of a model reference from its config.json only, no weights read.
     num_labels is None for packaged models (none is a classifier)."""
     pk = packaged(ref)
     if pk is not None:
         return [pk.architecture], None
-    check_source(ref)
     try:
-        cfg = json.loads((Path(ref) / "config.json").read_text(encoding="utf-8"))
+        cfg = json.loads(_config_json(ref, revision))
     except (OSError, ValueError) as e:
         raise ModelSourceError(f"{ref}: unreadable config.json ({e})") from None
     archs = cfg.get("architectures") or []
@@ -152,11 +190,18 @@ def _sampled_digest(path: Path, span: int = 1 << 20) -> str:
 
 
 def identity(ref: str, revision: str | None = None) -> str:
-    """What identifies the weights, for fingerprints: the verified sha256 for packaged models, else the
-    revision given in the spec, else a digest of config.json and a sampled digest of every weight file."""
+    """What identifies the weights, for fingerprints, without loading them: the verified sha256 for packaged
+    models; `s3:` + a digest of the prefix's listing (keys, sizes, ETags); `hf:org/name@<commit>` for a hub id
+    (its revision resolved in the local HF cache); for a local directory the revision given in the spec, else a
+    digest of config.json and a sampled digest of every weight file."""
     pk = packaged(ref)
     if pk is not None:
         return f"sha256:{pk.sha256}"
+    match kind(ref):
+        case "s3":
+            return _s3_identity(_s3_listing(ref))
+        case "hub":
+            return f"hf:{_repo_id(ref)}@{_snapshot(ref, revision).name}"
     if revision:
         return f"revision:{revision}"
     check_source(ref)
@@ -166,19 +211,28 @@ def identity(ref: str, revision: str | None = None) -> str:
     return "files:" + hashlib.sha256(json.dumps([(p / "config.json").read_text(), weights]).encode()).hexdigest()
 
 
-def resolve(ref: str) -> Path:
-    """A local HF directory for a model reference, converting packaged GGUF weights once (sha256-verified)."""
+def resolve(ref: str, revision: str | None = None, expect: str | None = None) -> Path:
+    """A local HF directory for a model reference (called where the model loads, e.g. inside an actor).
+
+    `expect` is the identity the driver fingerprinted; a source whose identity differs here (objects changed
+    since, another commit behind a ref, other files at this path on this node) is refused. S3 prefixes are
+    copied once per node and identity; packaged GGUF weights are converted once (sha256-verified)."""
     pk = packaged(ref)
+    if kind(ref) == "s3":
+        return _s3_copy(ref, expect)
+    if expect is not None and pk is None and identity(ref, revision) != expect:
+        raise ModelSourceError(f"{ref}: its weights here ({identity(ref, revision)}) are not the ones the run "
+                               f"fingerprinted ({expect}); give every node the same model")
     if pk is None:
-        check_source(ref)
-        return Path(ref)
+        check_source(ref, revision)
+        return _snapshot(ref, revision) if kind(ref) == "hub" else Path(ref)
     files = pk.files()
     if pk.kind == "hf":
         if _sha256(files) != pk.sha256:
             raise ModelSourceError(f"packaged:{pk.name}: sha256 mismatch for {files[0]}")
         return files[0].parent
     out = cache_root() / f"{pk.name}-{pk.sha256[:12]}"
-    if (out / "zooter-source.json").is_file():
+    if (out / MARKER).is_file():
         return out
     convert = _convert_e5q4 if pk.kind == "e5q4" else _convert_gguf
     return convert(pk, files, out)
@@ -210,18 +264,135 @@ def _convert_gguf(pk: Packaged, files: list[Path], out: Path) -> Path:
         stage = Path(tmp) / "hf"
         model.save_pretrained(stage)
         tok.save_pretrained(stage)
-        _finish(pk, stage, out)
+        _finish(stage, out, _provenance(pk))
     return out
 
 
-def _finish(pk: Packaged, stage: Path, out: Path) -> None:
-    (stage / "zooter-source.json").write_text(json.dumps(
-        {"packaged": pk.name, "sha256": pk.sha256, "licence": pk.licence, "provenance": pk.provenance}))
+def _provenance(pk: Packaged) -> dict:
+    return {"packaged": pk.name, "sha256": pk.sha256, "licence": pk.licence, "provenance": pk.provenance}
+
+
+def _finish(stage: Path, out: Path, source: dict) -> None:
+    """Mark a completed copy and move it into place atomically."""
+    (stage / MARKER).write_text(json.dumps(source))
     try:
-        os.replace(stage, out)  # atomic: a concurrent converter either wins or finds `out` complete
+        os.replace(stage, out)  # atomic: a concurrent writer either wins or finds `out` complete
     except OSError:
-        if not (out / "zooter-source.json").is_file():
+        if not (out / MARKER).is_file():
             raise
+
+
+# --- Hugging Face hub ids, from the local cache only -------------------------------------------------------
+def _repo_id(ref: str) -> str:
+    m = HUB_ID.match(ref)
+    if m is None:
+        raise ModelSourceError(f"{ref}: not a Hugging Face repo id (org/name)")
+    return m.group(1)
+
+
+def _snapshot(ref: str, revision: str | None) -> Path:
+    """The cached snapshot dir of a hub id at a pinned revision (a commit, or a ref the cache records)."""
+    if not revision:
+        raise ModelSourceError(f"{ref}: not a local directory; as a Hugging Face repo id it needs a pinned "
+                               "`revision` (a commit hash, or a branch/tag in the local HF cache)")
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HFValidationError, IncompleteSnapshotError, LocalEntryNotFoundError
+
+    repo = _repo_id(ref)
+    try:
+        return Path(snapshot_download(repo, revision=revision, local_files_only=True))
+    except (LocalEntryNotFoundError, IncompleteSnapshotError, HFValidationError) as e:
+        raise ModelSourceError(
+            f"{ref}@{revision}: not in the local Hugging Face cache {constants.HF_HUB_CACHE} "
+            f"({type(e).__name__}); put it there on every node (`hf download {repo} --revision {revision}`) "
+            "or use an s3:// prefix") from None
+
+
+# --- S3 prefixes: identity from the listing, one verified copy per node --------------------------------------
+Listing = dict[str, tuple[int, str]]  # key relative to the prefix -> (size, ETag without quotes)
+
+
+def _s3fs():
+    import s3fs
+
+    # fresh instance, no listing cache: the listing is the identity and must be current; endpoint and
+    # credentials come from the standard AWS environment of this process (AWS_ENDPOINT_URL, ...)
+    return s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
+
+
+def _s3_key(url: str) -> str:
+    key = url.removeprefix("s3://").rstrip("/")
+    if not key or key.startswith("/"):
+        raise ModelSourceError(f"{url}: names no bucket (use s3://bucket/prefix/)")
+    return key
+
+
+def _s3_listing(url: str, fs=None) -> Listing:
+    import botocore.exceptions
+
+    key = _s3_key(url)
+    fs = fs or _s3fs()
+    try:
+        found = fs.find(key, detail=True)
+    except (OSError, botocore.exceptions.BotoCoreError) as e:
+        raise ModelSourceError(f"{url}: cannot list the model prefix ({type(e).__name__}: {e})") from None
+    listing = {name[len(key) + 1:]: (int(info["size"]), str(info["ETag"]).strip('"'))
+               for name, info in found.items() if info.get("type") == "file" and name.startswith(key + "/")}
+    listing = {rel: v for rel, v in listing.items() if rel and not rel.endswith("/")}
+    if not listing:
+        raise ModelSourceError(f"{url}: no objects under this prefix")
+    return listing
+
+
+def _s3_identity(listing: Listing) -> str:
+    return "s3:" + hashlib.sha256(json.dumps(sorted((k, *v) for k, v in listing.items())).encode()).hexdigest()
+
+
+def etag_of(path: Path, part_size: int | None) -> str:
+    """The ETag S3 gives a file's bytes: MD5 of the whole for a single PUT; for a multipart upload
+    (`part_size` given) MD5 of the parts' MD5 digests, then `-<number of parts>`."""
+    if part_size is None:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "md5").hexdigest()
+    digests = []
+    with open(path, "rb") as f:
+        while part := f.read(part_size):
+            digests.append(hashlib.md5(part).digest())
+    return f"{hashlib.md5(b''.join(digests)).hexdigest()}-{len(digests)}"
+
+
+def _s3_copy(url: str, expect: str | None) -> Path:
+    """The prefix copied into this node's cache, once per (url, identity), every object verified."""
+    fs = _s3fs()
+    listing = None if expect else _s3_listing(url, fs)
+    expect = expect or _s3_identity(listing)  # type: ignore[arg-type]
+    out = cache_root() / "s3" / hashlib.sha256(f"{url}\n{expect}".encode()).hexdigest()[:24]
+    if (out / MARKER).is_file():
+        return out
+    listing = listing or _s3_listing(url, fs)
+    if _s3_identity(listing) != expect:
+        raise ModelSourceError(f"{url}: the objects changed after this run fingerprinted them (listing now "
+                               f"{_s3_identity(listing)}, fingerprinted {expect}); start the run again")
+    key = _s3_key(url)
+    bucket, _, prefix = key.partition("/")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".s3-") as tmp:
+        stage = Path(tmp) / "model"
+        for rel, (size, etag) in sorted(listing.items()):
+            local = stage / rel
+            local.parent.mkdir(parents=True, exist_ok=True)
+            fs.get_file(f"{key}/{rel}", str(local))
+            part_size = None
+            if "-" in etag:  # multipart: S3 reports the first part's size when asked for that part
+                obj = f"{prefix}/{rel}" if prefix else rel
+                part_size = int(fs.call_s3("head_object", Bucket=bucket, Key=obj, PartNumber=1)["ContentLength"])
+            got = local.stat().st_size, etag_of(local, part_size)
+            if got != (size, etag):
+                raise ModelSourceError(f"{url}{'' if url.endswith('/') else '/'}{rel}: the copy does not match "
+                                       f"the listing (size, ETag {got} != {(size, etag)}); the object changed "
+                                       "during the copy, start the run again")
+        _finish(stage, out, {"url": url, "identity": expect, "objects": listing})
+    return out
 
 
 def _dequant_q4_0(raw: bytes, n: int) -> np.ndarray:
@@ -302,5 +473,5 @@ def _convert_e5q4(pk: Packaged, files: list[Path], out: Path) -> Path:
         stage = Path(tmp) / "hf"
         model.save_pretrained(stage)
         tok.save_pretrained(stage)
-        _finish(pk, stage, out)
+        _finish(stage, out, _provenance(pk))
     return out

@@ -79,8 +79,9 @@ class RouterModel(RouterHead):
 
 
 def build(encoder_ref: str, n_experts: int, pooling: str, head_hidden: int = 0, dropout: float = 0.1,
-          standardize: bool = False) -> tuple[RouterModel, object]:
-    path = models.resolve(encoder_ref)
+          standardize: bool = False, expect: str | None = None) -> tuple[RouterModel, object]:
+    """A fresh router on an encoder; `expect` is the encoder identity the driver fingerprinted (models.resolve)."""
+    path = models.resolve(encoder_ref, expect=expect)
     tok = AutoTokenizer.from_pretrained(path)
     return RouterModel(AutoModel.from_pretrained(path), n_experts, pooling, head_hidden, dropout, standardize), tok
 

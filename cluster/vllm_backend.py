@@ -24,10 +24,10 @@ def _on_gpu() -> bool:
 
 
 def _engine(ref: str, dtype: str, trust_remote_code: bool, max_model_len: int | None, tp: int, seed: int = 0,
-            **kw):
+            revision: str | None = None, expect: str | None = None, **kw):
     from vllm import LLM
 
-    path = models.resolve(ref)
+    path = models.resolve(ref, revision, expect)  # `expect`: the identity the driver fingerprinted
     args = dict(model=str(path), dtype=dtype, trust_remote_code=trust_remote_code, seed=seed,
                 max_model_len=max_model_len, tensor_parallel_size=tp, **kw)
     if tp > 1:  # workers go into the actor's placement group (see cluster/pool.py)
@@ -41,9 +41,11 @@ class VLLMGenerator:
     backend = "vllm"
 
     def __init__(self, model: str, dtype: str = "bfloat16", threads: int = 1, trust_remote_code: bool = False,
-                 max_model_len: int | None = 2048, tensor_parallel_size: int = 1):
+                 max_model_len: int | None = 2048, tensor_parallel_size: int = 1, revision: str | None = None,
+                 expect: str | None = None):
         torch.set_num_threads(threads)
-        self.llm = _engine(model, dtype, trust_remote_code, max_model_len, tensor_parallel_size)
+        self.llm = _engine(model, dtype, trust_remote_code, max_model_len, tensor_parallel_size, revision=revision,
+                           expect=expect)
         self.tok = self.llm.get_tokenizer()
         self.max_context = self.llm.llm_engine.model_config.max_model_len
 
@@ -78,9 +80,11 @@ class VLLMClassifierScorer:
     backend = "vllm"
 
     def __init__(self, model: str, dtype: str = "bfloat16", threads: int = 1, trust_remote_code: bool = False,
-                 max_length: int = 512, tensor_parallel_size: int = 1):
+                 max_length: int = 512, tensor_parallel_size: int = 1, revision: str | None = None,
+                 expect: str | None = None):
         torch.set_num_threads(threads)
-        self.llm = _engine(model, dtype, trust_remote_code, max_length, tensor_parallel_size, runner="pooling")
+        self.llm = _engine(model, dtype, trust_remote_code, max_length, tensor_parallel_size, revision=revision,
+                           expect=expect, runner="pooling")
         self.tok = self.llm.get_tokenizer()
         self.max_length = max_length
 

@@ -11,11 +11,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import unquote, urlparse
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from schemas.errors import ConfigError
+from schemas.errors import ConfigError, ZooterError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 Backend = Literal["hf", "vllm"]  # also the choices of `zooter experts add --backend`
@@ -36,6 +37,39 @@ def _given(v: str) -> str:
 
 # A path, URL, model source or column name: empty or blank is an error, never "the current folder".
 Given = Annotated[str, AfterValidator(_given)]
+
+# A Hugging Face repo id (`org/name`, or `hf://org/name`); a relative `org/name` that is an existing directory
+# beside the config stays a local directory.
+HUB_ID = re.compile(r"^(?:hf://)?([A-Za-z0-9][\w.-]*/[\w.-]+)$")
+MODEL_SCHEMES = ("s3", "hf")
+
+
+def _model_source(v: str) -> str:
+    scheme, sep, rest = v.partition("://")
+    if sep and scheme not in MODEL_SCHEMES:
+        raise ValueError(f"{v!r}: model sources are packaged:<name>, s3://bucket/prefix/, a Hugging Face repo id "
+                         "(org/name with `revision`) or a local directory")
+    if scheme == "s3" and not rest.split("/", 1)[0]:
+        raise ValueError(f"{v!r} names no bucket (use s3://bucket/prefix/)")
+    if scheme == "hf" and not HUB_ID.match(v):
+        raise ValueError(f"{v!r} is not a Hugging Face repo id (hf://org/name)")
+    return v
+
+
+# Where weights come from (see ModelRef.model).
+ModelSource = Annotated[str, AfterValidator(_given), AfterValidator(_model_source)]
+SOURCES = ("`packaged:<name>`; `s3://bucket/prefix/` (an HF model directory in S3, copied once per node, "
+           "identified by its objects' ETags; endpoint and credentials from the node's AWS environment); a "
+           "Hugging Face repo id `org/name` (or `hf://org/name`) with a pinned `revision`, read from each node's "
+           "local HF cache only; or a local directory with an HF model (every node must have it at that path).")
+REVISION = ("Local directory: a label that replaces the weights digest in the fingerprint. Hugging Face repo id: "
+            "required, a commit hash or a branch/tag the local HF cache records; the fingerprint takes the commit. "
+            "Not allowed for s3:// (its ETags pin it).")
+
+
+def _revision_fits(model: str | None, revision: str | None) -> None:
+    if revision is not None and model is not None and model.startswith("s3://"):
+        raise ValueError("revision: an s3:// model is pinned by its objects' ETags; drop `revision`")
 
 
 def store_url_problem(url: str) -> str | None:
@@ -75,12 +109,17 @@ class Sampling(Strict):
 
 
 class ModelRef(Strict):
-    """Where model weights come from: `packaged:<name>` (see cluster/models.py) or a local HF directory."""
+    """Where model weights come from (cluster/models.py resolves them): packaged, S3, hub id or local dir."""
 
-    model: Given = Field(description="`packaged:<name>` or a local directory with an HF model.")
-    revision: Given | None = Field(None, description="Weights revision for local dirs; part of the fingerprint.")
+    model: ModelSource = Field(description="Model weights: " + SOURCES)
+    revision: Given | None = Field(None, description=REVISION)
     dtype: Dtype = Field("bfloat16", description="Compute dtype.")
     trust_remote_code: bool = Field(False, description="Allow model code from the model dir (off by default).")
+
+    @model_validator(mode="after")
+    def _revision(self) -> ModelRef:
+        _revision_fits(self.model, self.revision)
+        return self
 
 
 class ExpertSpec(ModelRef):
@@ -109,8 +148,8 @@ class RewardSpec(Strict):
         description="loglik = length-normalised log p(answer | prompt) under a judge LM (a proxy reward); "
         "classifier = AutoModelForSequenceClassification reward model (raw logit); "
         "verifiable = 1/0 match against the query's reference answer (null where there is none).")
-    model: Given | None = Field(None, description="Model for loglik/classifier (as in ModelRef.model).")
-    revision: Given | None = Field(None, description="Weights revision for local dirs; part of the fingerprint.")
+    model: ModelSource | None = Field(None, description="Model for loglik/classifier: " + SOURCES)
+    revision: Given | None = Field(None, description=REVISION)
     dtype: Dtype = Field("bfloat16", description="Compute dtype.")
     trust_remote_code: bool = Field(False, description="Allow model code from the model dir (off by default).")
     backend: Backend = Field("hf", description="classifier only: vllm = vLLM's pooling runner "
@@ -134,6 +173,7 @@ class RewardSpec(Strict):
             raise ValueError(f"reward model {self.name!r} of kind {self.kind!r} needs `model`")
         if self.backend == "vllm" and self.kind != "classifier":
             raise ValueError(f"reward model {self.name!r}: backend vllm serves kind `classifier` only")
+        _revision_fits(self.model, self.revision)
         return self
 
 
@@ -163,7 +203,9 @@ class AggregateConfig(Strict):
 
 
 class RouterConfig(Strict):
-    encoder: Given = Field("packaged:all-minilm-l6-v2", description="Encoder: packaged name or local HF dir.")
+    encoder: ModelSource = Field(
+        "packaged:all-minilm-l6-v2", description="Encoder: `packaged:<name>`, `s3://bucket/prefix/` or a local HF "
+        "directory (as in ModelRef.model; a Hugging Face repo id is not accepted here yet: it needs a revision).")
     pooling: Literal["mean", "cls"] = Field("mean", description="Query vector: mean of the token states or the "
                                             "first ([CLS]) token's state.")
     max_length: int = Field(128, ge=8, le=4096, description="Token limit of a query (longer ones are cut).")
@@ -286,12 +328,46 @@ class UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def load_config(path: str | Path, overrides: dict | None = None, model: type = FlowConfig):
-    """Read a YAML config; relative data/model paths resolve against the config file's directory."""
-    path = Path(path)
-    if not path.is_file():
+def _read_config(path: str | Path) -> tuple[bytes, Path | None]:
+    """The config file's bytes and the folder its relative paths resolve against (None: a remote URL).
+
+    A remote URL (`s3://bucket/key.yaml`) is read where this runs: on a Prefect worker at run time, with that
+    machine's endpoint and credentials (its AWS environment: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...). It goes
+    through the store's reader, so an unreachable endpoint is retried, then a StoreUnavailable. A `file://` URL is a
+    local path."""
+    text = str(path)
+    scheme, sep, rest = text.partition("://")
+    if sep and scheme != "file":
+        from schemas.store import Store  # schemas.store imports this module: import at call time
+
+        if "/" not in rest.strip("/"):
+            raise ConfigError(f"{text}: names no config file (use {scheme}://bucket/key.yaml)")
+        folder, _, name = text.rstrip("/").rpartition("/")
+        try:
+            store = Store(folder)
+        except ValueError as e:  # fsspec: an unknown protocol
+            raise ConfigError(f"{text}: cannot read this URL ({e})") from None
+        try:
+            return store.read_bytes(name), None
+        except FileNotFoundError:
+            raise ConfigError(f"{text}: config file not found") from None
+        except ZooterError:
+            raise
+        except OSError as e:  # s3fs: access denied and the like
+            raise ConfigError(f"{text}: cannot read ({type(e).__name__}: {e})") from None
+    local = Path(unquote(urlparse(text).path)) if sep else Path(path)
+    if not local.is_file():
         raise ConfigError(f"{path}: config file not found")
-    data = path.read_bytes()
+    return local.read_bytes(), local.resolve().parent
+
+
+def load_config(path: str | Path, overrides: dict | None = None, model: type = FlowConfig):
+    """Read a YAML config from a local path or a URL (`s3://bucket/key.yaml`, `file:///...`).
+
+    In a local file, relative data/model/store paths resolve against the file's directory. In a config read from a
+    remote URL they are refused (a ConfigError naming the key): nothing on the machine that reads it is "beside" an
+    S3 object, so such a config names every path absolutely or as a URL."""
+    data, base = _read_config(path)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -307,32 +383,40 @@ def load_config(path: str | Path, overrides: dict | None = None, model: type = F
         raise ConfigError(f"{path}: top level must be a mapping")
     for k, v in (overrides or {}).items():
         raw[k] = v
-    base = path.resolve().parent
     try:
         cfg = model.model_validate(raw)
     except ValidationError as e:
         err = e.errors()[0]
         more = f" (+{len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
         raise ConfigError(f"{path}: {_loc(err)}: {err['msg'].removeprefix('Value error, ')}{more}") from None
-    return resolve_paths(cfg, base)
+    return resolve_paths(cfg, base, str(path))
 
 
-def _resolve(p: str | None, base: Path) -> str | None:
+def _resolve(p: str | None, base: Path | None, key: str, source: str, model: bool = False) -> str | None:
     if p is None or p.startswith("packaged:") or "://" in p or Path(p).is_absolute():
         return p
+    # a model `org/name` is a hub repo id unless a directory of that name sits beside the config
+    if model and HUB_ID.fullmatch(p) and (base is None or not (base / p).exists()):
+        return p
+    if base is None:
+        raise ConfigError(f"{source}: {key}: relative path {p!r} in a config read from a URL; give an absolute path "
+                          "or a URL (relative paths resolve only in a local config file)")
     return str((base / p).resolve())
 
 
-def resolve_paths(cfg, base: Path):
-    """Make relative paths absolute so actors on any node see the same files."""
+def resolve_paths(cfg, base: Path | None, source: str = "config"):
+    """Make relative paths absolute so actors on any node see the same files (base None: refuse them, naming the
+    key; `source` names the config in that error)."""
+    def res(p: str | None, key: str) -> str | None:
+        return _resolve(p, base, key, source, model=key.endswith((".model", ".encoder")))
+
+    store = cfg.store.model_copy(update={"url": res(cfg.store.url, "store.url")})
+    router = cfg.router.model_copy(update={"encoder": res(cfg.router.encoder, "router.encoder")})
     if isinstance(cfg, TrainConfig):
-        return cfg.model_copy(update={
-            "store": cfg.store.model_copy(update={"url": _resolve(cfg.store.url, base)}),
-            "router": cfg.router.model_copy(update={"encoder": _resolve(cfg.router.encoder, base)})})
-    store = cfg.store.model_copy(update={"url": _resolve(cfg.store.url, base)})
-    data = cfg.data.model_copy(update={"path": _resolve(cfg.data.path, base)})
-    experts = [e.model_copy(update={"model": _resolve(e.model, base)}) for e in cfg.experts]
-    rms = [r.model_copy(update={"model": _resolve(r.model, base)}) for r in cfg.reward_models]
-    router = cfg.router.model_copy(update={"encoder": _resolve(cfg.router.encoder, base)})
+        return cfg.model_copy(update={"store": store, "router": router})
+    data = cfg.data.model_copy(update={"path": res(cfg.data.path, "data.path")})
+    experts = [e.model_copy(update={"model": res(e.model, f"experts.{i}.model")}) for i, e in enumerate(cfg.experts)]
+    rms = [r.model_copy(update={"model": res(r.model, f"reward_models.{i}.model")})
+           for i, r in enumerate(cfg.reward_models)]
     return cfg.model_copy(update={"store": store, "data": data, "experts": experts,
                                   "reward_models": rms, "router": router})

@@ -4,10 +4,12 @@ Config (already validated by pydantic), model sources (exist, no hashing), promp
 model is (config.json only), the data columns the config names (against the file's columns), the whole query
 file, S3 credentials, the store (a directory this process can write; its existing query shards: Parquet footers,
 plus the ids, texts and splits they hold; the champion record), and enough training queries for the router's
-validation slice: it reads the store, never writes it. Raises a `ConfigError` (an `InputError` for the query
-file) whose one-line message names the file/line or the config key, an `ArtifactError` for a corrupted record in
-the store, or `StoreUnavailable` when the store does not answer. `preflight_train` does the same for `zooter
-train` (imported scores).
+validation slice: it reads the store, never writes it. Model sources are checked where they live (a local
+directory, an S3 prefix: one LIST, a hub id: the local HF cache) without reading weights. Raises a
+`ConfigError` (an `InputError` for the query file) whose one-line message names the file/line or the config key,
+an `ArtifactError` for a corrupted record in the store, or `StoreUnavailable` when the store does not answer.
+`preflight_train` does the same for `zooter train` (imported scores); `preflight_cluster` refuses a store
+the nodes of a cluster cannot share.
 """
 
 from __future__ import annotations
@@ -36,14 +38,14 @@ COLUMN_KEYS = ("text_field", "id_field", "tags_field", "reference_field")  # Dat
 
 def preflight(cfg: FlowConfig) -> pl.DataFrame:
     for i, e in enumerate(cfg.experts):
-        _source(f"experts.{i}.model", e.model)
+        _source(f"experts.{i}.model", e.model, e.revision)
         try:
             template_text(e.prompt)
         except ConfigError as err:
             raise ConfigError(f"experts.{i}.prompt: {err}") from None
     for i, rm in enumerate(cfg.reward_models):
         if rm.model:
-            _source(f"reward_models.{i}.model", rm.model)
+            _source(f"reward_models.{i}.model", rm.model, rm.revision)
             _reward_kind(f"reward_models.{i}.model", rm)
     _source("router.encoder", cfg.router.encoder)
     for key, spec in [*(("experts", e) for e in cfg.experts), *(("reward_models", r) for r in cfg.reward_models)]:
@@ -99,6 +101,16 @@ def preflight_train(cfg: TrainConfig) -> ImportRecord:
     return rec
 
 
+def preflight_cluster(cfg: FlowConfig | TrainConfig, nodes: int) -> None:
+    """Refuse a local-path store while connected to a Ray cluster of more than one alive node: each node's
+    actors would write their cells to that node's own disk, where no other node (and no later run) finds them."""
+    url = cfg.store.url
+    scheme, sep, _ = url.partition("://")
+    if nodes > 1 and (not sep or scheme == "file"):
+        raise ConfigError(f"store.url: {url} is a local path, but the Ray cluster has {nodes} alive nodes: each "
+                          "node would write its cells to its own disk; use an s3:// store")
+
+
 def enough_training(queries: pl.DataFrame, test_fraction: float, key: str, where: str) -> None:
     """Refuse, before any model loads, a query set (query_id, split: null = by a hash of the id) whose training
     split gives the router no validation slice: the split and the slice are computed by the functions the
@@ -135,9 +147,9 @@ def _columns(data: DataConfig) -> None:
         raise ConfigError(f"{path}: {key} {name!r} is not a column of the file (columns found: {shown})")
 
 
-def _source(key: str, ref: str) -> None:
+def _source(key: str, ref: str, revision: str | None = None) -> None:
     try:
-        check_source(ref)
+        check_source(ref, revision)
     except ModelSourceError as e:
         raise ConfigError(f"{key}: {e}") from None
 
@@ -146,7 +158,7 @@ def _reward_kind(key: str, rm: RewardSpec) -> None:
     """A classifier must be a one-logit *ForSequenceClassification, a loglik judge a causal LM."""
     assert rm.model is not None
     try:
-        archs, labels = architectures(rm.model)
+        archs, labels = architectures(rm.model, rm.revision)
     except ModelSourceError as e:
         raise ConfigError(f"{key}: {e}") from None
     if not archs:  # config.json does not say: the load will tell

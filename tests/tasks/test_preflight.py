@@ -12,7 +12,7 @@ import pytest
 from schemas.config import ConfigError, FlowConfig, TrainConfig
 from schemas.errors import ArtifactError
 from schemas.store import Store
-from tasks.preflight import preflight, preflight_train
+from tasks.preflight import preflight, preflight_cluster, preflight_train
 
 # 12 queries: with ids q0..q11 or hashes of the texts, data.test_fraction 0.25 leaves 8 or 9 for training, and the
 # router's validation slice gets 1 or 2 of those
@@ -67,6 +67,12 @@ def test_config_json_without_architectures_is_left_to_the_load(tmp_path):
      r"experts\.0\.model: .*nowhere: model directory not found"),
     (lambda raw, root: raw["router"].update(encoder="packaged:gpt-9"),
      r"router\.encoder: packaged:gpt-9: unknown packaged model"),
+    (lambda raw, root: raw["router"].update(encoder=str(root / "gone")),
+     r"router\.encoder: .*gone: model directory not found$"),
+    (lambda raw, root: raw["experts"][0].update(model="org/absent"),
+     r"experts\.0\.model: org/absent: not a local directory; as a Hugging Face repo id it needs a pinned `revision`"),
+    (lambda raw, root: raw["experts"][0].update(model="org/absent", revision="main"),
+     r"experts\.0\.model: org/absent@main: not in the local Hugging Face cache"),
     (lambda raw, root: (root / "p.txt").write_text("no placeholder") and raw["experts"][0].update(
         prompt=str(root / "p.txt")), r"experts\.0\.prompt: .*has no \{query\}"),
 ])
@@ -221,3 +227,29 @@ def test_train_preflight_names_a_missing_score_cell(tmp_path):
     cell.unlink()
     with pytest.raises(ArtifactError, match=rf"{cell}: missing; run `zooter import-scores` again"):
         preflight_train(cfg)
+
+
+def test_an_s3_model_prefix_without_objects_names_the_key(tmp_path, s3_server, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server["endpoint_url"])
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server["key"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server["secret"])
+
+    def s3_rm(raw, root):
+        raw["reward_models"][0]["model"] = "s3://zooter/no-such-model/"
+    with pytest.raises(ConfigError, match=r"^reward_models\.0\.model: s3://zooter/no-such-model/: no objects under "
+                       r"this prefix$"):
+        preflight(config(tmp_path, s3_rm))
+
+
+@pytest.mark.parametrize("store,nodes,refused", [
+    ("local", 2, True), ("file", 3, True), ("local", 1, False), ("s3://bkt/zooter", 2, False),
+])
+def test_a_local_store_on_a_multi_node_cluster_is_refused(tmp_path, store, nodes, refused):
+    url = {"local": str(tmp_path / "store"), "file": f"file://{tmp_path}/store"}.get(store, store)
+    cfg = config(tmp_path, lambda raw, root: raw.update(store=url))
+    if not refused:
+        preflight_cluster(cfg, nodes)
+        return
+    with pytest.raises(ConfigError, match=rf"^store\.url: {url} is a local path, but the Ray cluster has {nodes} "
+                       r"alive nodes: each node would write its cells to its own disk; use an s3:// store$"):
+        preflight_cluster(cfg, nodes)
