@@ -7,7 +7,7 @@ drives a pool for each stage.
 
 from __future__ import annotations
 
-import contextlib
+import json
 import logging
 import os
 import socket
@@ -15,11 +15,13 @@ from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import ray
-from ray.util import ActorPool
+from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+from ray.actor import ActorHandle
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from schemas.config import RayConfig, Resources
+from schemas.errors import ConfigError
 
 log = logging.getLogger("zooter.cluster")
 
@@ -31,15 +33,31 @@ _ENV_PASSTHROUGH = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "ZOOTER_CACHE", "A
 K = TypeVar("K", bound=Hashable)
 
 
-def connect(cfg: RayConfig) -> None:
-    """Join the configured cluster, or start embedded local Ray once per process: always a new private instance
-    (`address="local"`), never one that RAY_ADDRESS or /tmp/ray/ray_current_cluster points at, which ray.init's
-    default (`address=None`) would attach to."""
-    if ray.is_initialized():
-        return
+def worker_env() -> dict[str, str]:
+    """The env vars this process hands every Ray worker: the passthrough ones it has, offline defaults, minus those
+    that the runtime env of the Ray job it runs in (`ray job submit`) sets. ray.init refuses to merge a job's runtime
+    env with the driver's when both name the same field or env var, and the job's own applies to every worker."""
     env = {k: os.environ[k] for k in _ENV_PASSTHROUGH if k in os.environ}
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    job_env = json.loads(os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR, "{}")).get("runtime_env") or {}
+    return {k: v for k, v in env.items() if k not in (job_env.get("env_vars") or {})}
+
+
+def connect(cfg: RayConfig) -> None:
+    """Join the configured cluster, or start embedded local Ray once per process: always a new private instance
+    (`address="local"`), never one that RAY_ADDRESS or /tmp/ray/ray_current_cluster points at, which ray.init's
+    default (`address=None`) would attach to.
+
+    Joining passes no resources (the cluster has its own) and only `env_vars` as runtime env (`worker_env`), so a
+    submitted job's runtime env (working_dir, its env_vars) stays in force and does not conflict with ours."""
+    if ray.is_initialized():
+        return
+    if not cfg.address and RAY_JOB_CONFIG_JSON_ENV_VAR in os.environ:
+        # a private Ray would inherit the job's runtime env (its working_dir lives in the cluster's storage)
+        raise ConfigError("ray.address: null inside a submitted Ray job; set `ray: {address: auto}` to run on the "
+                          "job's cluster")
+    env = worker_env()
     kw: dict[str, Any] = {"runtime_env": {"env_vars": env}, "logging_level": logging.WARNING,
                           "log_to_driver": True}
     if cfg.address:
@@ -74,6 +92,11 @@ def connect(cfg: RayConfig) -> None:
     log.info("Ray resources: %s", ray.cluster_resources())
 
 
+def alive_nodes() -> int:
+    """How many nodes of the connected Ray cluster are alive (1 for embedded Ray)."""
+    return sum(node["Alive"] for node in ray.nodes())
+
+
 @ray.remote
 class ModelActor:
     """Holds one loaded model; runs per-cell jobs against it."""
@@ -99,8 +122,8 @@ def _actor(build: Callable[[], Any], res: Resources, tp: int):
     if tp > 1:
         # Tensor parallel: the engine's workers each take one GPU of a placement group that the actor (and
         # everything it starts) is scheduled into; the actor itself holds no GPU.
+        # Not waited for: the actor is placed once the group is, and until then it holds nothing (see `run_pool`).
         pg = placement_group([{"GPU": 1, "CPU": 1}] * tp, strategy="PACK")
-        ray.get(pg.ready())
         opts.update(num_gpus=0, scheduling_strategy=PlacementGroupSchedulingStrategy(
             placement_group=pg, placement_group_capture_child_tasks=True))
     return ModelActor.options(**opts).remote(build), pg
@@ -113,8 +136,9 @@ def run_pool(build: Callable[[], Any], job: Callable[[Any, K], Any], keys: Seque
     (key, result) as they finish (unordered), then release the actors so their CPUs/GPUs go to the next pool.
 
     `claim(key)` is asked just before a key goes to a free actor; False skips it (another run took it), so
-    concurrent runs split the work. No actor starts unless a first key is claimed. The Ray node ids the actors
-    ran on are added to `nodes` (the stage's placements, recorded in the run manifest)."""
+    concurrent runs split the work. No actor starts unless a first key is claimed, and only actors Ray has placed
+    get keys. The Ray node ids of the actors that computed keys are added to `nodes` (the stage's placements,
+    recorded in the run manifest)."""
     order = iter(enumerate(keys))
 
     def next_key() -> tuple[int, K] | None:  # (position, key): a falsy key is still a key
@@ -124,25 +148,34 @@ def run_pool(build: Callable[[], Any], job: Callable[[Any, K], Any], keys: Seque
     if nxt is None:
         return
     started = [_actor(build, res, tp) for _ in range(min(res.pool_size, len(keys) - nxt[0]))]
-    # Asked now, read at the end without waiting: an actor that never got resources must not block the pool.
-    where = [a.node_id.remote() for a, _ in started]
+    # Only placed actors (their node_id call returned) get keys; the others join when Ray places them. So a pool
+    # never waits on a job queued behind an actor that cannot start: pools that compete for scarce CPUs/GPUs each
+    # finish on the actors they have, then release all of them (pending ones too) to the next.
+    pending = {actor.node_id.remote(): actor for actor, _ in started}
+    free: list[tuple[ActorHandle, str]] = []  # placed actors with no job, and their node
+    running: dict[ray.ObjectRef, tuple[ActorHandle, str]] = {}
     try:
-        pool = ActorPool([a for a, _ in started])
         while True:
-            while nxt is not None:
-                pool.submit(lambda a, k: a.run.remote(job, k), nxt[1])
-                nxt = next_key() if pool.has_free() else None
-            if not pool.has_next():
+            while free:
+                if nxt is None:
+                    nxt = next_key()  # claimed only now that an actor is free to take it
+                    if nxt is None:
+                        break
+                actor, node = free.pop()
+                running[actor.run.remote(job, nxt[1])] = actor, node
+                nxt = None
+            if nxt is None and not running:
                 return
-            yield pool.get_next_unordered()
-            nxt = next_key()
+            [ref], _ = ray.wait([*running, *pending], num_returns=1)
+            if ref in pending:
+                free.append((pending.pop(ref), ray.get(ref)))  # an actor that failed to start raises here
+                continue
+            free.append(running.pop(ref))
+            if nodes is not None:
+                nodes.add(free[-1][1])
+            yield ray.get(ref)
     finally:
-        ready, _ = ray.wait(where, num_returns=len(where), timeout=0)
-        for ref in ready:
-            with contextlib.suppress(ray.exceptions.RayError):  # the actor died; its jobs went elsewhere
-                if nodes is not None:
-                    nodes.add(ray.get(ref))
-        for a, pg in started:
-            ray.kill(a)
+        for actor, pg in started:
+            ray.kill(actor)
             if pg is not None:
                 remove_placement_group(pg)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
-from cluster.pool import connect
+from cluster.pool import alive_nodes, connect
 from flows.tail import run_scope, step, train_tail
 from schemas.config import load_config
 from schemas.manifest import Outcome, RunManifest, StageRecord, new_run_id, outcome, redacted
@@ -16,7 +16,7 @@ from schemas.store import Store
 from tasks.aggregate import ScoreSource
 from tasks.generate import expert_fingerprint, run_generate
 from tasks.ingest import write_shards
-from tasks.preflight import preflight
+from tasks.preflight import preflight, preflight_cluster
 from tasks.score import rm_fingerprint, run_score
 
 
@@ -31,6 +31,8 @@ def label_dag(config_path: str, flow_name: str) -> Outcome:
     log = get_run_logger()
     cfg = load_config(config_path)
     queries = preflight(cfg)  # fails before any model loads or anything is written
+    connect(cfg.ray)
+    preflight_cluster(cfg, alive_nodes())  # e.g. a local-path store on a multi-node cluster
     store = Store.from_config(cfg.store)
     m = RunManifest(run_id=new_run_id(), flow=flow_name, config=redacted(cfg))
     with run_scope(store, m) as leases:  # the cells this run computes; concurrent runs wait for them
@@ -38,7 +40,6 @@ def label_dag(config_path: str, flow_name: str) -> Outcome:
         m.shards, m.queries, m.new_queries = ing.shards, ing.n_queries, ing.n_new
         log.info("ingest: %d queries in %d shards (%d new queries)", ing.n_queries, len(ing.shards), ing.n_new)
 
-        connect(cfg.ray)
         gens = [step(run_generate, name=f"generate-{e.name}").submit(store, e, ing.shards, leases)
                 for e in cfg.experts]
         m.generate = [StageRecord.of(g.result()) for g in gens]
