@@ -53,9 +53,10 @@ def _setup(cfg: RouterConfig, n_experts: int, train_df: pl.DataFrame, val_df: pl
     return model, _tensors(tok, train_df, cfg.max_length, cfg.prefix), _tensors(tok, val_df, cfg.max_length, cfg.prefix)
 
 
-def train_loop(loop: dict) -> list[dict]:
+def train_loop(loop: dict) -> dict:
     """Per-worker loop (Ray Train calls it with `train_loop_config`: the RouterConfig, the experts, the labels
-    fingerprint and object references to the train/val rows); returns every epoch's metrics."""
+    fingerprint and object references to the train/val rows); returns every epoch's metrics (`history`) and the
+    Ray node ids of all workers (`nodes`)."""
     cfg: RouterConfig = loop["router"]
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
@@ -98,7 +99,17 @@ def train_loop(loop: dict) -> list[dict]:
                             "labels": loop["labels_fingerprint"]}, os.path.join(d, "checkpoint.pt"))
                 ckpt = Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=ckpt)
-    return history
+    return {"history": history, "nodes": _worker_nodes()}
+
+
+def _worker_nodes() -> list[str]:
+    """Every worker's Ray node id (the run manifest records where training ran); only rank 0's return is kept."""
+    node = ray.get_runtime_context().get_node_id()
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [node]
+    nodes: list[str | None] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(nodes, node)
+    return sorted({n for n in nodes if n})
 
 
 @torch.no_grad()
@@ -116,9 +127,10 @@ def _validate(model, val, kind: str) -> dict:
 
 
 def fit(cfg: RouterConfig, train: pa.Table, val: pa.Table, experts: list[str], labels_fp: str, storage_path: str,
-        storage_filesystem=None) -> tuple[dict, list[dict]]:
+        storage_filesystem=None) -> tuple[dict, list[dict], list[str]]:
     """Train on `train` (columns text or vector, and target), select the epoch on `val`; return the best
-    checkpoint's payload and every epoch's metrics. Workers, resources and hyperparameters come from `cfg`.
+    checkpoint's payload, every epoch's metrics and the Ray node ids the workers ran on. Workers, resources and
+    hyperparameters come from `cfg`.
 
     Checkpoints go to `storage_path`: a local directory, or a path inside `storage_filesystem` (a pyarrow
     filesystem wrapping the store's, so remote stores keep their endpoint and credentials)."""
@@ -136,4 +148,5 @@ def fit(cfg: RouterConfig, train: pa.Table, val: pa.Table, experts: list[str], l
         payload = torch.load(Path(d) / "checkpoint.pt", map_location="cpu", weights_only=False)
     # The history is rank 0's return value: `result.metrics` are those of the latest checkpoint, i.e. of the best
     # epoch, and would drop the epochs after it.
-    return payload, result.return_value
+    out = result.return_value
+    return payload, out["history"], out["nodes"]

@@ -64,7 +64,8 @@ def train_tail(store: Store, m: RunManifest, cfg: FlowConfig | TrainConfig, expe
         m.embed, embed_fp = StageRecord.of(emb), emb.fingerprint
     m.labels, m.label_rows = step(run_aggregate, name="aggregate")(
         store, experts, sources, tagger.fingerprint, m.shards, cfg.aggregate, test_fraction)
-    m.router, _ = step(run_train_router, name="train_router")(store, m.labels, cfg.router, embed_fp)
+    m.router, meta = step(run_train_router, name="train_router")(store, m.labels, cfg.router, embed_fp)
+    m.router_nodes = meta.get("nodes", [])
     m.evaluation, report = step(run_evaluate, name="evaluate")(store, m.labels, m.router, sources, experts,
                                                               m.shards, embed_fp)
     m.champion = step(publish, name="publish")(store, m.router, m.evaluation, report, m.run_id, leases)

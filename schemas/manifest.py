@@ -114,6 +114,8 @@ class RunManifest(BaseModel):
     labels: str | None = Field(None, description="Labels fingerprint.")
     label_rows: int = Field(0, description="Rows in the labels.")
     router: str | None = Field(None, description="Router fingerprint.")
+    router_nodes: list[str] = Field(default_factory=list, description="Ray node ids the router's Ray Train "
+                                    "workers ran on (in the run that trained it; a reused router keeps them).")
     evaluation: str | None = Field(None, description="Evaluation fingerprint.")
     champion: ChampionDecision | None = Field(None, description="The champion/challenger decision at publish.")
     timings: dict[str, float] = Field(default_factory=dict, description="Seconds, by step (`total_s`: the run).")

@@ -81,7 +81,7 @@ def _train(store: Store, labels_fp: str, cfg: RouterConfig, embed_fp: str | None
             raise ValueError("router.freeze_encoder needs the embed step's fingerprint")  # a caller's bug
         train, val, cols = with_features(store, train, embed_fp), with_features(store, val, embed_fp), \
             ["vector", "target"]
-    payload, history = fit(cfg, train.select(cols).to_arrow(), val.select(cols).to_arrow(), experts, labels_fp,
+    payload, history, nodes = fit(cfg, train.select(cols).to_arrow(), val.select(cols).to_arrow(), experts, labels_fp,
                            store.path(router_train_dir(fp)), None if store.local else store.arrow_fs())
     model, tok = build_from_config(cfg, len(experts))
     # A frozen encoder's checkpoints hold only the head: the encoder weights are the shipped ones.
@@ -90,7 +90,8 @@ def _train(store: Store, labels_fp: str, cfg: RouterConfig, embed_fp: str | None
         raise ValueError(f"router {fp}: checkpoint does not fit the model ({missing[:3]}, {unexpected[:3]})")
     meta = {"router_fingerprint": fp, "labels_fingerprint": labels_fp, "experts": experts,
             "encoder": cfg.encoder, "pooling": cfg.pooling, "max_length": cfg.max_length,
-            "best_epoch": payload["epoch"], "history": history, "train_rows": train.height, "val_rows": val.height,
+            "best_epoch": payload["epoch"], "history": history, "nodes": nodes, "train_rows": train.height,
+            "val_rows": val.height,
             "embeddings": embed_fp, "encoder_identity": models.identity(cfg.encoder)}
     with tempfile.TemporaryDirectory(prefix="zooter-router-") as tmp:
         out = Path(tmp)

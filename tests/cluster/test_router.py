@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pyarrow as pa
 import pytest
+import ray
 import torch
 
 from cluster.router import Router, RouterError, build_from_config, save
@@ -99,9 +100,10 @@ def test_fit_takes_its_rows_through_ray_and_keeps_every_epoch(ray_session, tmp_p
     train = pa.table({"vector": list(x[:48]), "target": list(target[:48])})
     val = pa.table({"vector": list(x[48:]), "target": list(target[48:, ::-1])})
     cfg = RouterConfig(freeze_encoder=True, epochs=3, lr=0.5, batch_size=8, seed=3)
-    payload, history = fit(cfg, train, val, ["a", "b"], "labels-1", str(tmp_path / "train"))
+    payload, history, nodes = fit(cfg, train, val, ["a", "b"], "labels-1", str(tmp_path / "train"))
     assert [h["epoch"] for h in history] == [1, 2, 3]
     assert history[0]["train_loss"] > history[2]["train_loss"]
     assert payload["epoch"] == min(history, key=lambda h: h["val_loss"])["epoch"] == 1
     assert (payload["labels"], payload["experts"], payload["config"]) == ("labels-1", ["a", "b"],
                                                                         cfg.model_dump(mode="json"))
+    assert nodes == [ray.get_runtime_context().get_node_id()]  # the one node of the session's Ray
