@@ -446,6 +446,18 @@ def _announce(config: Path, action: str, name: str) -> None:
         messages.print(f"[yellow]warning:[/yellow] {EVENT} not emitted: {why}", soft_wrap=True)
 
 
+@command(name="publish-config")
+def publish_config_cmd(config: ConfigArg, json_out: JsonOpt = False) -> Result:
+    """Publish the config into its store (configs/<hash>.yaml, configs/current.yaml) for deployments whose
+    workers read it by URL (ZOOTER_CONFIG_URL); store options (credentials) are left out of the copy."""
+    from schemas.store import Store
+    from tasks.experts import CURRENT, publish_config
+
+    cfg = load_config(config)
+    out = {"config_url": publish_config(cfg), "current": Store.from_config(cfg.store).uri(CURRENT)}
+    return Result(out, lambda c: c.print(f"published {out['config_url']} (current: {out['current']})"))
+
+
 @command(experts_app, "list")
 def experts_list(config: ConfigArg, json_out: JsonOpt = False) -> Result:
     """Print the experts of a config."""

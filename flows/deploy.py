@@ -2,12 +2,16 @@
 a work pool. prefect.yaml declares the same two deployments for `prefect deploy`.
 
 The relabel deployment runs on a cron schedule (in UTC) and whenever `zooter experts add|remove` emits
-`zooter.experts.changed` for this config's store; the trigger passes the event's `config_path` to the flow.
+`zooter.experts.changed` for this config's store; the trigger passes the event's `config_url` (the edited config,
+published into the store) to the flow, which reads it when it runs. At most one relabel run runs at a time; a
+second one (the nightly run during an event-triggered one, or two quick pool edits) waits for the slot (ENQUEUE)
+instead of being dropped (CANCEL_NEW), so no pool change goes unlabelled.
 """
 
 from __future__ import annotations
 
 from prefect import serve
+from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 from prefect.deployments.runner import RunnerDeployment
 from prefect.events import DeploymentEventTrigger
 from prefect.schedules import Cron
@@ -18,6 +22,8 @@ from schemas.config import load_config
 from tasks.experts import EVENT
 
 RELABEL_CRON = "0 3 * * *"  # nightly (03:00 UTC): picks up new queries in the data file as well
+# Two relabel runs at once would race to promote a champion: one at a time, the next waits (prefect.yaml: the same).
+RELABEL_CONCURRENCY = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE)
 
 
 def relabel_trigger(store_url: str | None = None) -> DeploymentEventTrigger:
@@ -25,17 +31,20 @@ def relabel_trigger(store_url: str | None = None) -> DeploymentEventTrigger:
     return DeploymentEventTrigger(
         name="relabel on expert pool change", expect={EVENT},
         match={"prefect.resource.id": f"zooter.store.{store_url}" if store_url else "zooter.store.*"},
-        parameters={"config_path": "{{ event.payload.config_path }}"})
+        parameters={"config_path": "{{ event.payload.config_url }}"})
 
 
 def deployments(config_path: str, cron: str | None = RELABEL_CRON) -> list[RunnerDeployment]:
-    """The label deployment (on demand) and the relabel one (`cron` in UTC, None: no schedule; and the trigger)."""
+    """The label deployment (on demand) and the relabel one (`cron` in UTC, None: no schedule; the trigger; one run
+    at a time). Served from this machine: `config_path` may be a local path here (the event-triggered runs get the
+    config's published URL)."""
     cfg = load_config(config_path)
     params = {"config_path": config_path}
     schedule = Cron(cron, timezone="UTC") if cron else None  # explicit: a reader need not know Prefect's default
     return [label_flow.to_deployment(name="label", parameters=params),
             relabel_flow.to_deployment(name="relabel", parameters=params, schedule=schedule,
-                                       triggers=[relabel_trigger(cfg.store.url)])]
+                                       triggers=[relabel_trigger(cfg.store.url)],
+                                       concurrency_limit=RELABEL_CONCURRENCY)]
 
 
 def serve_deployments(config_path: str, cron: str | None = RELABEL_CRON, limit: int | None = None) -> None:

@@ -3,7 +3,7 @@
 Only missing cells are computed (cells are content-addressed), labels are re-aggregated over the current pool,
 the router is retrained and evaluated, and it replaces the champion only if it is not worse (tasks/publish.py).
 The `zooter-relabel` deployment (prefect.yaml, `zooter serve`) runs it on a schedule and on the
-`zooter.experts.changed` event that `zooter experts add|remove` emits.
+`zooter.experts.changed` event that `zooter experts add|remove` emits, one run at a time (a second waits).
 """
 
 from __future__ import annotations
@@ -16,4 +16,11 @@ from schemas.manifest import Outcome
 
 @flow(name="zooter-relabel", log_prints=True)
 def relabel_flow(config_path: str) -> Outcome:
+    """Relabel after an expert pool change.
+
+    Args:
+        config_path: The flow config, read when the run starts on the machine that runs it: a local path there, or
+            a URL such as `s3://bucket/prefix/configs/current.yaml` (endpoint and credentials from that machine's
+            AWS environment). The `zooter.experts.changed` trigger passes the published copy's URL.
+    """
     return label_dag(config_path, "relabel")

@@ -5,13 +5,21 @@ only the `experts:` list changes (adding then removing an expert gives the file 
 config is validated as a whole before it replaces the file, atomically (a temp file with the file's permissions,
 renamed over it), so a bad `add` leaves the config as it was.
 
-`zooter.experts.changed` is what the relabel deployment's trigger listens for (prefect.yaml, `zooter serve`).
-Its resource is the store (`zooter.store.<url>`), a related resource is the config, and the payload carries
-`config_path`, which the trigger passes to the relabel flow.
+After an edit, `emit_pool_changed` publishes the config into its store (`publish_config`) and emits
+`zooter.experts.changed`, what the relabel deployment's trigger listens for (prefect.yaml, `zooter serve`). A
+remote worker cannot read the editing machine's file, so the event names the published copy: its resource is the
+store (`zooter.store.<url>`), a related resource is the config copy, and the payload carries `store` and
+`config_url`, which the trigger passes to the relabel flow.
+
+Published configs live under the store's `configs/`: `<sha256 of the bytes, 16 hex>.yaml` never changes (an
+event names it, so a run that waits for the relabel concurrency slot still gets the pool the event announced) and
+`current.yaml` is the latest one (what a scheduled deployment reads: prefect.yaml's ZOOTER_CONFIG_URL).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import io
 import os
 import re
@@ -19,15 +27,20 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import yaml
 from pydantic import ValidationError
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import CommentMark, YAMLError
 from ruamel.yaml.tokens import CommentToken
 
-from schemas.config import ConfigError, ExpertSpec, FlowConfig
+from schemas.config import ConfigError, ExpertSpec, FlowConfig, load_config
+from schemas.errors import ZooterError
+from schemas.store import Store
 
 EVENT = "zooter.experts.changed"
+CONFIGS = "configs"  # where published configs live in the store
+CURRENT = f"{CONFIGS}/current.yaml"
 DEFAULT_DTYPE = ExpertSpec.model_fields["dtype"].default
 
 
@@ -195,29 +208,50 @@ def remove_expert(path: Path, name: str) -> None:
     _write(path, y, raw)  # refuses an empty pool: at least one expert is required
 
 
+def published(cfg: FlowConfig) -> bytes:
+    """The config as a worker reads it from the store: every path already resolved (absolute or a URL, which
+    load_config requires of a config read from a URL) and no store options (they may hold credentials, which never
+    go into artifacts; a worker takes endpoint and credentials from its own AWS environment)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json", exclude={"store": {"options"}}), sort_keys=False).encode()
+
+
+def publish_config(cfg: FlowConfig) -> str:
+    """Write the config into its store, atomically, as `configs/<hash>.yaml` and `configs/current.yaml`; returns
+    the URL of the content-addressed copy."""
+    data = published(cfg)
+    store = Store.from_config(cfg.store)
+    rel = f"{CONFIGS}/{hashlib.sha256(data).hexdigest()[:16]}.yaml"
+    with contextlib.suppress(FileExistsError):  # the same bytes are there already
+        store.create(rel, data)
+    store.write_bytes(CURRENT, data)
+    return store.uri(rel)
+
+
 def emit_pool_changed(config_path: Path, action: str, expert: str) -> str | None:
-    """Emit `zooter.experts.changed`; returns None when sent, else why not (the caller warns: editing the
-    pool must not depend on a Prefect API being up)."""
+    """Publish the edited config into its store, then emit `zooter.experts.changed` naming the store and the
+    published copy's URL. Returns None when both happened, else why not (the caller warns: editing the pool must
+    depend neither on a Prefect API being up nor on a remote store answering)."""
     from prefect.client.orchestration import get_client
     from prefect.events import emit_event
     from prefect.events.worker import EventsWorker
     from prefect.settings import PREFECT_API_URL
 
-    from schemas.config import load_config
-
     cfg = load_config(config_path)
+    try:
+        config_url = publish_config(cfg)
+    except ZooterError as e:
+        return f"the config could not be published into its store ({e})"
     if not PREFECT_API_URL.value():
         return "PREFECT_API_URL is not set: no Prefect API to send the event to"
     with get_client(sync_client=True) as client:
         err = client.api_healthcheck()
     if err is not None:
         return f"Prefect API {PREFECT_API_URL.value()} unreachable ({type(err).__name__}: {err})"
-    path = str(config_path.resolve())
     event = emit_event(
         EVENT,
         resource={"prefect.resource.id": f"zooter.store.{cfg.store.url}", "prefect.resource.name": cfg.name},
-        related=[{"prefect.resource.id": f"zooter.config.{path}", "prefect.resource.role": "config"}],
-        payload={"config_path": path, "store": cfg.store.url, "action": action, "expert": expert,
+        related=[{"prefect.resource.id": f"zooter.config.{config_url}", "prefect.resource.role": "config"}],
+        payload={"store": cfg.store.url, "config_url": config_url, "action": action, "expert": expert,
                  "experts": [e.name for e in cfg.experts]})
     # The events worker sends in the background: flush it before the command exits.
     EventsWorker.drain_all(timeout=30)

@@ -151,3 +151,20 @@ def test_run_summary_for_a_person():
     assert "generation + scoring cells: 2 computed, 4 reused" in out and "run r1 took 42s" in out
     assert "champion/challenger: promoted (no champion yet; challenger 0.5000, champion -)" in out
     assert "manifest: s/runs/r1/m.json\nreport:   s/evaluations/e/report.md" in out
+
+
+def test_publish_config_for_remote_workers(tiny_config):
+    """`zooter publish-config` puts the config into its store; the published copy loads back by URL (file://
+    here, s3:// in tests/tasks/test_experts.py) and equals the config."""
+    import json
+
+    from schemas.config import load_config
+
+    path = tiny_config()
+    res = runner.invoke(app, ["publish-config", str(path), "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["config_url"] != out["current"] and out["current"].endswith("configs/current.yaml")
+    back = load_config(out["config_url"])
+    assert back.model_dump() == load_config(path).model_dump()
+    assert load_config(out["current"]).model_dump() == back.model_dump()

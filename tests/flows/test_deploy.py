@@ -1,5 +1,6 @@
-"""Deployments: prefect.yaml, `zooter experts add|remove|list`, and the served relabel deployment triggered by
-the `zooter.experts.changed` event on a real Prefect server (`prefect server start` on 127.0.0.1)."""
+"""Deployments: prefect.yaml, `zooter experts add|remove|list`, the relabel deployment's one-run-at-a-time limit
+(on the session's Prefect API), and the served relabel deployment triggered by the `zooter.experts.changed` event on
+a real Prefect server (`prefect server start` on 127.0.0.1)."""
 
 import contextlib
 import os
@@ -15,13 +16,17 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.objects import ConcurrencyLimitStrategy, StateType
+from prefect.client.schemas.responses import SetStateStatus
 from prefect.events import DeploymentEventTrigger
 from prefect.flows import load_flow_from_entrypoint
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from typer.testing import CliRunner
 
 from flows.cli import app
-from tasks.experts import EVENT
+from schemas.config import load_config
+from tasks.experts import CURRENT, EVENT, published
 
 ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()
@@ -34,10 +39,13 @@ def test_prefect_yaml_declares_both_deployments():
     assert load_flow_from_entrypoint(str(ROOT / deps["label"]["entrypoint"])).name == "zooter-label"
     assert load_flow_from_entrypoint(str(ROOT / deps["relabel"]["entrypoint"])).name == "zooter-relabel"
     relabel = deps["relabel"]
+    # the config is a URL the worker reads at run time, never a path from the deploying shell
+    assert deps["label"]["parameters"] == relabel["parameters"] == {"config_path": "{{ $ZOOTER_CONFIG_URL }}"}
+    assert relabel["concurrency_limit"] == {"limit": 1, "collision_strategy": "ENQUEUE"}
     assert [s["cron"] for s in relabel["schedules"]] == ["0 3 * * *"]
     (trigger,) = relabel["triggers"]
     t = DeploymentEventTrigger.model_validate({k: v for k, v in trigger.items() if k != "type"})
-    assert t.expect == {EVENT} and t.parameters == {"config_path": "{{ event.payload.config_path }}"}
+    assert t.expect == {EVENT} and t.parameters == {"config_path": "{{ event.payload.config_url }}"}
 
 
 def test_served_deployments(tiny_config):
@@ -49,9 +57,35 @@ def test_served_deployments(tiny_config):
         "label", "zooter-label", "relabel", "zooter-relabel")
     assert label.parameters == relabel.parameters == {"config_path": str(path)}
     assert [s.schedule.cron for s in relabel.schedules] == ["0 3 * * *"] and not label.schedules
+    assert relabel.concurrency_limit == 1 and label.concurrency_limit is None
+    assert relabel.concurrency_options.collision_strategy == ConcurrencyLimitStrategy.ENQUEUE
     (trigger,) = relabel.triggers
     store = yaml.safe_load(path.read_text())["store"]
     assert trigger.expect == {EVENT} and trigger.match.get("prefect.resource.id") == [f"zooter.store.{store}"]
+    assert trigger.parameters == {"config_path": "{{ event.payload.config_url }}"}
+
+
+def test_relabel_runs_one_at_a_time(tiny_config, prefect_harness):
+    """The served relabel deployment as the API stores it: limit 1, ENQUEUE. Two runs created at once: the second
+    one asking to start while the first runs is put back to wait (AwaitingConcurrencySlot), and starts after it."""
+    from prefect.states import Completed, Pending, Running
+
+    from flows.deploy import deployments
+
+    _, relabel = deployments(str(tiny_config()), cron=None)
+    dep_id = relabel.apply()
+    with get_client(sync_client=True) as client:
+        dep = client.read_deployment(dep_id)
+        assert dep.global_concurrency_limit.limit == 1
+        assert dep.concurrency_options.collision_strategy == ConcurrencyLimitStrategy.ENQUEUE
+        first, second = (client.create_flow_run_from_deployment(dep_id) for _ in range(2))
+        assert client.set_flow_run_state(first.id, Pending()).status == SetStateStatus.ACCEPT
+        client.set_flow_run_state(first.id, Running())
+        waits = client.set_flow_run_state(second.id, Pending())
+        assert waits.status == SetStateStatus.REJECT
+        assert (waits.state.type, waits.state.name) == (StateType.SCHEDULED, "AwaitingConcurrencySlot")
+        client.set_flow_run_state(first.id, Completed())  # frees the slot
+        assert client.set_flow_run_state(second.id, Pending()).status == SetStateStatus.ACCEPT
 
 
 def test_experts_add_remove_list_without_a_prefect_api(tiny_config, tiny_models):
@@ -165,7 +199,11 @@ def test_experts_add_event_triggers_served_relabel(tmp_path, tiny_models):
 
         (run,) = _wait(finished_run, "the triggered relabel run", 900, procs)
         assert run["state"]["type"] == "COMPLETED", (tmp_path / "serve.log").read_text()[-5000:]
-        assert run["parameters"] == {"config_path": str(path.resolve())}
+        # the run got the edited config's copy in the store (content-addressed), not the editor's file
+        data = published(load_config(path))
+        (copy,) = [p for p in (tmp_path / "store" / "configs").iterdir() if p.name != "current.yaml"]
+        assert run["parameters"] == {"config_path": str(copy)} and copy.read_bytes() == data
+        assert (tmp_path / "store" / CURRENT).read_bytes() == data
         # the run relabelled the store with the new pool: all cells of experts a, b and c (a fresh store)
         (mdir,) = (tmp_path / "store" / "runs").iterdir()
         m = yaml.safe_load((mdir / "manifest.json").read_text())
@@ -176,13 +214,16 @@ def test_experts_add_event_triggers_served_relabel(tmp_path, tiny_models):
         # prefect.yaml deploys to the same server (a process work pool; nothing runs without a worker)
         procs[1].send_signal(signal.SIGTERM)
         procs[1].wait(timeout=60)
-        yenv = {**env, "ZOOTER_HOME": str(ROOT), "ZOOTER_CONFIG": str(path)}
+        current = str(tmp_path / "store" / CURRENT)  # the published config's fixed key (a local store here)
+        yenv = {**env, "ZOOTER_HOME": str(ROOT), "ZOOTER_CONFIG_URL": current}
         for cmd in (["work-pool", "create", "zooter", "--type", "process"], ["deploy", "--all"]):
             r = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", *cmd], env=yenv, cwd=ROOT,
                                capture_output=True, text=True, timeout=300)
             assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         dep = relabel_deployment()
-        assert dep["work_pool_name"] == "zooter" and dep["parameters"] == {"config_path": str(path)}
+        assert dep["work_pool_name"] == "zooter" and dep["parameters"] == {"config_path": current}
+        assert dep["global_concurrency_limit"]["limit"] == 1
+        assert dep["concurrency_options"]["collision_strategy"] == "ENQUEUE"
         assert [s["schedule"]["cron"] for s in dep["schedules"]] == ["0 3 * * *"]
         deployed = [a for a in automation() if a["actions"][0].get("deployment_id") == dep["id"]]
         assert len(deployed) == 1 and deployed[0]["trigger"]["match"] == {"prefect.resource.id": "zooter.store.*"}

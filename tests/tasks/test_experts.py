@@ -1,14 +1,17 @@
-"""experts: round-trip edits of a user's YAML keep its comments, order, formatting and permissions."""
+"""experts: round-trip edits of a user's YAML keep its comments, order, formatting and permissions; the edited config is
+published into its store and read back from that URL the way a remote worker reads it."""
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 import yaml
 
-from schemas.config import ConfigError
+from schemas.config import ConfigError, load_config
+from schemas.store import Store
 from tasks.experts import add_expert, list_experts, remove_expert
 
 QUICKSTART = Path(__file__).resolve().parents[2] / "examples" / "quickstart.yaml"
@@ -108,3 +111,58 @@ def test_invalid_yaml_names_the_line(tmp_path):
     path.write_text("store: s\nexperts: [\n")
     with pytest.raises(ConfigError, match=r"c\.yaml:\d+: invalid YAML"):
         list_experts(path)
+
+
+def _s3_config(tmp_path, s3_server) -> dict:
+    """A config on the S3 test store with every path absolute (what a published config needs)."""
+    return {"name": "pub", "store": {"url": "s3://zooter/pub", "options": s3_server},
+            "data": {"path": str(tmp_path / "q.jsonl")}, "reward_models": [{"name": "exact", "kind": "verifiable"}],
+            "experts": [{"name": "a", "model": "packaged:x"}]}
+
+
+@pytest.fixture
+def worker_env(s3_server, monkeypatch):
+    """A worker's standard AWS environment: endpoint and credentials, nothing in the config."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server["endpoint_url"])
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server["key"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server["secret"])
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+
+
+def test_publish_config_into_an_s3_store_and_read_it_back_from_its_url(tmp_path, s3_server, worker_env):
+    from tasks.experts import CURRENT, publish_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(_s3_config(tmp_path, s3_server)))
+    cfg = load_config(path)
+    url = publish_config(cfg)
+    assert re.fullmatch(r"s3://zooter/pub/configs/[0-9a-f]{16}\.yaml", url)
+    assert publish_config(cfg) == url  # content-addressed: the same config, the same object
+    store = Store("s3://zooter/pub", s3_server)
+    data = store.read_bytes(url.removeprefix("s3://zooter/pub/"))
+    assert store.read_bytes(CURRENT) == data
+    assert s3_server["secret"] not in data.decode() and s3_server["key"] not in data.decode()
+    # the worker reads it with its own endpoint and credentials: the same config, less the store options
+    assert load_config(url) == cfg.model_copy(update={"store": cfg.store.model_copy(update={"options": {}})})
+
+    # a pool change publishes a new copy and moves current.yaml; the old copy stays for runs that wait for it
+    add_expert(path, {"name": "b", "model": "packaged:y"})
+    url2 = publish_config(load_config(path))
+    assert url2 != url and [e.name for e in load_config(url).experts] == ["a"]
+    assert [e.name for e in load_config(f"s3://zooter/pub/{CURRENT}").experts] == ["a", "b"]
+
+
+def test_a_config_read_from_a_url_refuses_relative_paths_naming_the_key(tmp_path, s3_server, worker_env):
+    store = Store("s3://zooter/pub", s3_server)
+    cfg = _s3_config(tmp_path, s3_server) | {"data": {"path": "q.jsonl"}}
+    store.write_bytes("configs/relative.yaml", yaml.safe_dump(cfg).encode())
+    with pytest.raises(ConfigError, match=r"^s3://zooter/pub/configs/relative\.yaml: data\.path: relative path "
+                                          r"'q\.jsonl' in a config read from a URL"):
+        load_config("s3://zooter/pub/configs/relative.yaml")
+    with pytest.raises(ConfigError, match=r"^s3://zooter/pub/configs/none\.yaml: config file not found$"):
+        load_config("s3://zooter/pub/configs/none.yaml")
+    with pytest.raises(ConfigError, match=r"names no config file"):
+        load_config("s3://zooter")
+    # a file:// URL is a local file: its relative paths resolve beside it
+    (tmp_path / "local.yaml").write_text(yaml.safe_dump(cfg))
+    assert load_config((tmp_path / "local.yaml").as_uri()).data.path == str((tmp_path / "q.jsonl").resolve())
