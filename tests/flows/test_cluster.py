@@ -25,20 +25,29 @@ import json, sys
 import yaml
 from ray.cluster_utils import Cluster
 
-config, temp_dir = sys.argv[1], sys.argv[2]
+config, local_config, temp_dir = sys.argv[1], sys.argv[2], sys.argv[3]
 cluster = Cluster(initialize_head=True, head_node_args={
     "num_cpus": 1, "object_store_memory": 150 * 1024**2, "include_dashboard": False, "temp_dir": temp_dir})
 cluster.add_node(num_cpus=1, object_store_memory=150 * 1024**2)
 cluster.wait_for_nodes()
 try:
     import ray
-    cfg = yaml.safe_load(open(config))
-    cfg["ray"] = {"address": cluster.address}
-    open(config, "w").write(yaml.safe_dump(cfg))
+    for path in (config, local_config):
+        cfg = yaml.safe_load(open(path))
+        cfg["ray"] = {"address": cluster.address}
+        open(path, "w").write(yaml.safe_dump(cfg))
     from flows.label import label_flow
+    from schemas.errors import ConfigError
+    try:  # a local-path store on two nodes: refused before anything is written
+        label_flow(local_config)
+        refused = None
+    except ConfigError as e:
+        refused = str(e)
+    ray.shutdown()
     out = label_flow(config)
     nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
-    print("RESULT " + json.dumps({"nodes": nodes, "manifest": out.manifest.model_dump(mode="json")}))
+    print("RESULT " + json.dumps({"nodes": nodes, "manifest": out.manifest.model_dump(mode="json"),
+                              "refused": refused}))
 finally:
     import ray
     ray.shutdown()
@@ -47,9 +56,11 @@ finally:
 
 
 @pytest.mark.slow
-def test_label_flow_on_a_two_node_cluster(tmp_path, tiny_models):
+def test_label_flow_on_a_two_node_cluster(tmp_path, tiny_models, s3_server):
     res = {"num_cpus": 1, "batch_size": 4, "threads": 1}
-    path = tiny_flow_config(tmp_path, tiny_models)
+    (tmp_path / "local").mkdir()
+    local = tiny_flow_config(tmp_path / "local", tiny_models)
+    path = tiny_flow_config(tmp_path, tiny_models, store={"url": "s3://zooter/two-node", "options": s3_server})
     cfg = yaml.safe_load(path.read_text())
     cfg["experts"][0]["resources"] = {**res, "pool_size": 2}
     path.write_text(yaml.safe_dump(cfg))
@@ -60,12 +71,14 @@ def test_label_flow_on_a_two_node_cluster(tmp_path, tiny_models):
         # Ray's Cluster util records its address under $RAY_TMPDIR/ray: keep that in the temp dir too
         os.makedirs(os.path.join(ray_tmp, "ray"))
         env["RAY_TMPDIR"] = ray_tmp
-        proc = subprocess.run([sys.executable, "-c", SCRIPT, str(path), ray_tmp], cwd=ROOT, env=env,
+        proc = subprocess.run([sys.executable, "-c", SCRIPT, str(path), str(local), ray_tmp], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=1200)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     assert proc.returncode == 0 and line, proc.stdout[-3000:] + proc.stderr[-5000:]
     out = json.loads(line.removeprefix("RESULT "))
     m = out["manifest"]
+    assert out["refused"] and out["refused"].startswith("store.url: ") and "2 alive nodes" in out["refused"]
+    assert not (tmp_path / "local" / "store").exists()  # refused before anything was written
     assert len(out["nodes"]) == 2 and m["status"] == "completed"
     gen = {g["name"]: g for g in m["generate"]}
     assert (gen["a"]["cells_computed"], gen["b"]["cells_computed"]) == (3, 3)
@@ -76,13 +89,30 @@ def test_label_flow_on_a_two_node_cluster(tmp_path, tiny_models):
 
 
 def test_cluster_launch_files():
+    """The shipped launcher and RayJob files: dashboards not on an open port, the job runs examples/cluster.yaml
+    (which validates and joins the cluster with an S3 store), and the job's runtime env carries code and offline env."""
+    from schemas.config import load_config
+
     launcher = yaml.safe_load((ROOT / "cluster" / "ray-cluster.yaml").read_text())
     assert launcher["cluster_name"] == "zooter" and launcher["provider"]["type"] == "local"
     assert any("make install" in c for c in launcher["setup_commands"])
+    [head_start] = [c for c in launcher["head_start_ray_commands"] if "ray start" in c]
+    assert "--dashboard-host=127.0.0.1" in head_start and "0.0.0.0" not in head_start
+
     job = yaml.safe_load((ROOT / "cluster" / "rayjob.yaml").read_text())
     assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
-    assert job["spec"]["entrypoint"].startswith("zooter run ")
-    runtime_env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
+    spec = job["spec"]
+    assert spec["entrypoint"] == "zooter run examples/cluster.yaml"
+    # KubeRay's operator reads job status through the head Service, so the dashboard stays on the pod network
+    # (KubeRay's default, never 0.0.0.0 spelled out here) behind a token; the submitter runs in the head pod.
+    cluster = spec["rayClusterSpec"]
+    assert "dashboard-host" not in cluster["headGroupSpec"]["rayStartParams"]
+    assert cluster["authOptions"] == {"mode": "token"} and spec["submissionMode"] == "SidecarMode"
+    runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
     assert runtime_env["working_dir"].endswith(".zip") and runtime_env["env_vars"]["HF_HUB_OFFLINE"] == "1"
-    assert job["spec"]["rayClusterSpec"]["rayVersion"] == "2.60.0"
-    assert job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"] == 2
+    assert cluster["rayVersion"] == "2.60.0" and cluster["workerGroupSpecs"][0]["replicas"] == 2
+
+    cfg = load_config(ROOT / "examples" / "cluster.yaml")
+    assert cfg.ray.address == "auto" and cfg.store.url.startswith("s3://")
+    assert all(m.startswith("packaged:") for m in [*(e.model for e in cfg.experts), cfg.router.encoder])
+    assert Path(cfg.data.path).is_file()  # it travels in the working_dir
