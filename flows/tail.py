@@ -21,7 +21,7 @@ from schemas.manifest import RunManifest, StageRecord, record
 from schemas.store import Store
 from tasks.aggregate import ScoreSource, run_aggregate
 from tasks.embed import run_embed
-from tasks.evaluate import run_evaluate
+from tasks.evaluate import expert_costs, run_evaluate
 from tasks.publish import publish
 from tasks.tag import make_tagger, run_tag
 from tasks.train_router import run_train_router
@@ -67,7 +67,7 @@ def train_tail(store: Store, m: RunManifest, cfg: FlowConfig | TrainConfig, expe
     m.router, meta = step(run_train_router, name="train_router")(store, m.labels, cfg.router, embed_fp)
     m.router_nodes = meta.get("nodes", [])
     m.evaluation, report = step(run_evaluate, name="evaluate")(store, m.labels, m.router, sources, experts,
-                                                              m.shards, embed_fp)
+                                                              m.shards, embed_fp, expert_costs(cfg), cfg.routing.lam)
     m.champion = step(publish, name="publish")(store, m.router, m.evaluation, report, m.run_id, leases)
     log.info("router %s: reward %s; champion/challenger: %s (%s)", m.router, report.router_reward,
              m.champion.decision, m.champion.reason)

@@ -139,6 +139,11 @@ def report_path(eval_fp: str, ext: Literal["json", "md", "png"] = "json") -> str
     return f"{evaluation_dir(eval_fp)}/report.{ext}"
 
 
+def curve_path(eval_fp: str) -> str:
+    """The quality-cost curve's chart (only when the experts have costs)."""
+    return f"{evaluation_dir(eval_fp)}/curve.png"
+
+
 RUNS_DIR = "runs"
 
 

@@ -46,6 +46,36 @@ class PerTag(_Model):
         default_factory=dict, description="strategy -> tag (and 'tag_average') -> mean reward.")
 
 
+class CurvePoint(_Model):
+    """One point of a quality-cost curve: mean cost of the chosen calls and mean reward of their answers."""
+
+    cost: float = Field(description="Mean cost per query of the chosen experts (the experts' `cost` unit).")
+    reward: float = Field(description="Mean combined reward of the chosen answers.")
+    lam: float | None = Field(None, description="The routing lambda of a router point (None: not a router point).")
+    share: dict[str, float] = Field(default_factory=dict, description="Router points: share of queries sent to "
+                                    "each expert.")
+
+
+class CostCurve(_Model):
+    """Quality against cost on the test split (RouterBench's view): the router over a lambda grid, every single
+    expert, and random mixes of experts (the upper convex hull of the single experts' points: what mixing them at
+    random, without looking at the query, reaches)."""
+
+    costs: dict[str, float] = Field(description="Cost of one call per expert (from the config).")
+    router: list[CurvePoint] = Field(description="The router at each lambda of the grid, lambda ascending.")
+    experts: dict[str, CurvePoint] = Field(description="Each expert alone: its cost and mean reward.")
+    random_mix: list[CurvePoint] = Field(description="Vertices of the non-decreasing upper convex hull of the "
+                                         "single experts' points, cost ascending.")
+    aiq: dict[str, float] = Field(description="Average improvement in quality (RouterBench): the area under the "
+                                  "strategy's non-decreasing convex hull over the experts' cost range, divided by "
+                                  "that range; keys `router` and `random_mix`.")
+    target: float = Field(description="95 % of the best single expert's reward: best - 0.05 * |best|.")
+    cost_to_target: dict[str, float | None] = Field(description="Least mean cost at which the strategy's hull "
+                                                    "reaches `target` (None: never); keys `router`, `random_mix` "
+                                                    "and `best_single` (its own cost).")
+    operating: CurvePoint = Field(description="The router at the config's routing lambda.")
+
+
 class EvalReport(_Model):
     """What the evaluate step writes as the report's JSON (its Markdown and PNG are rendered from it)."""
 
@@ -58,6 +88,13 @@ class EvalReport(_Model):
     rows: list[StrategyRow] = Field(description="One row per strategy.")
     router_share: dict[str, float] = Field(description="Share of test queries the router sends to each expert.")
     per_tag: PerTag = Field(default_factory=PerTag, description="Per-tag mean rewards and the tag average.")
+    costs: dict[str, float] | None = Field(None, description="Cost of one call per expert from the config; None: "
+                                           "no costs given (then no curve).")
+    lam: float = Field(0.0, description="The config's routing lambda (`routing.lambda`): `zooter route` and the "
+                       "gateway route with it unless told otherwise.")
+    curve: CostCurve | None = Field(None, description="The quality-cost curve; None when there are no costs or "
+                                    "every expert costs the same (`curve_note` says which).")
+    curve_note: str | None = Field(None, description="Why there is no curve.")
 
     @model_validator(mode="before")
     @classmethod
@@ -83,6 +120,19 @@ class EvalReport(_Model):
         return [{"strategy": r.strategy, "reward": r.reward, **{f"rm:{k}": r.rm.get(k) for k in rms},
                  "expert_calls": r.expert_calls, "rm_calls": r.rm_calls,
                  **({"mtr": r.mtr, "first": r.first} if ranked else {})} for r in self.rows]
+
+
+class Calibration(_Model):
+    """What `zooter calibrate` found: the smallest lambda (by bisection) whose routing of the validation queries
+    meets every constraint, and what routing at it gives."""
+
+    router: str = Field(description="Fingerprint of the champion router calibrated.")
+    queries: int = Field(description="Validation queries routed (the labels' train split's validation slice).")
+    max_share: dict[str, float] = Field(default_factory=dict, description="Constraint: expert -> largest share.")
+    budget: float | None = Field(None, description="Constraint: largest mean cost per query.")
+    lam: float = Field(description="The lambda found (0: the plain argmax already meets the constraints).")
+    point: CurvePoint = Field(description="Shares, mean cost and mean reward on the validation queries at `lam`.")
+    baseline: CurvePoint = Field(description="The same at lambda 0 (plain argmax).")
 
 
 class Champion(_Model):

@@ -9,6 +9,17 @@ Everything is measured on the held-out `test` split. Columns:
   among the router, RM ranking and every single expert, by mean reward (`per_tag` holds those means).
 `oracle` takes the best expert per query for each column separately (an upper bound); `rm_ranking` generates
 with every expert and keeps the answer with the best combined reward.
+
+With a `cost` per expert (per call) the report also holds the quality-cost curve (`CostCurve`): mean reward against
+mean cost per query of the router at each lambda of a grid (cost-aware routing, `tasks.route.choose`), of every
+single expert and of random mixes of experts. Two numbers summarise it:
+- AIQ (RouterBench, Hu et al. 2024): take the strategy's non-decreasing upper convex hull R~(c) over its (cost,
+  reward) points (any point on it is reached by mixing two neighbouring operating points at random; beyond its ends
+  it stays flat), then AIQ = 1 / (c_max - c_min) * integral of R~(c) dc from c_min to c_max, where [c_min, c_max] is
+  the range of the experts' costs (the same for every strategy, so AIQs compare);
+- cost to target: the least mean cost at which R~ reaches 95 % of the best single expert's reward (best - 0.05 *
+  |best|, so it stays "5 % worse" when rewards are negative).
+Without costs, or when every expert costs the same, lambda changes nothing: there is no curve and the report says so.
 """
 
 from __future__ import annotations
@@ -20,14 +31,27 @@ import numpy as np
 import polars as pl
 
 from cluster.router import Router
-from schemas.artifacts import LABELS, fingerprint, labels_path, report_path, router_dir
-from schemas.errors import ArtifactError
-from schemas.evaluation import EvalReport, PerTag, StrategyRow, read_report
+from schemas.artifacts import LABELS, curve_path, fingerprint, labels_path, report_path, router_dir
+from schemas.config import FlowConfig, TrainConfig
+from schemas.errors import ArtifactError, ConfigError
+from schemas.evaluation import CostCurve, CurvePoint, EvalReport, PerTag, StrategyRow, read_report
 from schemas.store import Store
 from tasks.aggregate import ScoreSource, scan_scores
+from tasks.calibrate import point
+from tasks.route import lambda_max
 from tasks.train_router import with_features
 
 CODE_VERSION = 2  # 2: typed report (per-RM means under `rm`, no `by_tag`)
+CURVE_STEPS = 41  # router points: lambda 0, then 40 geometric steps up to lambda_max
+
+
+def expert_costs(cfg: FlowConfig | TrainConfig) -> dict[str, float] | None:
+    """expert -> cost of one call from a config: each expert's `cost` (a `zooter run` config) or `routing.costs`
+    (a `zooter train` config); None when no expert has one. Completeness is checked against the labels' experts."""
+    if isinstance(cfg, TrainConfig):
+        return dict(cfg.routing.costs) or None
+    costs = {e.name: e.cost for e in cfg.experts if e.cost is not None}
+    return costs or None
 
 
 def _matrix(long: pl.DataFrame, ids: list[str], experts: list[str]) -> np.ndarray:
@@ -56,9 +80,11 @@ def _oracle(m: np.ndarray) -> float | None:
 
 
 def evaluate(test: pl.DataFrame, train: pl.DataFrame, experts: list[str], probs: np.ndarray, scores: pl.DataFrame,
-             *, evaluation: str, labels: str, router: str) -> EvalReport:
+             *, evaluation: str, labels: str, router: str, costs: dict[str, float] | None = None,
+             lam: float = 0.0) -> EvalReport:
     """test/train: label rows; probs: router probabilities for `test` rows; scores: long (query_id, expert,
-    rm, score) for test queries. `evaluation`, `labels`, `router`: the fingerprints the report names."""
+    rm, score) for test queries. `evaluation`, `labels`, `router`: the fingerprints the report names. `costs`
+    (expert -> cost of one call) and `lam` (the config's routing lambda): the quality-cost curve."""
     ids = test["query_id"].to_list()
     n_e = len(experts)
     rewards = np.array(test["rewards"].to_list(), dtype=float).reshape(len(ids), n_e)
@@ -83,9 +109,71 @@ def evaluate(test: pl.DataFrame, train: pl.DataFrame, experts: list[str], probs:
             for name, c in choices.items()]
     rows += [row("random", _random, (1, 0)), row("oracle", _oracle, every)]
     share = np.bincount(choices["router"], minlength=n_e) / max(len(ids), 1)
+    curve, note = None, "no expert costs in the config (set `cost` on every expert)"
+    if costs is not None:
+        curve = cost_curve(probs, rewards, np.array([costs[e] for e in experts]), experts, best, lam)
+        note = None if curve else "every expert costs the same: lambda changes nothing"
     return EvalReport(evaluation=evaluation, labels=labels, router=router, experts=experts, test_queries=len(ids),
                       best_single=experts[best], rows=rows,
-                      router_share=dict(zip(experts, share.round(4).tolist(), strict=True)), per_tag=per_tag)
+                      router_share=dict(zip(experts, share.round(4).tolist(), strict=True)), per_tag=per_tag,
+                      costs=costs, lam=lam, curve=curve, curve_note=note)
+
+
+def hull(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Vertices of the non-decreasing upper convex hull of (cost, reward) points, cost ascending: the upper hull,
+    cut after its highest reward (spending more for less is never chosen)."""
+    upper: list[tuple[float, float]] = []
+    for p in sorted(set(points), key=lambda q: (q[0], -q[1])):
+        if upper and upper[-1][0] == p[0]:  # same cost, lower reward
+            continue
+        while len(upper) >= 2 and ((upper[-1][0] - upper[-2][0]) * (p[1] - upper[-2][1])
+                                   - (upper[-1][1] - upper[-2][1]) * (p[0] - upper[-2][0])) >= 0:
+            upper.pop()  # upper[-1] lies on or below the line from upper[-2] to p
+        upper.append(p)
+    top = max(range(len(upper)), key=lambda i: upper[i][1])
+    return upper[:top + 1]
+
+
+def aiq(vertices: list[tuple[float, float]], lo: float, hi: float) -> float:
+    """Area under the hull through `vertices` (flat beyond its ends) over [lo, hi], divided by hi - lo."""
+    xs, ys = np.array(vertices).T
+    grid = np.unique(np.clip(np.r_[lo, hi, xs], lo, hi))
+    return float(np.trapezoid(np.interp(grid, xs, ys), grid) / (hi - lo))
+
+
+def cost_to_reach(vertices: list[tuple[float, float]], target: float) -> float | None:
+    """Least cost at which the hull through `vertices` reaches `target` (None: it never does)."""
+    (x0, y0), *rest = vertices
+    if y0 >= target:
+        return x0
+    for x1, y1 in rest:
+        if y1 >= target:
+            return x0 + (target - y0) * (x1 - x0) / (y1 - y0)
+        x0, y0 = x1, y1
+    return None
+
+
+def cost_curve(probs: np.ndarray, rewards: np.ndarray, costs: np.ndarray, experts: list[str], best: int,
+               lam: float) -> CostCurve | None:
+    """The quality-cost curve on these rows (see the module docstring); None when all experts cost the same."""
+    top = lambda_max(costs)
+    if top is None:
+        return None
+    grid = np.r_[0.0, np.geomspace(top * 1e-3, top, CURVE_STEPS - 1)]
+    router = [point(probs, rewards, costs, experts, float(x)) for x in grid]
+    singles = {e: CurvePoint(cost=float(costs[i]), reward=float(rewards[:, i].mean())) for i, e in enumerate(experts)}
+    mix = hull([(p.cost, p.reward) for p in singles.values()])
+    router_hull = hull([(p.cost, p.reward) for p in router])
+    lo, hi = float(costs.min()), float(costs.max())
+    r_best = singles[experts[best]].reward
+    target = r_best - 0.05 * abs(r_best)
+    return CostCurve(costs=dict(zip(experts, costs.tolist(), strict=True)), router=router, experts=singles,
+                     random_mix=[CurvePoint(cost=c, reward=r) for c, r in mix],
+                     aiq={"router": aiq(router_hull, lo, hi), "random_mix": aiq(mix, lo, hi)}, target=target,
+                     cost_to_target={"router": cost_to_reach(router_hull, target),
+                                     "random_mix": cost_to_reach(mix, target),
+                                     "best_single": float(costs[best])},
+                     operating=point(probs, rewards, costs, experts, lam))
 
 
 def per_tag_means(test: pl.DataFrame, rewards: np.ndarray, choices: dict[str, np.ndarray]) -> PerTag:
@@ -148,7 +236,33 @@ def to_markdown(report: EvalReport) -> str:
                + "| strategy | " + " | ".join(cols) + " |\n" + "|---" * (len(cols) + 1) + "|\n"
                + "".join(f"| {k} | " + " | ".join(_fmt(v.get(c)) for c in cols) + " |\n"
                          for k, v in pt.strategies.items()))
-    return md
+    return md + _curve_markdown(report)
+
+
+def _curve_markdown(report: EvalReport) -> str:
+    """The quality-cost section: distinct router operating points, single experts, AIQ and cost to target."""
+    c = report.curve
+    if c is None:
+        return f"\n## Quality and cost\n\nNo quality-cost curve: {report.curve_note}.\n"
+    head = "| strategy | lambda | mean cost | reward | " + " | ".join(report.experts) + " |\n"
+    lines = [head, "|---" * (4 + len(report.experts)) + "|\n"]
+    seen = set()
+    for name, p in [("router", q) for q in c.router] + [(f"router (lambda {report.lam:g}, config)", c.operating)]:
+        key = (round(p.cost, 9), round(p.reward, 9), name)
+        if key[:2] in seen and name == "router":
+            continue  # lambda steps that change no decision
+        seen.add(key[:2])
+        lines.append(f"| {name} | {p.lam:.4g} | {p.cost:.4g} | {p.reward:.4f} | "
+                     + " | ".join(f"{p.share[e]:.0%}" for e in report.experts) + " |\n")
+    for e, p in c.experts.items():
+        lines.append(f"| expert:{e} | - | {p.cost:.4g} | {p.reward:.4f} | "
+                     + " | ".join("100%" if x == e else "0%" for x in report.experts) + " |\n")
+    reach = ", ".join(f"{k} {_fmt(v)}" for k, v in c.cost_to_target.items())
+    return ("\n## Quality and cost (test queries; cost of one call: "
+            + ", ".join(f"{e} {v:g}" for e, v in c.costs.items()) + ")\n\n" + "".join(lines)
+            + f"\nAIQ (mean reward over the cost range {min(c.costs.values()):g}-{max(c.costs.values()):g}): "
+            + ", ".join(f"{k} {v:.4f}" for k, v in c.aiq.items())
+            + f". Mean cost to reach 95 % of the best single expert's reward ({c.target:.4f}): {reach}.\n")
 
 
 def bar_chart(report: EvalReport) -> bytes:
@@ -181,15 +295,21 @@ def bar_chart(report: EvalReport) -> bytes:
 
 
 def run_evaluate(store: Store, labels_fp: str, router_fp: str, sources: list[ScoreSource],
-                 experts: list[tuple[str, str]], shards: list[int],
-                 embed_fp: str | None = None) -> tuple[str, EvalReport]:
-    """Load labels, the router and the test scores from the store; write the report (JSON, Markdown, PNG).
-    A router with a frozen encoder is applied to the embed step's cells (`embed_fp`) when given."""
-    fp = fingerprint({"labels": labels_fp, "router": router_fp, "code": CODE_VERSION})
+                 experts: list[tuple[str, str]], shards: list[int], embed_fp: str | None = None,
+                 costs: dict[str, float] | None = None, lam: float = 0.0) -> tuple[str, EvalReport]:
+    """Load labels, the router and the test scores from the store; write the report (JSON, Markdown, PNG, and
+    curve.png when there is a quality-cost curve). A router with a frozen encoder is applied to the embed step's
+    cells (`embed_fp`) when given. `costs`: expert -> cost of one call, for every expert or None (`expert_costs`);
+    `lam`: the config's routing lambda."""
+    key = {"labels": labels_fp, "router": router_fp, "code": CODE_VERSION}
+    fp = fingerprint(key | {"costs": costs, "lambda": lam} if costs or lam else key)  # no costs: the same fp as before
     if store.exists(report_path(fp)):
         return fp, read_report(store, fp)
     labels = pl.from_arrow(store.read_table(labels_path(labels_fp), LABELS))
     names = store.read_meta(labels_path(labels_fp))["experts"]
+    if costs is not None and (missing := [e for e in names if e not in costs]):
+        raise ConfigError(f"expert costs: no cost for {missing}; give every expert a cost (`cost`, or "
+                          "`routing.costs` in a `zooter train` config) or none")
     test = labels.filter(pl.col("split") == "test")
     train = labels.filter(pl.col("split") == "train")
     router = Router.from_store(store, router_fp)
@@ -203,8 +323,13 @@ def run_evaluate(store: Store, labels_fp: str, router_fp: str, sources: list[Sco
     scores = (scan_scores(store, experts, sources, shards)
               .join(test.lazy().select("query_id"), on="query_id").select("query_id", "expert", "rm", "score")
               .collect())
-    report = evaluate(test, train, names, probs, scores, evaluation=fp, labels=labels_fp, router=router_fp)
+    report = evaluate(test, train, names, probs, scores, evaluation=fp, labels=labels_fp, router=router_fp,
+                      costs=costs and {e: costs[e] for e in names}, lam=lam)
     store.write_bytes(report_path(fp, "md"), to_markdown(report).encode())
     store.write_bytes(report_path(fp, "png"), bar_chart(report))
+    if report.curve is not None:
+        from tasks.plots import plot_cost_curve  # matplotlib: only when there is a curve to draw
+
+        store.write_bytes(curve_path(fp), plot_cost_curve(report.curve, report.lam))
     store.write_json(report_path(fp), report.model_dump(mode="json"))  # last: the report exists when this does
     return fp, report

@@ -1,9 +1,12 @@
-"""plots: a PNG of a label summary (tasks/inspect.label_summary): tag x expert heatmap of the mean target
-probability s*, and each expert's win rate (share of queries where its combined reward is the highest)."""
+"""plots: PNGs. A label summary (tasks/inspect.label_summary): tag x expert heatmap of the mean target probability
+s*, and each expert's win rate (share of queries where its combined reward is the highest). An evaluation's
+quality-cost curve (schemas.evaluation.CostCurve): reward against mean cost per query."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -11,6 +14,9 @@ matplotlib.use("Agg")  # files only: no display on servers and CI
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+if TYPE_CHECKING:
+    from schemas.evaluation import CostCurve
 
 
 def plot_labels(summary: dict, path: str | Path, title: str = "") -> Path:
@@ -46,3 +52,30 @@ def plot_labels(summary: dict, path: str | Path, title: str = "") -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_cost_curve(curve: CostCurve, lam: float = 0.0) -> bytes:
+    """PNG: the router over its lambda grid (points and their hull), each single expert, the random-mix hull, the
+    router at the config's lambda and the 95 % target line; AIQs in the legend."""
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    pts = np.array([(p.cost, p.reward) for p in curve.router])
+    ax.plot(pts[:, 0], pts[:, 1], "o-", ms=3, color="tab:blue",
+            label=f"router over lambda (AIQ {curve.aiq['router']:.4f})")
+    mix = np.array([(p.cost, p.reward) for p in curve.random_mix])
+    ax.plot(mix[:, 0], mix[:, 1], "--", color="tab:gray",
+            label=f"random mix of experts (AIQ {curve.aiq['random_mix']:.4f})")
+    for name, p in curve.experts.items():
+        ax.scatter([p.cost], [p.reward], marker="s", color="tab:orange", zorder=3)
+        ax.annotate(name, (p.cost, p.reward), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    op = curve.operating
+    ax.scatter([op.cost], [op.reward], marker="*", s=140, color="tab:red", zorder=4, label=f"router at lambda {lam:g}")
+    ax.axhline(curve.target, color="tab:green", lw=0.8, ls=":", label="95 % of the best single expert")
+    ax.set_xlabel("mean cost per query")
+    ax.set_ylabel("mean reward on test queries")
+    ax.set_title("Quality and cost")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()

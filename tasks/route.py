@@ -28,8 +28,8 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from schemas.artifacts import CHAMPION_PATH
-from schemas.errors import ArtifactError, InputError
-from schemas.evaluation import read_champion
+from schemas.errors import ArtifactError, ConfigError, InputError
+from schemas.evaluation import read_champion, read_report
 from schemas.store import Store
 from tasks.records import Record, batches, check_file, check_suffix, is_text, schema, visible
 
@@ -49,6 +49,46 @@ class Routes(Protocol):
         ...
 
 
+def choose(probs: np.ndarray, costs: np.ndarray | None, lam: float) -> np.ndarray:
+    """Per-row expert index: argmax_i(p_i - lam * cost_i / max(cost)). Costs are scaled by the largest so that
+    `lam` means the same for any cost unit: at lam = 1 the most expensive expert must be 1.0 more probable than a
+    free one to be chosen. `costs` None or `lam` 0: the plain argmax (ties go to the first expert, as argmax)."""
+    if costs is None or lam == 0:
+        return probs.argmax(axis=1)
+    costs = np.asarray(costs, dtype=float)
+    if costs.shape != (probs.shape[1],) or not np.isfinite(costs).all() or (costs < 0).any():
+        raise ConfigError(f"expert costs {costs.tolist()}: need one finite cost >= 0 per expert "
+                          f"({probs.shape[1]} experts)")
+    if lam < 0 or not np.isfinite(lam):
+        raise ConfigError(f"lambda {lam}: must be a finite number >= 0")
+    top = costs.max()
+    return probs.argmax(axis=1) if top == 0 else (probs - lam * costs / top).argmax(axis=1)
+
+
+def lambda_max(costs: np.ndarray) -> float | None:
+    """A lambda at which every query goes to a cheapest expert (probabilities differ by at most 1, so a cost gap of
+    g / max cost outweighs them once lambda * g > max cost); None when all experts cost the same."""
+    scaled = np.unique(np.asarray(costs, dtype=float) / max(float(np.max(costs)), 1e-300))
+    return None if len(scaled) < 2 else 1.01 / float(np.diff(scaled).min())
+
+
+def champion_routing(store: Store, lam: float | None = None) -> tuple[np.ndarray | None, float]:
+    """(costs in the champion's expert order, lambda) as the champion's evaluation recorded them from its config;
+    `lam` overrides the recorded lambda. No champion: (None, lam or 0), so a missing champion is reported where the
+    router loads. A lambda above 0 without costs is an error."""
+    champ = read_champion(store)
+    if champ is None:
+        return None, lam or 0.0
+    report = read_report(store, champ.evaluation)
+    lam = report.lam if lam is None else lam
+    if report.costs is None:
+        if lam > 0:
+            raise ConfigError(f"lambda {lam}: the champion's evaluation {report.evaluation} has no expert costs; set "
+                              "`cost` on every expert (`routing.costs` in a `zooter train` config) and rerun")
+        return None, lam
+    return np.array([report.costs[e] for e in report.experts]), lam
+
+
 def champion(store: Store) -> Router:
     """The store's champion router, loaded for inference."""
     champ = read_champion(store)
@@ -60,10 +100,12 @@ def champion(store: Store) -> Router:
 
 
 def route_file(router: Routes | Callable[[], Routes], src: str | Path, text_field: str, dst: str | Path,
-               batch_size: int = 256, overwrite: bool = False) -> int:
+               batch_size: int = 256, overwrite: bool = False, costs: np.ndarray | None = None,
+               lam: float = 0.0) -> int:
     """Route every record of `src` into `dst`; returns the number of records routed. An input field named
     `expert` or `probs` is an error unless `overwrite`. `router` may be a loader (e.g. of the champion): it is
-    called only once the input and output have passed their checks, so a bad file never waits for a model load."""
+    called only once the input and output have passed their checks, so a bad file never waits for a model load.
+    `costs` (router's expert order) and `lam`: cost-aware routing (`choose`); `probs` stay the router's."""
     src, dst = Path(src), Path(dst)
     check_file(src, "input file")
     _check_output(src, dst)
@@ -85,9 +127,9 @@ def route_file(router: Routes | Callable[[], Routes], src: str | Path, text_fiel
                     tqdm(total=n, desc=f"route {src.name}", unit="q") as bar:
                 for batch in batches(src, batch_size):
                     probs = router.probs([rec[text_field] for _, rec in batch])
-                    write([rec | {"expert": router.experts[int(p.argmax())],
+                    write([rec | {"expert": router.experts[int(i)],
                                   "probs": dict(zip(router.experts, map(float, p), strict=True))}
-                           for (_, rec), p in zip(batch, probs, strict=True)])
+                           for (_, rec), p, i in zip(batch, probs, choose(probs, costs, lam), strict=True)])
                     bar.update(len(batch))
             os.replace(tmp, dst)  # complete output or none
         except BaseException:

@@ -1,4 +1,5 @@
-"""evaluate: strategies, costs and MTR on a hand-made table; the typed report and what is rendered from it."""
+"""evaluate: strategies, costs and MTR on a hand-made table; the typed report and what is rendered from it; the
+quality-cost curve (hull, AIQ, cost to target) by hand."""
 
 import json
 
@@ -7,10 +8,12 @@ import polars as pl
 import pytest
 
 from schemas.artifacts import report_path
+from schemas.config import FlowConfig, TrainConfig
 from schemas.errors import ArtifactError
 from schemas.evaluation import EvalReport, read_report
 from schemas.store import Store
-from tasks.evaluate import bar_chart, evaluate, to_markdown
+from tasks.evaluate import aiq, bar_chart, cost_to_reach, evaluate, expert_costs, hull, to_markdown
+from tasks.plots import plot_cost_curve
 
 EXPERTS = ["a", "b"]
 
@@ -20,13 +23,13 @@ def _labels(rewards, tags):
     return pl.DataFrame({"query_id": [f"q{i}" for i in range(n)], "rewards": rewards, "tags": tags})
 
 
-def _report() -> EvalReport:
+def _report(**kw) -> EvalReport:
     test = _labels([[1.0, 0.0], [0.0, 2.0], [3.0, 1.0]], [["x"], ["y"], ["x"]])
     train = _labels([[1.0, 0.0], [1.0, 0.5]], [["x"], ["y"]])  # a is the best single expert on train
     probs = np.array([[0.9, 0.1], [0.2, 0.8], [0.4, 0.6]])  # router picks a, b, b
     scores = pl.DataFrame({"query_id": ["q0", "q0", "q1", "q1", "q2", "q2"], "expert": EXPERTS * 3,
                            "rm": ["exact"] * 6, "score": [1.0, 0.0, None, None, 0.0, 1.0]})
-    return evaluate(test, train, EXPERTS, probs, scores, evaluation="e1", labels="l1", router="r1")
+    return evaluate(test, train, EXPERTS, probs, scores, evaluation="e1", labels="l1", router="r1", **kw)
 
 
 def test_strategies_hand_computed():
@@ -99,3 +102,55 @@ def test_report_round_trips_and_reads_version_1_reports(tmp_path):
         read_report(store, "bad")
     with pytest.raises(ArtifactError, match="missing"):
         read_report(store, "nope")
+
+
+# --- quality and cost -------------------------------------------------------------------------------------------
+
+def test_hull_aiq_and_cost_to_reach_by_hand():
+    v = hull([(1, 0.2), (2, 0.5), (2, 0.3), (3, 0.6), (4, 0.55), (2.5, 0.5)])
+    assert v == [(1, 0.2), (2, 0.5), (3, 0.6)]  # (2, .3), (2.5, .5) lie below; (4, .55) costs more for less
+    # over [1, 4]: (0.2 + 0.5) / 2 + (0.5 + 0.6) / 2 + 0.6 (flat beyond the last vertex) = 1.5, over a range of 3
+    assert aiq(v, 1, 4) == pytest.approx(0.5)
+    assert cost_to_reach(v, 0.57) == pytest.approx(2.7)  # on the segment (2, .5) -> (3, .6)
+    assert (cost_to_reach(v, 0.1), cost_to_reach(v, 0.7)) == (1, None)
+
+
+def test_report_carries_the_quality_cost_curve():
+    rep = _report(costs={"a": 1.0, "b": 4.0}, lam=0.5)
+    c = rep.curve
+    assert rep.costs == c.costs == {"a": 1.0, "b": 4.0} and rep.curve_note is None
+    # lambda 0 routes a, b, b (cost 3, reward 4/3); a middle lambda moves q2 to a (cost 2, reward 2); a large one
+    # sends all to a (cost 1, reward 4/3). The router's hull is (1, 4/3) -> (2, 2), flat after.
+    assert (c.router[0].lam, c.router[0].cost, c.router[0].reward) == (0.0, 3.0, pytest.approx(4 / 3))
+    assert {(p.cost, round(p.reward, 6)) for p in c.router} == {(3.0, 1.333333), (2.0, 2.0), (1.0, 1.333333)}
+    assert (c.router[-1].cost, c.router[-1].share) == (1.0, {"a": 1.0, "b": 0.0})
+    assert c.aiq["router"] == pytest.approx(((4 / 3 + 2) / 2 + 2 * 2) / 3)
+    assert c.aiq["random_mix"] == pytest.approx(4 / 3)  # b costs more and earns less: mixing never helps
+    assert c.experts["b"].model_dump() == {"cost": 4.0, "reward": 1.0, "lam": None, "share": {}}
+    assert c.target == pytest.approx(0.95 * 4 / 3)  # best single (train): a
+    assert c.cost_to_target == {"router": 1.0, "random_mix": 1.0, "best_single": 1.0}
+    assert (c.operating.lam, c.operating.cost, c.operating.reward) == (0.5, 2.0, 2.0)
+    md = to_markdown(rep)
+    assert "| router (lambda 0.5, config) | 0.5 | 2 | 2.0000 | 67% | 33% |" in md
+    assert f"AIQ (mean reward over the cost range 1-4): router {c.aiq['router']:.4f}, random_mix 1.3333" in md
+    assert plot_cost_curve(c, rep.lam)[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_no_curve_without_costs_or_with_equal_costs_and_old_reports_read():
+    assert _report().curve is None and "no expert costs" in to_markdown(_report())
+    same = _report(costs={"a": 2.0, "b": 2.0})
+    assert same.curve is None and "every expert costs the same" in same.curve_note
+    old = _report().model_dump(mode="json")
+    for k in ("costs", "lam", "curve", "curve_note"):
+        del old[k]
+    assert EvalReport.model_validate(old).curve is None
+
+
+def test_expert_costs_from_either_config():
+    flow = FlowConfig.model_validate({"store": "s", "data": {"path": "q.jsonl"}, "reward_models": [
+        {"name": "v", "kind": "verifiable"}], "experts": [{"name": "a", "model": "m", "cost": 7}, {"name": "b",
+                                                                                                   "model": "m"}]})
+    assert expert_costs(flow) == {"a": 7.0}  # incomplete: run_evaluate names b
+    train = TrainConfig.model_validate({"store": "s", "routing": {"lambda": 0.1, "costs": {"org/x-7B": 7}}})
+    assert (expert_costs(train), train.routing.lam) == ({"org/x-7B": 7.0}, 0.1)
+    assert expert_costs(TrainConfig.model_validate({"store": "s"})) is None

@@ -17,10 +17,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from schemas.artifacts import CHAMPION_PATH
-from schemas.errors import ArtifactError, InputError
+from schemas.artifacts import CHAMPION_PATH, report_path
+from schemas.errors import ArtifactError, ConfigError, InputError
+from schemas.evaluation import EvalReport
 from schemas.store import Store
-from tasks.route import champion, route_file
+from tasks.route import champion, champion_routing, choose, route_file
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -293,3 +294,58 @@ def test_input_file_errors(tmp_path, src, match):
 def test_a_store_without_a_champion_says_so(tmp_path):
     with pytest.raises(ArtifactError, match=f"{CHAMPION_PATH}: the store has no champion router"):
         champion(Store(str(tmp_path)))
+
+
+# --- choose: cost-aware routing ----------------------------------------------------------------------------------
+
+P = np.array([[0.6, 0.3, 0.1], [0.4, 0.4, 0.2], [0.5, 0.5, 0.0]])
+
+
+def test_choose_without_costs_or_lambda_is_argmax():
+    assert choose(P, None, 0.5).tolist() == [0, 0, 0]  # ties (rows 2, 3) go to the first, as argmax
+    assert choose(P, np.array([10.0, 1.0, 0.0]), 0.0).tolist() == [0, 0, 0]
+
+
+def test_choose_trades_probability_for_cost():
+    costs = np.array([10.0, 5.0, 0.0])  # scaled by the largest: 1.0, 0.5, 0.0
+    # lam 0.2: row 1 scores 0.4, 0.2, 0.1 -> 0; row 2: 0.2, 0.3, 0.2 -> 1; row 3: 0.3, 0.4, 0.0 -> 1
+    assert choose(P, costs, 0.2).tolist() == [0, 1, 1]
+    assert choose(P, costs, 100.0).tolist() == [2, 2, 2]  # a large lam always takes the free expert
+    assert choose(P, costs * 1000, 0.2).tolist() == [0, 1, 1]  # the cost unit does not matter
+
+
+@pytest.mark.parametrize(("costs", "lam"), [(np.array([1.0, 2.0]), 0.1), (np.array([1.0, -1.0, 0.0]), 0.1),
+                                            (np.array([1.0, np.nan, 0.0]), 0.1), (np.array([1.0, 2.0, 0.0]), -1.0)])
+def test_choose_refuses_bad_costs_and_lambda(costs, lam):
+    with pytest.raises(ConfigError):
+        choose(P, costs, lam)
+
+
+def test_route_file_with_costs_sends_unsure_queries_to_the_cheaper_expert(tmp_path):
+    src, dst = write(tmp_path / "in.jsonl"), tmp_path / "out.jsonl"
+    costs = np.array([1.0, 4.0])  # calc costs 4x bard: at lambda 1 a 0.6 probability gap no longer pays for it
+    route_file(FakeRouter(), src, "q", dst, costs=costs, lam=1.0)
+    out = read(dst)
+    assert [r["expert"] for r in out] == ["bard"] * 5
+    assert probs_of(out[0]) == {"bard": pytest.approx(0.2), "calc": pytest.approx(0.8)}  # probs stay the router's
+    route_file(FakeRouter(), src, "q", dst, costs=costs, lam=0.5)  # 0.6 - 0.5 * 0.75 > 0.2 - 0.5 * 0.25
+    assert [r["expert"] for r in read(dst)] == ["calc", "bard", "calc", "bard", "calc"]
+
+
+def test_champion_routing_reads_costs_and_lambda_from_the_champions_evaluation(tmp_path):
+    store = Store(str(tmp_path))
+    assert champion_routing(store) == (None, 0.0)  # no champion: route_file's loader reports it
+    report = EvalReport(evaluation="e1", labels="l1", router="r1", experts=["bard", "calc"], test_queries=0,
+                        best_single="calc", rows=[], router_share={})
+    store.write_json(report_path("e1"), report.model_dump(mode="json"))
+    store.write_json(CHAMPION_PATH, {"router": "routers/r1", "evaluation": "evaluations/e1", "labels": "l1",
+                                     "experts": ["bard", "calc"], "reward": None, "run_id": "x",
+                                     "published": "2026-01-01T00:00:00Z"})
+    assert champion_routing(store) == (None, 0.0)
+    with pytest.raises(ConfigError, match="lambda 0.2: the champion's evaluation e1 has no expert costs"):
+        champion_routing(store, 0.2)
+    report = report.model_copy(update={"costs": {"calc": 4.0, "bard": 1.0}, "lam": 0.3})
+    store.write_json(report_path("e1"), report.model_dump(mode="json"))
+    costs, lam = champion_routing(store)
+    assert (costs.tolist(), lam) == ([1.0, 4.0], 0.3)  # in the router's expert order
+    assert champion_routing(store, 0.0)[1] == 0.0  # --lambda 0 overrides the config's
