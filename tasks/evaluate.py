@@ -265,35 +265,6 @@ def _curve_markdown(report: EvalReport) -> str:
             + f". Mean cost to reach 95 % of the best single expert's reward ({c.target:.4f}): {reach}.\n")
 
 
-def bar_chart(report: EvalReport) -> bytes:
-    """PNG: per-tag mean reward of the router, best single expert, random and oracle (grouped bars), with the
-    tag average as the last group; or the overall reward per strategy when there are no tags."""
-    import io
-
-    import matplotlib
-    matplotlib.use("Agg")  # no display on servers
-    import matplotlib.pyplot as plt
-
-    pt = report.per_tag
-    strategies = pt.strategies or {r.strategy: {"all": r.reward} for r in report.rows}
-    keep = [k for k in strategies if k == "router" or k.startswith("best_single") or k in ("random", "oracle")]
-    groups = [*pt.tags, "tag_average"] if pt.tags else ["all"]
-    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(groups) * len(keep) / 3), 4), dpi=120)
-    width = 0.8 / len(keep)
-    for i, k in enumerate(keep):
-        vals = [strategies[k].get(g) or 0.0 for g in groups]
-        ax.bar(np.arange(len(groups)) + i * width, vals, width, label=k)
-    ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, groups, rotation=20)
-    ax.set_ylabel("mean reward on test queries")
-    ax.set_title(f"Router evaluation ({report.test_queries} test queries)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
-
-
 def run_evaluate(store: Store, labels_fp: str, router_fp: str, sources: list[ScoreSource],
                  experts: list[tuple[str, str]], shards: list[int], embed_fp: str | None = None,
                  costs: dict[str, float] | None = None, lam: float = 0.0) -> tuple[str, EvalReport]:
@@ -326,10 +297,10 @@ def run_evaluate(store: Store, labels_fp: str, router_fp: str, sources: list[Sco
     report = evaluate(test, train, names, probs, scores, evaluation=fp, labels=labels_fp, router=router_fp,
                       costs=costs and {e: costs[e] for e in names}, lam=lam)
     store.write_bytes(report_path(fp, "md"), to_markdown(report).encode())
+    from tasks.plots import bar_chart, plot_cost_curve  # matplotlib: imported only to draw
+
     store.write_bytes(report_path(fp, "png"), bar_chart(report))
     if report.curve is not None:
-        from tasks.plots import plot_cost_curve  # matplotlib: only when there is a curve to draw
-
         store.write_bytes(curve_path(fp), plot_cost_curve(report.curve, report.lam))
     store.write_json(report_path(fp), report.model_dump(mode="json"))  # last: the report exists when this does
     return fp, report

@@ -1,6 +1,7 @@
 """plots: PNGs. A label summary (tasks/inspect.label_summary): tag x expert heatmap of the mean target probability
 s*, and each expert's win rate (share of queries where its combined reward is the highest). An evaluation's
-quality-cost curve (schemas.evaluation.CostCurve): reward against mean cost per query."""
+quality-cost curve (schemas.evaluation.CostCurve): reward against mean cost per query. An evaluation's bar chart
+(report.png): per-tag mean reward by strategy."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 if TYPE_CHECKING:
-    from schemas.evaluation import CostCurve
+    from schemas.evaluation import CostCurve, EvalReport
 
 
 def plot_labels(summary: dict, path: str | Path, title: str = "") -> Path:
@@ -74,8 +75,31 @@ def plot_cost_curve(curve: CostCurve, lam: float = 0.0) -> bytes:
     ax.set_ylabel("mean reward on test queries")
     ax.set_title("Quality and cost")
     ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def _png(fig) -> bytes:
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)
     return buf.getvalue()
+
+
+def bar_chart(report: EvalReport) -> bytes:
+    """PNG: per-tag mean reward of the router, best single expert, random and oracle (grouped bars), with the
+    tag average as the last group; or the overall reward per strategy when there are no tags."""
+    pt = report.per_tag
+    strategies = pt.strategies or {r.strategy: {"all": r.reward} for r in report.rows}
+    keep = [k for k in strategies if k == "router" or k.startswith("best_single") or k in ("random", "oracle")]
+    groups = [*pt.tags, "tag_average"] if pt.tags else ["all"]
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(groups) * len(keep) / 3), 4), dpi=120)
+    width = 0.8 / len(keep)
+    for i, k in enumerate(keep):
+        vals = [strategies[k].get(g) or 0.0 for g in groups]
+        ax.bar(np.arange(len(groups)) + i * width, vals, width, label=k)
+    ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, groups, rotation=20)
+    ax.set_ylabel("mean reward on test queries")
+    ax.set_title(f"Router evaluation ({report.test_queries} test queries)")
+    ax.legend(fontsize=8)
+    return _png(fig)

@@ -12,8 +12,8 @@ from schemas.config import FlowConfig, TrainConfig
 from schemas.errors import ArtifactError
 from schemas.evaluation import EvalReport, read_report
 from schemas.store import Store
-from tasks.evaluate import aiq, bar_chart, cost_to_reach, evaluate, expert_costs, hull, to_markdown
-from tasks.plots import plot_cost_curve
+from tasks.evaluate import aiq, cost_to_reach, evaluate, expert_costs, hull, to_markdown
+from tasks.plots import bar_chart, plot_cost_curve
 
 EXPERTS = ["a", "b"]
 
