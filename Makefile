@@ -13,8 +13,8 @@ export RAY_USAGE_STATS_ENABLED := 0
 # Dequantised packaged models are cached here (gitignored); `make clean-cache` removes them.
 export ZOOTER_CACHE ?= $(CURDIR)/.zooter/cache
 
-.PHONY: install install-gpu lock-gpu lock-gpu-check demo test test-fast lint bench routerdc routerdc-sweep \
-	clean clean-cache
+.PHONY: install install-gpu lock-gpu lock-gpu-check demo test test-fast lint bench bench-serving routerdc \
+	routerdc-sweep clean clean-cache
 
 install: $(STAMP)
 
@@ -87,6 +87,10 @@ lint: install
 
 bench: install
 	$(BIN)/python benchmarks/run.py
+
+# Router decision latency at batch 1 and the gateway's overhead per request (benchmarks/results/serving.json).
+bench-serving: install
+	$(BIN)/python benchmarks/serving.py
 
 # RouterDC's published scores of 7 LLMs on 5 benchmarks -> a router in .zooter/routerdc (import is idempotent).
 ROUTERDC_DATA ?= ../shared/datasets/routerdc

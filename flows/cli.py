@@ -32,7 +32,7 @@ from schemas.config import ConfigError, Dtype, ExpertBackend, load_config
 from schemas.errors import ZooterError
 
 if TYPE_CHECKING:
-    from schemas.evaluation import EvalReport
+    from schemas.evaluation import CurvePoint, EvalReport
     from schemas.manifest import Outcome
 
 HELP = """Zooter: reward-guided routing to expert LLMs.
@@ -182,10 +182,62 @@ def _show_report(c: Console, report: EvalReport) -> None:
     c.print("router sends: " + ", ".join(f"{e} {p:.0%}" for e, p in report.router_share.items()))
 
 
+def cost_table(report: EvalReport) -> Table | None:
+    """The quality-cost table of a report with a curve (None without one): the router at the config's lambda and
+    at each corner of its quality-cost hull (the operating points worth choosing; the area under them is its AIQ),
+    then each expert alone, most expensive first, with the biggest and the best single expert marked."""
+    curve = report.curve
+    if curve is None:
+        return None
+    from tasks.evaluate import hull  # loaded already when a flow has just evaluated
+
+    t = Table("strategy", "lambda", "mean cost", "reward", *report.experts,
+              title=f"Quality and cost on {report.test_queries} held-out queries")
+    for col in t.columns[1:]:
+        col.justify = "right"
+
+    def add(name: str, lam: str, p: CurvePoint, share: list[float]) -> None:
+        t.add_row(name, lam, f"{p.cost:.4g}", f"{p.reward:.4f}", *[f"{s:.0%}" for s in share])
+
+    add("router (config)", f"{report.lam:g}", curve.operating, list(curve.operating.share.values()))
+    for corner in reversed(hull([(p.cost, p.reward) for p in curve.router])):  # lambda ascending
+        # the first grid point at that corner: the smallest lambda that reaches it
+        p = next(q for q in curve.router if (q.cost, q.reward) == corner)
+        add("router", f"{p.lam:.4g}", p, list(p.share.values()))
+    biggest = max(curve.costs, key=curve.costs.__getitem__)
+    for e, p in sorted(curve.experts.items(), key=lambda kv: -kv[1].cost):
+        marks = [m for m, on in (("biggest", e == biggest), ("best single", e == report.best_single)) if on]
+        add(f"always {e}" + (f" ({', '.join(marks)})" if marks else ""), "-", p,
+            [float(x == e) for x in report.experts])
+    return t
+
+
+def _show_cost(c: Console, report: EvalReport) -> None:
+    """The quality-cost table and its summary (AIQ, cost to reach 95 % of the best single expert), or why there is
+    none."""
+    table = cost_table(report)
+    if table is None:
+        if report.curve_note:
+            c.print(f"quality and cost: {report.curve_note}")
+        return
+    curve = report.curve
+    c.print(table)
+    c.print("expert columns: share of the queries sent to each; cost of one call: "
+            + ", ".join(f"{e} {v:g}" for e, v in curve.costs.items()))
+    lo, hi = min(curve.costs.values()), max(curve.costs.values())
+    c.print(f"AIQ (mean reward over the cost range {lo:g}-{hi:g}): "
+            + ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in curve.aiq.items()))
+    c.print(f"mean cost to reach 95 % of the best single expert's reward ({curve.target:.4f}): "
+            + ", ".join(f"{k.replace('_', ' ')} {'never' if v is None else f'{v:.4g}'}"
+                        for k, v in curve.cost_to_target.items()))
+
+
 def _show_outcome(c: Console, out: Outcome) -> None:
-    """What `run`, `relabel` and `train` show: the report, cells, timing, champion decision and paths."""
+    """What `run`, `relabel` and `train` show: the report and its quality-cost table, cells, timing, champion
+    decision and paths."""
     m = out.manifest
     _show_report(c, out.report)
+    _show_cost(c, out.report)
     reused = sum(s.cells_reused for s in m.generate + m.score)
     c.print(f"generation + scoring cells: {m.cells_computed} computed, {reused} reused")
     c.print(f"run {m.run_id} took {m.timings.get('total_s', 0):.0f}s")

@@ -182,3 +182,40 @@ def test_experts_add_an_endpoint(tiny_config):
     e = load_config(path).experts[-1]
     assert (e.name, e.backend, e.model, e.base_url, e.api_key_env, e.max_in_flight, e.cost) == (
         "remote", "openai", "served-x", "http://127.0.0.1:9/v1", "REMOTE_KEY", 4, 2.5)
+
+
+def test_run_summary_shows_the_quality_cost_table():
+    import io
+
+    import numpy as np
+    from rich.console import Console
+
+    from flows.cli import _show_outcome
+    from schemas.evaluation import EvalReport, StrategyRow
+    from schemas.manifest import Outcome, RunManifest
+    from tasks.evaluate import cost_curve
+
+    # b costs 4x a; the router prefers b by margins 0.1, 0.8, 0.2, 0.6: lambda moves queries 0, 2, 3, 1 to a
+    probs = np.array([[0.45, 0.55], [0.1, 0.9], [0.4, 0.6], [0.2, 0.8]])
+    rewards = np.array([[0.9, 1.0], [0.2, 1.0], [0.5, 0.6], [0.1, 0.9]])
+    curve = cost_curve(probs, rewards, np.array([1.0, 4.0]), ["a", "b"], best=1, lam=0.5)
+    report = EvalReport(evaluation="e", labels="l", router="r", experts=["a", "b"], test_queries=4, best_single="b",
+                        rows=[StrategyRow(strategy="router", reward=0.875, expert_calls=1, rm_calls=0)],
+                        router_share={"a": 0.0, "b": 1.0}, costs={"a": 1.0, "b": 4.0}, lam=0.5, curve=curve)
+    buf = io.StringIO()
+    _show_outcome(Console(file=buf, width=200), Outcome(manifest=RunManifest(run_id="r1", flow="label", config={}),
+                                                        report=report, manifest_uri="m", report_uri="r"))
+    out = buf.getvalue()
+    rows = [[c.strip() for c in line.strip().strip("│").split("│")] for line in out.splitlines() if "│" in line]
+    cost_rows = [r[:1] + r[2:] for r in rows if r[0].startswith(("router (config)", "always")) or len(r) == 6]
+    # config lambda 0.5 moves queries 0 and 2 (margins below 3/4 * 0.5); the hull's corners: all b, then queries 0
+    # and 2 on a (collinear points dropped), then all a; each expert alone, the biggest (and best) first
+    assert ["router (config)", "2.5", "0.8250", "50%", "50%"] in cost_rows
+    assert [r for r in cost_rows if r[0] == "router"] == [["router", "4", "0.8750", "0%", "100%"],
+                                                          ["router", "2.5", "0.8250", "50%", "50%"],
+                                                          ["router", "1", "0.4250", "100%", "0%"]]
+    assert [r for r in cost_rows if r[0].startswith("always")] == [
+        ["always b (biggest, best single)", "4", "0.8750", "0%", "100%"], ["always a", "1", "0.4250", "100%", "0%"]]
+    assert "expert columns: share of the queries sent to each; cost of one call: a 1, b 4" in out
+    assert "AIQ (mean reward over the cost range 1-4): router 0.7375, random mix 0.6500" in out
+    assert "reward (0.8313): router 2.688, random mix 3.708, best single 4" in out

@@ -1,0 +1,58 @@
+"""The router as the gateway calls it: one text at a time (the short path), and encoder loads without noise."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from cluster.router import Router, RouterError, build, embed_texts, load_encoder
+from schemas.config import RouterConfig
+from tests.cluster.test_router import TEXTS, encoder, saved  # noqa: F401 - encoder is a fixture
+from tests.conftest import minilm_dir
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_one_text_gets_the_same_probabilities_as_in_a_batch(tmp_path, encoder, frozen):  # noqa: F811
+    cfg = RouterConfig(encoder=encoder, head_hidden=8, max_length=8, prefix="query: ", freeze_encoder=frozen)
+    saved(cfg, tmp_path / "r")
+    router = Router(tmp_path / "r", device="cpu")
+    batched = router.probs(TEXTS)  # padded to the longest, sorted by length: the batch path
+    # max_length 8 cuts the longer texts; in the batch the shorter ones are padded
+    one = np.concatenate([router.probs([t]) for t in TEXTS])
+    np.testing.assert_allclose(one, batched, atol=1e-6)
+    before = router.probs_from_features(embed_texts(router.model, router.tok, TEXTS[:1], 8, "query: "))
+    np.testing.assert_array_equal(router.probs(TEXTS[:1]), before)  # what probs computed before the short path
+    assert router.route(TEXTS[:1]) == [["a", "b"][int(one[0].argmax())]]
+
+
+def _bert(path, layers: int = 1, pooler: bool = True) -> None:
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tok = AutoTokenizer.from_pretrained(minilm_dir())
+    BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                         num_attention_heads=2, max_position_embeddings=64),
+              add_pooling_layer=pooler).save_pretrained(path)
+    tok.save_pretrained(path)
+
+
+def test_an_encoder_without_a_pooler_loads_without_a_report(tmp_path, capfd):
+    # multilingual-e5-small's conversion has no pooler: the router never uses one, so its absence is not news
+    _bert(tmp_path / "enc", pooler=False)
+    capfd.readouterr()
+    model, _ = build(str(tmp_path / "enc"), 2, "mean")
+    err = capfd.readouterr().err
+    assert "LOAD REPORT" not in err and "not sharded" not in err  # nor a check that a quieter level would start
+    assert model.encoder.config.num_hidden_layers == 1
+
+
+def test_an_encoder_missing_other_weights_is_a_router_error(tmp_path):
+    _bert(tmp_path / "enc")
+    cfg = json.loads((tmp_path / "enc" / "config.json").read_text())
+    (tmp_path / "enc" / "config.json").write_text(json.dumps(cfg | {"num_hidden_layers": 2}))
+    with pytest.raises(RouterError, match=r"lacks weights \['encoder.layer.1.attention"):
+        load_encoder(tmp_path / "enc")
+    (tmp_path / "enc" / "config.json").write_text(json.dumps(cfg | {"intermediate_size": 48}))
+    with pytest.raises(RouterError, match=r"mismatched shapes \['encoder.layer.0.intermediate.dense.bias"):
+        load_encoder(tmp_path / "enc")
