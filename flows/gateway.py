@@ -35,6 +35,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -151,16 +152,34 @@ class Upstream:
 # --- routers ----------------------------------------------------------------------------------------------------
 
 class Loaded:
-    """A router and the lock that serialises calls to it."""
+    """A router, called by one thread at a time (a fast tokenizer is not thread-safe). Requests that arrive while
+    it is busy are batched: the next thread to get the router answers every request queued meanwhile with one
+    `probs` call, so under load the router runs one batch per wait instead of one request per wait."""
 
     def __init__(self, fp: str, router: Routes):
         self.fp, self.router = fp, router
         self.experts: list[str] = list(router.experts)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # held while the router runs
+        self._queued: list[tuple[str, Future]] = []
+        self._queue_lock = threading.Lock()
 
     def probs(self, text: str) -> np.ndarray:
+        mine: Future = Future()
+        with self._queue_lock:
+            self._queued.append((text, mine))
         with self._lock:
-            return np.asarray(self.router.probs([text]))[0]
+            if not mine.done():  # nobody took it along: run everything queued so far, this request included
+                with self._queue_lock:
+                    batch, self._queued = self._queued, []
+                try:
+                    out = np.asarray(self.router.probs([t for t, _ in batch]))
+                except BaseException as e:  # every request of the batch gets the error
+                    for _, f in batch:
+                        f.set_exception(e)
+                else:
+                    for (_, f), p in zip(batch, out, strict=True):
+                        f.set_result(p)
+        return mine.result()
 
 
 def _load_router(store: Store, fp: str) -> Routes:

@@ -29,7 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
 from flows.cli import app as cli
-from flows.gateway import Endpoint, Routers, create_app, load_endpoints
+from flows.gateway import Endpoint, Loaded, Routers, create_app, load_endpoints
 from schemas.artifacts import CHAMPION_PATH, report_path
 from schemas.config import ConfigError, RouterConfig, load_config
 from schemas.evaluation import Champion, EvalReport
@@ -389,3 +389,44 @@ def test_routers_load_once_and_keep_the_champion(store_dir):
         np.testing.assert_allclose(loaded.probs("any text"), p, atol=1e-5)
     assert routers.get("a1a1a1") is routers.champion  # the champion was not evicted; the others were but one
     assert loads == list(ROUTERS) and routers.get("b2b2b2") and loads[-1] == "b2b2b2"
+
+
+class SlowRouter:
+    """A router whose every call takes a while and records the texts it was given (one call = one batch)."""
+
+    experts = ["a", "b"]
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+
+    def probs(self, texts: list[str]) -> np.ndarray:
+        self.calls.append(list(texts))
+        time.sleep(0.2)
+        if "boom" in texts:
+            raise RuntimeError("router failed")
+        return np.array([[len(t) / 100, 1 - len(t) / 100] for t in texts])
+
+
+def test_requests_that_arrive_while_the_router_is_busy_go_in_one_batch():
+    from concurrent.futures import ThreadPoolExecutor
+
+    router = SlowRouter()
+    loaded = Loaded("fp", router)
+    texts = [f"q{'x' * i}" for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        out = list(pool.map(loaded.probs, texts))
+    for t, p in zip(texts, out, strict=True):  # each request gets its own row back
+        np.testing.assert_allclose(p, [len(t) / 100, 1 - len(t) / 100])
+    assert sorted(t for call in router.calls for t in call) == sorted(texts)  # each text routed exactly once
+    assert len(router.calls) < len(texts)  # the ones that waited went together
+    router.calls.clear()
+    with ThreadPoolExecutor(2) as pool:  # a failing batch fails every request in it, and the next batch works
+        bad, good = pool.submit(loaded.probs, "boom"), pool.submit(loaded.probs, "fine")
+        with pytest.raises(RuntimeError, match="router failed"):
+            bad.result()
+        if any("fine" in call and "boom" in call for call in router.calls):
+            with pytest.raises(RuntimeError, match="router failed"):
+                good.result()
+        else:
+            assert good.result()[0] == pytest.approx(0.04)
+    assert loaded.probs("again")[0] == pytest.approx(0.05)
