@@ -529,13 +529,17 @@ def gateway(store: Annotated[str, typer.Option("--store", help="Store whose cham
                                                             "`Authorization: Bearer <key>`, the key read from this "
                                                             "environment variable.")] = None,
             timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds an expert may take to "
-                                                   "connect or send its next bytes (then 504).")] = 300.0) -> None:
+                                                   "connect or send its next bytes (then 504).")] = 300.0,
+            local_experts: Annotated[bool, typer.Option("--local-experts", help="Answer experts that have no "
+                                                        "endpoint in this process, from their weights (the store's "
+                                                        "published config, else its latest run's).")] = False
+            ) -> None:
     """Serve an OpenAI-compatible gateway: each chat request goes to the expert the champion router picks
     (`model: zooter`, `zooter:<router fingerprint>`, `zooter:lambda=<x>`); `/v1/route` answers the decision only."""
     from flows.gateway import serve as serve_gateway
 
     messages.print(f"gateway for {store} on http://{host}:{port}/v1")
-    serve_gateway(store, host, port, experts, api_key_env, timeout)
+    serve_gateway(store, host, port, experts, api_key_env, timeout, with_local_experts=local_experts)
 
 
 # --- experts --------------------------------------------------------------------------------------------------

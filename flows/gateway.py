@@ -38,7 +38,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import numpy as np
@@ -51,13 +51,18 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from schemas.artifacts import CHAMPION_PATH, ROUTER_JSON, router_file
-from schemas.config import ConfigError, load_config
+from schemas.config import ConfigError, ExpertSpec, load_config
 from schemas.errors import ArtifactError, StoreUnavailable, ZooterError
 from schemas.evaluation import read_champion, read_report
 from schemas.store import Store
 from tasks.experts import CURRENT
+from tasks.generate import Generator, render, template_text
+from tasks.inspect import read_manifest, runs
 from tasks.records import visible
 from tasks.route import Routes, choose
+
+if TYPE_CHECKING:
+    from cluster.hf import Generation
 
 log = logging.getLogger("zooter.gateway")
 MODEL = "zooter"  # the model name clients send
@@ -128,6 +133,43 @@ def load_endpoints(store: Store, experts_file: Path | None = None) -> dict[str, 
             raise ConfigError(f"{experts_file}: {where}: {err['msg'].removeprefix('Value error, ')}") from None
         found[str(name)] = ep
     return found
+
+
+class LocalExpert:
+    """An expert with no endpoint, answered in the gateway's own process (`--local-experts`): its model loads on
+    the first request routed to it and answers one request at a time, rendered and sampled exactly as the generate
+    step does (so a greedy answer equals the expert's cell for the same query)."""
+
+    def __init__(self, spec: ExpertSpec):
+        self.spec = spec
+        self._model: Generator | None = None
+        self._lock = threading.Lock()
+
+    def answer(self, query: str, max_tokens: int | None = None) -> Generation:
+        from cluster.backends import generator_builder  # torch + transformers: only when a local expert answers
+
+        s = self.spec.sampling
+        with self._lock:
+            if self._model is None:
+                self._model = generator_builder(self.spec)()
+            [prompt] = render(self._model, template_text(self.spec.prompt), [query])
+            return self._model.generate([prompt], max_new_tokens=min(max_tokens or s.max_new_tokens,
+                                                                     s.max_new_tokens),
+                                        temperature=s.temperature, top_p=s.top_p, seed=s.seed, stop=s.stop,
+                                        batch_size=1)[0]
+
+
+def local_experts(store: Store) -> dict[str, LocalExpert]:
+    """The experts the gateway can run itself: every expert but `backend: openai` of the store's published config,
+    or else of its latest completed run's config (the run manifest records it)."""
+    if store.exists(CURRENT):
+        specs = load_config(store.uri(CURRENT)).experts
+    else:
+        done = [r["run_id"] for r in runs(store) if r["status"] == "completed"]
+        if not done:
+            return {}
+        specs = [ExpertSpec.model_validate(e) for e in read_manifest(store, done[-1]).config["experts"]]
+    return {e.name: LocalExpert(e) for e in specs if e.backend != "openai"}
 
 
 @dataclass(frozen=True)
@@ -344,16 +386,19 @@ class Metrics:
 
 
 def create_app(routers: Routers, endpoints: dict[str, Endpoint], api_key: str | None = None,
-               timeout_s: float = 300.0, reload_s: float = 5.0) -> FastAPI:
+               timeout_s: float = 300.0, reload_s: float = 5.0,
+               local: dict[str, LocalExpert] | None = None) -> FastAPI:
     """The gateway app. `api_key`: the bearer key every route but /health requires (None: open). `timeout_s`:
-    the longest wait for an expert's next bytes; `reload_s`: how often champion.json is checked."""
+    the longest wait for an expert's next bytes; `reload_s`: how often champion.json is checked. `local`: experts
+    with no endpoint that this process answers itself (an endpoint wins where both exist)."""
+    local = {k: v for k, v in (local or {}).items() if k not in endpoints}
     upstreams = {name: Upstream.of(name, ep) for name, ep in endpoints.items()}
     file_costs = {name: ep.cost for name, ep in endpoints.items() if ep.cost is not None}
     metrics = Metrics()
     state: dict[str, Any] = {}
 
     def check_endpoints() -> None:
-        if missing := [e for e in routers.champion.experts if e not in upstreams]:
+        if missing := [e for e in routers.champion.experts if e not in upstreams and e not in local]:
             log.warning("router %s: experts without an endpoint (chat requests routed to them answer 502): %s",
                         routers.champion.fp, ", ".join(missing))
 
@@ -453,10 +498,16 @@ def create_app(routers: Routers, endpoints: dict[str, Endpoint], api_key: str | 
         metrics.requests.labels("chat", d.expert).inc()
         headers = {"x-zooter-expert": d.expert, "x-zooter-router": d.router}
         up = upstreams.get(d.expert)
+        if up is None and d.expert in local:
+            max_tokens = raw.get("max_completion_tokens") or raw.get("max_tokens")
+            g = await run_in_threadpool(local[d.expert].answer, body.query(),
+                                        max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else None)
+            metrics.latency.labels(d.expert).observe(time.perf_counter() - t0)
+            return _local_answer(d.expert, g, body.stream, headers)
         if up is None:
-            return fail(GatewayError(502, f"expert {d.expert} has no endpoint (add it to --experts, or publish a "
-                                     "config where it is `backend: openai`)", "expert_unavailable",
-                                     kind="server_error"), headers)
+            return fail(GatewayError(502, f"expert {d.expert} has no endpoint (add it to --experts, publish a "
+                                     "config where it is `backend: openai`, or serve it with --local-experts)",
+                                     "expert_unavailable", kind="server_error"), headers)
         client: httpx.AsyncClient = state["client"]
         req = client.build_request("POST", up.url, json=raw | {"model": up.model}, headers=up.headers)
         try:
@@ -502,6 +553,21 @@ def create_app(routers: Routers, endpoints: dict[str, Endpoint], api_key: str | 
     return app
 
 
+def _local_answer(expert: str, g: Generation, stream: bool, headers: dict[str, str]) -> Response:
+    """A local expert's answer as an OpenAI chat completion, or as its server-sent events (one content chunk)."""
+    base = {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": f"{MODEL}/{expert}"}
+    if not stream:
+        return JSONResponse(base | {"object": "chat.completion", "choices": [{
+            "index": 0, "message": {"role": "assistant", "content": g.response}, "finish_reason": g.finish_reason}],
+            "usage": {"prompt_tokens": g.prompt_tokens, "completion_tokens": g.new_tokens,
+                      "total_tokens": g.prompt_tokens + g.new_tokens}}, headers=headers)
+    chunk = base | {"object": "chat.completion.chunk"}
+    deltas = [({"role": "assistant", "content": g.response}, None), ({}, g.finish_reason)]
+    events = [json.dumps(chunk | {"choices": [{"index": 0, "delta": d, "finish_reason": f}]}) for d, f in deltas]
+    body = "".join(f"data: {e}\n\n" for e in [*events, "[DONE]"])
+    return Response(body, headers=headers, media_type="text/event-stream")
+
+
 def _upstream_error(expert: str, e: httpx.HTTPError) -> GatewayError:
     """Unreachable (refused, DNS, connect timeout) or broken: 502; no answer in time: 504."""
     if isinstance(e, httpx.TimeoutException) and not isinstance(e, httpx.ConnectTimeout):
@@ -512,7 +578,8 @@ def _upstream_error(expert: str, e: httpx.HTTPError) -> GatewayError:
 
 
 def serve(store_url: str, host: str = "127.0.0.1", port: int = 8000, experts_file: Path | None = None,
-          api_key_env: str | None = None, timeout_s: float = 300.0, reload_s: float = 5.0) -> None:
+          api_key_env: str | None = None, timeout_s: float = 300.0, reload_s: float = 5.0,
+          with_local_experts: bool = False) -> None:
     """Load the champion and the endpoints (errors here are ZooterErrors, before anything listens), then serve."""
     import uvicorn
 
@@ -533,5 +600,6 @@ def serve(store_url: str, host: str = "127.0.0.1", port: int = 8000, experts_fil
     with contextlib.suppress(ValueError):
         if api_key is None and not ipaddress.ip_address(host).is_loopback:
             log.warning("listening on %s with no bearer key (--api-key-env): anyone who reaches it can use it", host)
-    app = create_app(routers, endpoints, api_key, timeout_s, reload_s)
+    app = create_app(routers, endpoints, api_key, timeout_s, reload_s,
+                     local_experts(store) if with_local_experts else None)
     uvicorn.run(app, host=host, port=port, log_level="info")

@@ -29,12 +29,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
 from flows.cli import app as cli
-from flows.gateway import Endpoint, Loaded, Routers, create_app, load_endpoints
-from schemas.artifacts import CHAMPION_PATH, report_path
+from flows.gateway import Endpoint, Loaded, Routers, create_app, load_endpoints, local_experts
+from schemas.artifacts import CHAMPION_PATH, report_path, run_manifest_path
 from schemas.config import ConfigError, RouterConfig, load_config
 from schemas.evaluation import Champion, EvalReport
 from schemas.store import Store
-from tasks.experts import publish_config
+from tasks.experts import CURRENT, publish_config, published
 from tests.conftest import minilm_dir
 
 # router fingerprint -> (experts, probabilities it gives every text)
@@ -430,3 +430,43 @@ def test_requests_that_arrive_while_the_router_is_busy_go_in_one_batch():
         else:
             assert good.result()[0] == pytest.approx(0.04)
     assert loaded.probs("again")[0] == pytest.approx(0.05)
+
+
+def test_local_experts_answer_on_a_store_whose_experts_are_weights(store_dir, tmp_path, tiny_config):
+    """`--local-experts` (a store like the demo's, whose experts are model weights with no endpoint): the gateway
+    answers chat itself, rendered and sampled as the generate step does; the experts come from the store's latest
+    run's config, or from the published config when there is one."""
+    from cluster.backends import generator_builder
+    from schemas.manifest import RunManifest
+    from tasks.generate import render, template_text
+
+    shutil.copytree(store_dir, tmp_path / "store")
+    store = Store(str(tmp_path / "store"))
+    raw = yaml.safe_load(tiny_config().read_text())
+    raw["experts"][0]["name"], raw["experts"][1]["name"] = "alpha", "beta"  # the champion's experts
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    cfg = load_config(tmp_path / "c.yaml")
+    assert local_experts(store) == {}  # no run, no published config
+    m = RunManifest(run_id="20260101T000000Z-aaaaaa", flow="label", status="completed",
+                    config=cfg.model_dump(mode="json"))
+    store.write_json(run_manifest_path(m.run_id), m.model_dump(mode="json"))
+    local = local_experts(store)
+    assert sorted(local) == ["alpha", "beta"] and local["alpha"].spec == cfg.experts[0]
+    store.write_bytes(CURRENT, published(cfg.model_copy(update={"experts": cfg.experts[1:]})))
+    assert sorted(local_experts(store)) == ["beta"]  # the published config wins
+
+    with serving(create_app(Routers(store), {}, local=local)) as url:
+        c = client(f"{url}/v1")
+        first = c.chat.completions.with_raw_response.create(model="zooter", messages=CHAT)
+        streamed = list(c.chat.completions.create(model="zooter", messages=CHAT, stream=True))
+    answer = first.parse()
+    assert first.headers["x-zooter-expert"] == "alpha" and answer.model == "zooter/alpha"
+    spec, s = cfg.experts[0], cfg.experts[0].sampling
+    model = generator_builder(spec)()
+    [prompt] = render(model, template_text(spec.prompt), ["the question that routes"])
+    want = model.generate([prompt], max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
+                          seed=s.seed, stop=s.stop, batch_size=1)[0]
+    assert answer.choices[0].message.content == want.response
+    assert answer.usage.completion_tokens == want.new_tokens
+    assert "".join(ch.choices[0].delta.content or "" for ch in streamed) == want.response
+    assert streamed[-1].choices[0].finish_reason == want.finish_reason
