@@ -56,7 +56,7 @@ from schemas.errors import ArtifactError, StoreUnavailable, ZooterError
 from schemas.evaluation import read_champion, read_report
 from schemas.store import Store
 from tasks.experts import CURRENT
-from tasks.generate import Generator, render, template_text
+from tasks.generate import Generator, answer
 from tasks.inspect import read_manifest, runs
 from tasks.records import visible
 from tasks.route import Routes, choose
@@ -148,15 +148,10 @@ class LocalExpert:
     def answer(self, query: str, max_tokens: int | None = None) -> Generation:
         from cluster.backends import generator_builder  # torch + transformers: only when a local expert answers
 
-        s = self.spec.sampling
         with self._lock:
             if self._model is None:
                 self._model = generator_builder(self.spec)()
-            [prompt] = render(self._model, template_text(self.spec.prompt), [query])
-            return self._model.generate([prompt], max_new_tokens=min(max_tokens or s.max_new_tokens,
-                                                                     s.max_new_tokens),
-                                        temperature=s.temperature, top_p=s.top_p, seed=s.seed, stop=s.stop,
-                                        batch_size=1)[0]
+            return answer(self._model, self.spec, [query], self.spec.sampling.seed, 1, max_tokens)[0]
 
 
 def local_experts(store: Store) -> dict[str, LocalExpert]:

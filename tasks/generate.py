@@ -83,14 +83,23 @@ def render(model: Generator | None, template: str, texts: list[str]) -> list[str
     return [template.replace("{query}", t) for t in texts]
 
 
+def answer(model: Generator, spec: ExpertSpec, texts: list[str], seed: int, batch_size: int,
+           max_new_tokens: int | None = None) -> list[Generation]:
+    """The expert's answers: `texts` rendered with its prompt and sampled with its settings (at most
+    `max_new_tokens` new tokens when given, never more than its own limit). The generate step's cells and the
+    gateway's local experts both answer through here."""
+    s = spec.sampling
+    limit = min(max_new_tokens or s.max_new_tokens, s.max_new_tokens)
+    return model.generate(render(model, template_text(spec.prompt), texts), max_new_tokens=limit,
+                          temperature=s.temperature, top_p=s.top_p, seed=seed, stop=s.stop, batch_size=batch_size)
+
+
 def generate_cell(model: Generator, shard: int, *, spec: ExpertSpec, fp: str, store: Store) -> dict:
     """Answer one shard and write its cell (the stage's job: runs inside the expert's actor)."""
     t0 = time.perf_counter()
     q = store.read_table(queries_path(shard), QUERIES)
-    prompts = render(model, template_text(spec.prompt), q["text"].to_pylist())
-    s = spec.sampling
-    gens = model.generate(prompts, max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
-                          seed=s.seed + shard * 100_003, stop=s.stop, batch_size=spec.resources.batch_size)
+    gens = answer(model, spec, q["text"].to_pylist(), spec.sampling.seed + shard * 100_003,
+                  spec.resources.batch_size)
     empty = sum(not g.response.strip() for g in gens)  # kept; scoring flags them (see tasks/score.py)
     table = pa.table({
         "query_id": q["query_id"],
