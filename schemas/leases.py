@@ -18,6 +18,7 @@ from typing import TypeVar
 from schemas.store import Store
 
 LEASES_DIR = "leases"
+BATCH = 500  # leases deleted per batch (S3 DeleteObjects takes up to 1000 keys)
 
 log = logging.getLogger("zooter.leases")
 
@@ -39,6 +40,8 @@ class Leases:
         self.store, self.owner, self.clock = store, owner or uuid.uuid4().hex[:12], clock
         self.ttl_s = ttl_s or store.lease_ttl_s
         self.held: set[str] = set()
+        self._written: dict[str, float] = {}  # rel -> clock() when we last wrote its lease (acquire, heartbeat)
+        self._done: list[str] = []  # released leases whose objects are deleted in one batch (`release_later`)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
@@ -81,6 +84,7 @@ class Leases:
                 continue
             with self._lock:
                 self.held.add(rel)
+                self._written[rel] = self.clock()
             self._start()
             return True
         return False
@@ -95,12 +99,39 @@ class Leases:
         finally:
             self.release(rel)
 
-    def release(self, rel: str) -> None:
+    def _ours(self, rel: str) -> bool:
+        """Stop renewing rel; True when its lease is certainly still ours without reading it: we wrote it less
+        than ttl/2 ago, so no other run (clocks within ttl/2) can have found it expired and taken it over."""
         with self._lock:
             self.held.discard(rel)
+            written = self._written.pop(rel, None)
+        return written is not None and self.clock() - written < self.ttl_s / 2
+
+    def release(self, rel: str) -> None:
+        if self._ours(rel):
+            self.store.delete(self._rel(rel))
+            return
         cur = self.holder(rel)
         if cur is not None and cur.get("owner") == self.owner:
             self.store.delete(self._rel(rel))
+
+    def release_later(self, rel: str) -> None:
+        """Release rel once its artifact is written: renewal stops now, the object goes in a batch delete (one
+        request per `BATCH` on S3; `flush`, `close`). Until then other runs see a live lease, so they skip the
+        key and find its artifact done, as they would after `release`."""
+        if not self._ours(rel):
+            return self.release(rel)
+        with self._lock:  # a run's stages share its Leases from several threads
+            self._done.append(rel)
+            full = len(self._done) >= BATCH
+        if full:
+            self.flush()
+
+    def flush(self) -> None:
+        """Delete the leases `release_later` gave back."""
+        with self._lock:
+            done, self._done = self._done, []
+        self.store.delete_many([self._rel(r) for r in done])
 
     def _start(self) -> None:
         if self._beat is None:
@@ -123,7 +154,9 @@ class Leases:
                             log.warning("lease on %s was taken over by %s", rel, cur.get("owner"))
                             self.held.discard(rel)
                             continue
+                        now = self.clock()
                         self.store.write_bytes(self._rel(rel), self._body())
+                        self._written[rel] = now
                     except OSError as e:  # the store is down: the next beat tries again, before the ttl runs out
                         log.warning("lease heartbeat for %s failed: %s", rel, e)
 
@@ -133,6 +166,8 @@ class Leases:
         for rel in list(self.held):
             with contextlib.suppress(OSError):
                 self.release(rel)
+        with contextlib.suppress(OSError):
+            self.flush()
 
 
 K = TypeVar("K", bound=Hashable)
@@ -168,8 +203,9 @@ def compute_once(leases: Leases | Store, todo: Iterable[K], rel: Callable[[K], s
         claimed.clear()
         if first or any(leases.free(rel(k)) for k in pending):  # waiting: start no pool for nothing
             for k in compute(pending, claim):
-                leases.release(rel(k))
+                leases.release_later(rel(k))  # the artifact is there: a live lease only makes others skip it
                 computed.append(k)
+            leases.flush()
         first = False
         settled = set(claimed) | set(by_others)
         rest = [k for k in pending if k not in settled]

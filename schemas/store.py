@@ -14,6 +14,7 @@ or a file where the store's directory should be (at construction), a local store
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import functools
@@ -41,6 +42,11 @@ from schemas.config import store_url_problem
 from schemas.errors import ArtifactError, ConfigError, StoreRejected, StoreUnavailable, ZooterError
 
 META_KEY = b"zooter"
+FOOTER_BYTES = 64 * 1024  # the tail read to find a cell's footer (cells' footers are a few KiB)
+# Store calls made by this process, by operation ("exists", "read", "write", "create", "ls", "delete"): one per
+# `Store._io` call, i.e. one filesystem call (on S3 one request, more for a multi-range Parquet read).
+# benchmarks/scale.py reads it; a plain Counter (a lost increment under a thread race only skews a benchmark).
+CALLS: collections.Counter[str] = collections.Counter()
 
 log = logging.getLogger("zooter.store")
 M = TypeVar("M", bound=BaseModel)
@@ -130,6 +136,7 @@ class Store:
     def _io(self, what: str, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
         """Call fn, retrying with exponential backoff while a remote endpoint is unreachable. Locally, the OS
         refusing the call is a StoreRejected naming the store (not-found and already-exists keep their meaning)."""
+        CALLS[what.partition(" ")[0]] += 1
         if self.local:
             try:
                 return fn(*args, **kw)
@@ -184,6 +191,17 @@ class Store:
     def delete(self, rel: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self._io(f"delete {rel}", self.fs.rm_file, self.path(rel))
+
+    def delete_many(self, rels: list[str]) -> None:
+        """Delete objects, missing ones ignored: on S3 one request per 1000 (DeleteObjects), locally one by one."""
+        if not rels:
+            return
+        if self.local:
+            for rel in rels:
+                self.delete(rel)
+            return
+        with contextlib.suppress(FileNotFoundError):
+            self._io(f"delete {len(rels)} objects", self.fs.rm, [self.path(r) for r in rels])
 
     # --- atomic writes -------------------------------------------------------------------------------
     def write_bytes(self, rel: str, data: bytes) -> None:
@@ -253,7 +271,11 @@ class Store:
 
     def _parquet(self, rel: str, read: Callable[..., Any]) -> Any:
         try:
-            return self._io(f"read {rel}", read, self.path(rel), filesystem=self.fs)
+            if self.local:
+                return self._io(f"read {rel}", read, self.path(rel), filesystem=self.fs)
+            # One ranged GET of the whole object (a path handed to pyarrow costs a HEAD, then a GET per range)
+            data = self._io(f"read {rel}", self.fs.cat_file, self.path(rel), start=0)
+            return read(pa.BufferReader(data))
         except FileNotFoundError:
             raise ArtifactError(f"{self.uri(rel)}: missing") from None
         except ZooterError:  # unreachable (remote) or refused (local): already one line naming the store
@@ -272,13 +294,31 @@ class Store:
     def read_table(self, rel: str, schema: pa.Schema) -> pa.Table:
         return conform(self._parquet(rel, pq.read_table), schema, self.uri(rel))
 
+    def _footer(self, rel: str) -> pa.Schema:
+        """The cell's schema from one read of the file's tail (FileNotFoundError: no file there): a missing cell
+        costs one request, not an exists check (on S3 a HEAD, then a LIST) before the footer's reads."""
+        try:
+            tail = self._io(f"read {rel}", self.fs.cat_file, self.path(rel), start=-FOOTER_BYTES)
+        except FileNotFoundError:
+            raise
+        except ZooterError:
+            raise
+        except Exception as e:  # noqa: BLE001 - e.g. an empty object's range: a broken cell
+            raise ArtifactError(f"{self.uri(rel)}: unreadable Parquet ({e})") from None
+        if len(tail) >= 8 and tail[-4:] == b"PAR1" and int.from_bytes(tail[-8:-4], "little") + 8 > len(tail):
+            return self.read_schema(rel)  # a footer longer than the tail read: read it as a whole
+        try:
+            return pq.read_schema(pa.BufferReader(tail))
+        except Exception as e:  # noqa: BLE001 - any parse error means a broken cell
+            raise ArtifactError(f"{self.uri(rel)}: unreadable Parquet ({e})") from None
+
     def cell(self, rel: str, schema: pa.Schema, fingerprint: str) -> tuple[str | None, dict]:
         """(None, the cell's metadata) when the cell is done: it exists, its footer parses, its schema matches and
         it names our fingerprint. Otherwise (why not: "missing", or what is wrong with the file there, {})."""
-        if not self.exists(rel):
-            return "missing", {}
         try:
-            got = self.read_schema(rel)
+            got = self._footer(rel)
+        except FileNotFoundError:
+            return "missing", {}
         except ArtifactError as e:
             return str(e).removeprefix(f"{self.uri(rel)}: "), {}
         if not same_fields(got, schema):
@@ -337,9 +377,22 @@ K = TypeVar("K", bound=Hashable)
 def cell_todo(store: Store, cells: Iterable[tuple[K, str]], schema: pa.Schema, fp: str) -> tuple[list[K], list[K],
                                                                                                   list[K]]:
     """Split cells (key, path) into (todo, done, repaired): `repaired` are in todo because the file there is
-    broken (truncated, foreign schema...); each is logged, then recomputed over."""
+    broken (truncated, foreign schema...); each is logged, then recomputed over.
+
+    One listing per folder tells which cells are there at all; only those are read (their footers), so planning
+    a fresh stage costs a request per folder, not per cell."""
     todo, done, repaired = [], [], []
+    cells = list(cells)
+    listed: dict[str, set[str]] = {}
+    for _, rel in cells:
+        folder = posixpath.dirname(rel)
+        if folder not in listed:
+            listed[folder] = set(store.ls(folder)) if folder else set()
     for key, rel in cells:
+        folder, name = posixpath.split(rel)
+        if folder and name not in listed[folder]:
+            todo.append(key)
+            continue
         why = store.check_cell(rel, schema, fp)
         if why is None:
             done.append(key)

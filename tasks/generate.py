@@ -65,6 +65,9 @@ def template_text(prompt: str) -> str:
 def expert_fingerprint(spec: ExpertSpec) -> str:
     """Everything that changes the answers, nothing that does not (pool size, threads, resources, cost; for an
     endpoint: its URL, key and limits)."""
+    if spec.backend == "synthetic":  # benchmarks/tests: the answer is a hash of the name and the prompt
+        return fingerprint({"backend": "synthetic", "name": spec.name, "sampling": spec.sampling.model_dump(
+            mode="json"), "template": template_text(spec.prompt), "code": CODE_VERSION})
     if spec.backend == "openai":  # the served model id (and `revision`, a label to bump when it is redeployed)
         return fingerprint({"backend": "openai", "model": spec.model, "revision": spec.revision,
                             "sampling": spec.sampling.model_dump(mode="json"), "template": template_text(spec.prompt),
