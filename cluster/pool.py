@@ -11,8 +11,11 @@ import json
 import logging
 import os
 import socket
+import threading
+import time
 from collections.abc import Callable, Hashable, Iterator, Sequence
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
 
 import ray
 from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
@@ -129,31 +132,96 @@ def _actor(build: Callable[[], Any], res: Resources, tp: int):
     return ModelActor.options(**opts).remote(build), pg
 
 
+class Gate(Protocol[K]):
+    """When a pool's keys may start, for a pool that runs while its inputs are still being written (a scoring pool
+    whose generation cells appear one by one; cluster/stage.py `Pipeline`)."""
+
+    def ready(self, key: K) -> bool:
+        """Whether the key's inputs exist; raises when they never will (the stage writing them failed)."""
+        ...
+
+    def wait(self, timeout: float) -> None:
+        """Return when a key may have become ready, or after `timeout` seconds; raises to stop the pool (another
+        stage of the run failed)."""
+        ...
+
+
+@dataclass
+class PoolUsage:
+    """How busy a pool's actors were: seconds each spent in jobs, of the seconds each held its resources once
+    placed with its model loaded (until released). busy = job_s / held_s."""
+
+    job_s: float = 0.0
+    held_s: float = 0.0
+
+    @property
+    def busy(self) -> float | None:
+        return self.job_s / self.held_s if self.held_s > 0 else None
+
+
+# Pools of this process that hold a claimed key but no placed actor (the cluster is full), by pool, with what each
+# asks for. An idle gated pool gives its actors back while one of these wants what they hold, because the inputs it
+# waits for may come from exactly that pool (a scoring pool holding the CPUs a generation pool needs: a deadlock).
+_starving: dict[object, Resources] = {}
+_starving_lock = threading.Lock()
+POLL_S = 0.25  # how often a gated pool looks at its gate while its jobs run
+# An idle gated pool also gives its actors back after this long: pools of other processes (a concurrent run on the
+# same cluster) are not in `_starving`. A model reload costs less than the idle time it follows.
+IDLE_RELEASE_S = 120.0
+
+
+def _competes(pool: object, res: Resources) -> bool:
+    """Whether another pool waits for resources of a kind this one holds."""
+    with _starving_lock:
+        return any((r.num_gpus > 0 and res.num_gpus > 0) or (r.num_cpus > 0 and res.num_cpus > 0)
+                   for p, r in _starving.items() if p != pool)
+
+
 def run_pool(build: Callable[[], Any], job: Callable[[Any, K], Any], keys: Sequence[K], res: Resources,
-             tp: int = 1, claim: Callable[[K], bool] | None = None,
-             nodes: set[str] | None = None) -> Iterator[tuple[K, Any]]:
+             tp: int = 1, claim: Callable[[K], bool] | None = None, nodes: set[str] | None = None,
+             gate: Gate[K] | None = None, usage: PoolUsage | None = None) -> Iterator[tuple[K, Any]]:
     """Start up to `res.pool_size` actors that each build the model once, run `job(model, key)` for the keys, yield
     (key, result) as they finish (unordered), then release the actors so their CPUs/GPUs go to the next pool.
 
     `claim(key)` is asked just before a key goes to a free actor; False skips it (another run took it), so
     concurrent runs split the work. No actor starts unless a first key is claimed, and only actors Ray has placed
     get keys. The Ray node ids of the actors that computed keys are added to `nodes` (the stage's placements,
-    recorded in the run manifest)."""
-    order = iter(enumerate(keys))
+    recorded in the run manifest), their busy time to `usage`.
 
-    def next_key() -> tuple[int, K] | None:  # (position, key): a falsy key is still a key
-        return next(((i, k) for i, k in order if claim is None or claim(k)), None)
+    `gate`: a key starts only once `gate.ready(key)` (the first ready one in key order goes next). While no key is
+    ready and no job runs, the pool waits on the gate; if meanwhile another pool of this process waits for resources
+    of the kind its actors hold (or after IDLE_RELEASE_S idle), it gives them back and starts new ones (model load
+    included) once keys are ready."""
+    remaining, pool = list(keys), object()
 
-    nxt = next_key()
-    if nxt is None:
-        return
-    started = [_actor(build, res, tp) for _ in range(min(res.pool_size, len(keys) - nxt[0]))]
-    # Only placed actors (their node_id call returned) get keys; the others join when Ray places them. So a pool
-    # never waits on a job queued behind an actor that cannot start: pools that compete for scarce CPUs/GPUs each
-    # finish on the actors they have, then release all of them (pending ones too) to the next.
-    pending = {actor.node_id.remote(): actor for actor, _ in started}
-    free: list[tuple[ActorHandle, str]] = []  # placed actors with no job, and their node
-    running: dict[ray.ObjectRef, tuple[ActorHandle, str]] = {}
+    def next_key() -> tuple[K] | None:  # a 1-tuple: a falsy key is still a key
+        i = 0
+        while i < len(remaining):
+            if gate is not None and not gate.ready(remaining[i]):
+                i += 1
+                continue
+            k = remaining.pop(i)
+            if claim is None or claim(k):
+                return (k,)
+        return None
+
+    started: list[tuple[ActorHandle, Any]] = []
+    pending: dict[ray.ObjectRef, ActorHandle] = {}
+    free: list[tuple[ActorHandle, str, float]] = []  # placed actors with no job, their node, since when placed
+    running: dict[ray.ObjectRef, tuple[ActorHandle, str, float, float]] = {}  # ..., and since when in the job
+    nxt: tuple[K] | None = None
+    idle_since: float | None = None
+    use = usage if usage is not None else PoolUsage()
+
+    def release() -> None:
+        now = time.perf_counter()
+        use.held_s += sum(now - a[2] for a in [*free, *running.values()])
+        for actor, pg in started:
+            ray.kill(actor)
+            if pg is not None:
+                remove_placement_group(pg)
+        started.clear(), pending.clear(), free.clear(), running.clear()
+
     try:
         while True:
             while free:
@@ -161,21 +229,57 @@ def run_pool(build: Callable[[], Any], job: Callable[[Any, K], Any], keys: Seque
                     nxt = next_key()  # claimed only now that an actor is free to take it
                     if nxt is None:
                         break
-                actor, node = free.pop()
-                running[actor.run.remote(job, nxt[1])] = actor, node
+                actor, node, since = free.pop()
+                running[actor.run.remote(job, nxt[0])] = actor, node, since, time.perf_counter()
                 nxt = None
+            if not started:
+                nxt = nxt or next_key()
+                if nxt is not None:
+                    # Only placed actors (their node_id call returned) get keys; the others join when Ray places
+                    # them. So a pool never waits on a job queued behind an actor that cannot start: pools that
+                    # compete for scarce CPUs/GPUs each finish on the actors they have, then release all of them
+                    # (pending ones too) to the next.
+                    started += [_actor(build, res, tp) for _ in range(min(res.pool_size, len(remaining) + 1))]
+                    pending.update({actor.node_id.remote(): actor for actor, _ in started})
             if nxt is None and not running:
-                return
-            [ref], _ = ray.wait([*running, *pending], num_returns=1)
+                if not remaining:
+                    return
+                # Only a gate leaves keys behind: none of them is ready yet.
+                with _starving_lock:
+                    _starving.pop(pool, None)
+                idle_since = idle_since or time.perf_counter()
+                if started and (_competes(pool, res) or time.perf_counter() - idle_since > IDLE_RELEASE_S):
+                    log.info("an idle pool gives back %d actor(s) for other pools", len(started))
+                    release()
+                if not pending:
+                    gate.wait(POLL_S)
+                    continue
+            else:
+                idle_since = None
+            with _starving_lock:
+                if nxt is not None and not free and not running:
+                    _starving[pool] = res
+                else:
+                    _starving.pop(pool, None)
+            if gate is None:
+                [ref], _ = ray.wait([*running, *pending], num_returns=1)
+            else:
+                done, _ = ray.wait([*running, *pending], num_returns=1, timeout=POLL_S)
+                if not done:
+                    gate.wait(0)  # raises if the run failed meanwhile; keys that became ready go out above
+                    continue
+                ref = done[0]
             if ref in pending:
-                free.append((pending.pop(ref), ray.get(ref)))  # an actor that failed to start raises here
+                free.append((pending.pop(ref), ray.get(ref), time.perf_counter()))  # a failed start raises here
                 continue
-            free.append(running.pop(ref))
+            out = ray.get(ref)
+            actor, node, since, t_job = running.pop(ref)
+            use.job_s += time.perf_counter() - t_job
+            free.append((actor, node, since))
             if nodes is not None:
-                nodes.add(free[-1][1])
-            yield ray.get(ref)
+                nodes.add(node)
+            yield out
     finally:
-        for actor, pg in started:
-            ray.kill(actor)
-            if pg is not None:
-                remove_placement_group(pg)
+        with _starving_lock:
+            _starving.pop(pool, None)
+        release()

@@ -52,6 +52,9 @@ class StageCounts(Protocol):
     seconds: float
     nodes: list[str]
     flags: dict[str, int]
+    busy: float | None
+    jobs_from: datetime | None
+    jobs_until: datetime | None
 
 
 class StageRecord(BaseModel):
@@ -70,12 +73,18 @@ class StageRecord(BaseModel):
     nodes: list[str] = Field(default_factory=list, description="Ray node ids the stage's actors ran on.")
     flags: dict[str, int] = Field(default_factory=dict, description="Rows flagged in the cells computed, by "
                                   "flag: empty_response, nonfinite (see tasks/score.py).")
+    busy: float | None = Field(None, description="Share of its actors' time, from model loaded to released, spent "
+                               "in jobs (None: no actor ran, e.g. a verifiable reward or nothing to compute).")
+    jobs_from: datetime | None = Field(None, description="When its first job in this run started (UTC): stages of "
+                                       "a run overlap, e.g. scoring starts while generation goes on.")
+    jobs_until: datetime | None = Field(None, description="When its last job in this run ended (UTC).")
 
     @classmethod
     def of(cls, r: StageCounts) -> StageRecord:
         return cls(name=r.name, fingerprint=r.fingerprint, cells_computed=len(r.computed),
                    cells_reused=len(r.skipped), cells_repaired=len(r.repaired), rows=r.rows,
-                   new_tokens=r.new_tokens, seconds=round(r.seconds, 2), nodes=r.nodes, flags=r.flags)
+                   new_tokens=r.new_tokens, seconds=round(r.seconds, 2), nodes=r.nodes, flags=r.flags,
+                   busy=None if r.busy is None else round(r.busy, 3), jobs_from=r.jobs_from, jobs_until=r.jobs_until)
 
 
 class ChampionDecision(BaseModel):
@@ -85,12 +94,18 @@ class ChampionDecision(BaseModel):
     decision: Literal["promoted", "kept"] = Field(description="Whether this run's router became the champion.")
     reason: str = Field(description="Why, in words.")
     challenger: str = Field(description="Router fingerprint of this run.")
-    challenger_reward: float | None = Field(description="Its router reward on its held-out split.")
+    challenger_reward: float | None = Field(description="Its router reward on the split compared (`split`).")
     champion: str | None = Field(None, description="Router fingerprint of the champion before this run (None: "
                                  "there was none).")
-    champion_reward: float | None = Field(None, description="The champion's reward on this run's held-out split.")
-    compared_on: str | None = Field(None, description="Labels fingerprint whose test split both rewards are "
+    champion_reward: float | None = Field(None, description="The champion's reward on the same queries.")
+    compared_on: str | None = Field(None, description="Labels fingerprint whose queries both rewards are "
                                     "measured on.")
+    split: Literal["test", "validation"] = Field("test", description="Which split decided: `validation` (the "
+                                                 "challenger's validation slice, minus queries the champion trained "
+                                                 "on); `test` in manifests from before validation-only promotion.")
+    queries: int | None = Field(None, description="Queries both rewards are measured on (None: not recorded).")
+    challenger_test_reward: float | None = Field(None, description="The challenger's reward on the test split: "
+                                                 "reported, never decided on.")
 
 
 class RunManifest(BaseModel):
@@ -148,7 +163,9 @@ def record(store: Store, m: RunManifest, started: float, ok: bool) -> None:
     computed before the failure, and why it stopped (the exception being raised). `started`: perf_counter()."""
     e = sys.exc_info()[1]
     m.timings["total_s"] = round(time.perf_counter() - started, 2)
-    m.status = "completed" if ok else f"failed: {type(e).__name__}: {e}"
+    # a stage's failure carries an `in stage ...` note (cluster.stage): the status names the stage
+    notes = "".join(f" ({n})" for n in getattr(e, "__notes__", []))
+    m.status = "completed" if ok else f"failed: {type(e).__name__}: {e}{notes}"
     m.finished = datetime.now(UTC).isoformat()
     store.write_json(run_manifest_path(m.run_id), m.model_dump(mode="json"))
 

@@ -70,7 +70,9 @@ def verify(answer: str, reference: str | None) -> float | None:
 
 def rm_fingerprint(rm: RewardSpec) -> str:
     """What changes a score; `weight` does not (it only matters when rewards are combined)."""
-    d: dict[str, Any] = rm.model_dump(mode="json", exclude={"name", "resources", "weight", "model", "revision"})
+    # `normalise` only when not the default: scores made before the option keep their fingerprints
+    d: dict[str, Any] = rm.model_dump(mode="json", exclude={"name", "resources", "weight", "model", "revision"}
+                                      | ({"normalise"} if rm.normalise == "mean" else set()))
     d.update(weights=models.identity(rm.model, rm.revision) if rm.model else None, code=CODE_VERSION)
     return fingerprint(d)
 
@@ -122,7 +124,8 @@ def flag_scores(answers: list[str], scores: list[float | None]) -> tuple[list[fl
 
 def run_score(store: Store, rm: RewardSpec, experts: list[ExpertSpec], shards: list[int],
               leases: Leases | None = None) -> StageResult:
-    """Write the RM's missing cells for every expert (leased, like run_generate); keys are (expert, shard)."""
+    """Write the RM's missing cells for every expert (leased, like run_generate); keys are (expert, shard). In the
+    label flow's pipeline a key starts as soon as its generation cell exists (cluster/stage.py `Pipeline`)."""
     fp = rm_fingerprint(rm)
     efps = {e.name: expert_fingerprint(e) for e in experts}
     return run_stage(store, Stage(
@@ -130,4 +133,4 @@ def run_score(store: Store, rm: RewardSpec, experts: list[ExpertSpec], shards: l
         path=lambda k: score_path(rm.name, fp, k[0], efps[k[0]], k[1]),
         job=partial(score_cell, rm=rm, rm_fp=fp, expert_fps=efps, store=store),
         build=None if rm.kind == "verifiable" else scorer_builder(rm), resources=rm.resources,
-        tensor_parallel=rm.tensor_parallel_size), leases)
+        tensor_parallel=rm.tensor_parallel_size, needs=lambda k: generation_path(k[0], efps[k[0]], k[1])), leases)

@@ -58,7 +58,7 @@ def test_missing_cells_are_computed_done_ones_reused_broken_ones_repaired(tmp_pa
 def test_a_pool_gets_the_claimed_keys_and_its_placements_come_back(tmp_path, monkeypatch):
     store, calls, seen = Store(str(tmp_path)), [], {}
 
-    def fake_pool(build, job, keys, res, tp, claim, nodes):
+    def fake_pool(build, job, keys, res, tp, claim, nodes, gate, usage):
         seen.update(res=res, tp=tp)
         model = build()
         for k in keys:
