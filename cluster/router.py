@@ -1,4 +1,5 @@
-"""The router: an HF encoder + a linear head with one logit per expert, its loss, and loading for inference.
+"""The router: an HF encoder + a head with one logit per expert (or an ensemble of such heads), its loss, and
+loading for inference.
 
 Interface (as small as RouteLLM's): `Router.probs(texts) -> (n, experts)` and `Router.route(texts) -> names`.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import tempfile
 from pathlib import Path
@@ -37,37 +39,59 @@ def pool(h: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.T
 
 
 class RouterHead(nn.Module):
-    """pooled vector -> [standardise] -> linear, or one GELU hidden layer -> one logit per expert.
+    """pooled vector -> [standardise] -> linear, or one GELU hidden layer -> one logit per expert; with `heads` > 1,
+    that many independently initialised heads whose probabilities are averaged (an ensemble).
 
     `standardize` adds fixed per-dimension mean/std buffers (set from the training embeddings when the encoder is
-    frozen): a frozen encoder's raw features are badly scaled for a small head. Trained alone on cached
-    embeddings when the encoder is frozen; its state_dict keys are the same inside a RouterModel."""
+    frozen): a frozen encoder's raw features are badly scaled for a small head. `sigmoid`: each logit is an
+    expert's own success probability (router.loss `bce`), so an ensemble averages sigmoids, not softmaxes.
+    Trained alone on cached embeddings when the encoder is frozen; its state_dict keys are the same inside a
+    RouterModel, and one head keeps the keys (`head.*`) of routers saved before ensembles existed."""
 
     def __init__(self, dim: int, n_experts: int, head_hidden: int = 0, dropout: float = 0.1,
-                 standardize: bool = False):
+                 standardize: bool = False, heads: int = 1, sigmoid: bool = False):
         super().__init__()
-        self.standardize = standardize
+        self.standardize, self.sigmoid = standardize, sigmoid
         if standardize:
             self.register_buffer("feat_mean", torch.zeros(dim))
             self.register_buffer("feat_std", torch.ones(dim))
-        self.head = nn.Linear(dim, n_experts) if head_hidden == 0 else nn.Sequential(
-            nn.Linear(dim, head_hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(head_hidden, n_experts))
 
-    def head_logits(self, feats: torch.Tensor) -> torch.Tensor:
+        def one() -> nn.Module:
+            return nn.Linear(dim, n_experts) if head_hidden == 0 else nn.Sequential(
+                nn.Linear(dim, head_hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(head_hidden, n_experts))
+
+        if heads == 1:
+            self.head = one()
+        else:
+            self.heads = nn.ModuleList(one() for _ in range(heads))
+
+    def member_logits(self, feats: torch.Tensor) -> torch.Tensor:
+        """(heads, n, experts): every head's own logits (what training fits, head by head)."""
         if self.standardize:
             feats = (feats - self.feat_mean) / self.feat_std
-        return self.head(feats)
+        if hasattr(self, "head"):
+            return self.head(feats).unsqueeze(0)
+        return torch.stack([h(feats) for h in self.heads])
 
-    def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        return self.head_logits(feats)
+    def head_logits(self, feats: torch.Tensor) -> torch.Tensor:
+        """(n, experts) logits whose softmax is the router's probabilities: one softmax head's own logits, else
+        the log of the heads' mean probability (softmax, or sigmoid normalised over experts)."""
+        z = self.member_logits(feats).float()
+        if z.shape[0] == 1 and not self.sigmoid:
+            return z[0]
+        logp = F.logsigmoid(z) if self.sigmoid else F.log_softmax(z, -1)
+        return torch.logsumexp(logp, 0) - math.log(z.shape[0])
+
+    def forward(self, feats: torch.Tensor, members: bool = False) -> torch.Tensor:
+        return self.member_logits(feats) if members else self.head_logits(feats)
 
 
 class RouterModel(RouterHead):
     """encoder -> pooled vector -> RouterHead."""
 
     def __init__(self, encoder: nn.Module, n_experts: int, pooling: str = "mean", head_hidden: int = 0,
-                 dropout: float = 0.1, standardize: bool = False):
-        super().__init__(encoder.config.hidden_size, n_experts, head_hidden, dropout, standardize)
+                 dropout: float = 0.1, standardize: bool = False, heads: int = 1, sigmoid: bool = False):
+        super().__init__(encoder.config.hidden_size, n_experts, head_hidden, dropout, standardize, heads, sigmoid)
         self.encoder = encoder
         self.pooling = pooling
 
@@ -75,8 +99,9 @@ class RouterModel(RouterHead):
         h = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return pool(h, attention_mask, self.pooling)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.head_logits(self.features(input_ids, attention_mask))
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, members: bool = False) -> torch.Tensor:
+        feats = self.features(input_ids, attention_mask)
+        return self.member_logits(feats) if members else self.head_logits(feats)
 
 
 def _errors_only(record: logging.LogRecord) -> bool:
@@ -105,16 +130,19 @@ def load_encoder(path: Path) -> nn.Module:
 
 
 def build(encoder_ref: str, n_experts: int, pooling: str, head_hidden: int = 0, dropout: float = 0.1,
-          standardize: bool = False, expect: str | None = None) -> tuple[RouterModel, object]:
+          standardize: bool = False, expect: str | None = None, heads: int = 1,
+          sigmoid: bool = False) -> tuple[RouterModel, object]:
     """A fresh router on an encoder; `expect` is the encoder identity the driver fingerprinted (models.resolve)."""
     path = models.resolve(encoder_ref, expect=expect)
     tok = AutoTokenizer.from_pretrained(path)
-    return RouterModel(load_encoder(path), n_experts, pooling, head_hidden, dropout, standardize), tok
+    return RouterModel(load_encoder(path), n_experts, pooling, head_hidden, dropout, standardize, heads,
+                       sigmoid), tok
 
 
 def build_from_config(cfg: RouterConfig, n_experts: int) -> tuple[RouterModel, object]:
     """A router as its RouterConfig describes it (a frozen encoder's head standardises its features)."""
-    return build(cfg.encoder, n_experts, cfg.pooling, cfg.head_hidden, cfg.dropout, cfg.freeze_encoder)
+    return build(cfg.encoder, n_experts, cfg.pooling, cfg.head_hidden, cfg.dropout, cfg.freeze_encoder,
+                 heads=cfg.heads, sigmoid=cfg.loss == "bce")
 
 
 @torch.inference_mode()
@@ -136,12 +164,18 @@ def embed_texts(model: RouterModel, tok, texts: list[str], max_length: int, pref
 
 
 def loss_fn(logits: torch.Tensor, target: torch.Tensor, kind: str = "kl") -> torch.Tensor:
-    """Batch-mean loss between router distribution p = softmax(logits) and target distribution s*.
+    """Batch-mean loss between router distribution p = softmax(logits) and target distribution s*; logits of
+    shape (heads, n, experts) give the mean over heads (each head is fitted on its own).
 
     kl: KL(s* || p) = sum s* (log s* - log p)  (the paper's distillation; 0 log 0 = 0)
     kl_reverse: KL(p || s*) = sum p (log p - log s*)  (s* clamped at 1e-8)
     hard: cross-entropy on argmax s*
+    bce: per-expert binary cross-entropy of sigmoid(logit_i) against target_i in [0, 1] (each expert's success)
     """
+    if logits.dim() == 3:
+        return torch.stack([loss_fn(z, target, kind) for z in logits]).mean()
+    if kind == "bce":
+        return F.binary_cross_entropy_with_logits(logits.float(), target, reduction="sum") / len(target)
     logp = F.log_softmax(logits.float(), dim=-1)
     if kind == "kl":
         return F.kl_div(logp, target, reduction="batchmean")
@@ -150,7 +184,7 @@ def loss_fn(logits: torch.Tensor, target: torch.Tensor, kind: str = "kl") -> tor
         return (p * (logp - target.clamp(min=1e-8).log())).sum(-1).mean()
     if kind == "hard":
         return F.nll_loss(logp, target.argmax(-1))
-    raise ValueError(f"router.loss: unknown loss {kind!r}; choose one of ['kl', 'kl_reverse', 'hard']")
+    raise ValueError(f"router.loss: unknown loss {kind!r}; choose one of ['kl', 'kl_reverse', 'hard', 'bce']")
 
 
 def save(model: RouterModel, tok, cfg: RouterConfig, out: Path, meta: dict) -> None:
@@ -193,7 +227,7 @@ class Router:
         else:
             enc = AutoModel.from_config(AutoConfig.from_pretrained(d / ROUTER_ENCODER))
         self.model = RouterModel(enc, len(self.experts), cfg.pooling, cfg.head_hidden, cfg.dropout,
-                                 cfg.freeze_encoder)
+                                 cfg.freeze_encoder, cfg.heads, cfg.loss == "bce")
         self.model.load_state_dict(load_file(str(d / ROUTER_WEIGHTS)), strict=not cfg.freeze_encoder)
         self.model.to(self.device).eval()
 

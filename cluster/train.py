@@ -45,7 +45,8 @@ def _setup(cfg: RouterConfig, n_experts: int, train_df: pl.DataFrame, val_df: pl
     if cfg.freeze_encoder:
         train, val = _features(train_df), _features(val_df)
         x = train.tensors[0]
-        head = RouterHead(x.shape[1], n_experts, cfg.head_hidden, cfg.dropout, standardize=True)
+        head = RouterHead(x.shape[1], n_experts, cfg.head_hidden, cfg.dropout, standardize=True, heads=cfg.heads,
+                          sigmoid=cfg.loss == "bce")
         head.feat_mean.copy_(x.mean(0))
         head.feat_std.copy_(x.std(0).clamp(min=1e-6))
         return head, train, val
@@ -78,17 +79,19 @@ def train_loop(loop: dict) -> dict:
             train.sampler.set_epoch(epoch)
         model.train()
         total, n = 0.0, 0
-        for *inputs, target in train:
-            loss = loss_fn(model(*inputs), target.to(inputs[0].device), cfg.loss)
+        for *inputs, target in train:  # every head fits the target on its own (members=True: (heads, n, experts))
+            loss = loss_fn(model(*inputs, members=True), target.to(inputs[0].device), cfg.loss)
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
             total, n = total + loss.item() * len(target), n + len(target)
-        metrics = {"epoch": epoch + 1, "train_loss": total / max(n, 1), **_validate(model, val, cfg.loss)}
+        metrics = {"epoch": epoch + 1, "train_loss": total / max(n, 1), **_validate(model, val, cfg.loss, val_df)}
         history.append(metrics)
-        # Select on validation loss; without a validation split, on training loss.
-        select = metrics["val_loss"] if val is not None else metrics["train_loss"]
+        # Select on validation loss (or reward: negated, lower is better); without a validation split, on training
+        # loss.
+        select = (metrics["train_loss"] if val is None else -metrics["val_reward"] if cfg.select == "reward"
+                  else metrics["val_loss"])
         with tempfile.TemporaryDirectory() as d:
             ckpt = None
             if rank == 0 and select < best:  # only improvements are checkpointed: the latest one is the best
@@ -113,17 +116,33 @@ def _worker_nodes() -> list[str]:
 
 
 @torch.no_grad()
-def _validate(model, val, kind: str) -> dict:
+def _validate(model, val, kind: str, val_df: pl.DataFrame) -> dict:
+    """val_loss (mean over heads), val_top1 (the routed expert is the target's argmax) and val_reward: the routed
+    expert's mean reward, averaged over tags when the rows carry tags (`rewards`, `tags` in `val_df`; None
+    without `rewards`)."""
     if val is None:
-        return {"val_loss": None, "val_top1": None}
+        return {"val_loss": None, "val_top1": None, "val_reward": None}
     model.eval()
-    total, agree, n = 0.0, 0, 0
+    total, agree, n, picks = 0.0, 0, 0, []
     for *inputs, target in val:
-        logits = model(*inputs)
-        total += float(loss_fn(logits, target, kind)) * len(target)
-        agree += int((logits.argmax(-1) == target.argmax(-1)).sum())
+        members = model(*inputs, members=True)
+        total += float(loss_fn(members, target, kind)) * len(target)
+        choice = model(*inputs).argmax(-1)
+        agree += int((choice == target.argmax(-1)).sum())
+        picks.append(choice.cpu())
         n += len(target)
-    return {"val_loss": total / n, "val_top1": agree / n}
+    return {"val_loss": total / n, "val_top1": agree / n, "val_reward": _routed_reward(val_df, torch.cat(picks))}
+
+
+def _routed_reward(rows: pl.DataFrame, choice: torch.Tensor) -> float | None:
+    """Mean reward of the chosen experts (over tags, then their mean, when `tags` are given)."""
+    if "rewards" not in rows.columns:
+        return None
+    r = pl.DataFrame({"r": torch.tensor(rows["rewards"].to_list()).gather(1, choice[:, None])[:, 0].tolist()})
+    if "tags" not in rows.columns or rows["tags"].list.len().max() == 0:
+        return float(r["r"].mean())
+    per = r.with_columns(rows["tags"]).explode("tags").drop_nulls("tags").group_by("tags").agg(pl.col("r").mean())
+    return float(per["r"].mean())
 
 
 def fit(cfg: RouterConfig, train: pa.Table, val: pa.Table, experts: list[str], labels_fp: str, storage_path: str,

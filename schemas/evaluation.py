@@ -76,6 +76,18 @@ class CostCurve(_Model):
     operating: CurvePoint = Field(description="The router at the config's routing lambda.")
 
 
+class Validation(_Model):
+    """The router on its validation slice: training queries held out from its training by a hash of the id and
+    its seed (tasks.aggregate.train_val). Promotion decides on these numbers; the test split only reports."""
+
+    queries: int = Field(description="Validation queries (0: the training split is too small to hold any out).")
+    seed: int = Field(description="router.seed, which drew the slice.")
+    reward: float | None = Field(description="The router's mean combined reward on them (None: no queries).")
+    tag_average: float | None = Field(None, description="Mean over tags of the router's per-tag mean reward (None: "
+                                      "untagged queries).")
+    best_single: float | None = Field(None, description="The best single expert's (by train reward) mean reward.")
+
+
 class EvalReport(_Model):
     """What the evaluate step writes as the report's JSON (its Markdown and PNG are rendered from it)."""
 
@@ -95,6 +107,13 @@ class EvalReport(_Model):
     curve: CostCurve | None = Field(None, description="The quality-cost curve; None when there are no costs or "
                                     "every expert costs the same (`curve_note` says which).")
     curve_note: str | None = Field(None, description="Why there is no curve.")
+    fallback_below: float = Field(0.0, description="The config's `routing.fallback_below`: queries whose top "
+                                  "router probability is below it go to `best_single` (0 = off); `zooter route` and "
+                                  "the gateway route with it.")
+    diagnostics: Diagnostics | None = Field(None, description="Reward-entropy and calibration diagnostics of the "
+                                            "router on the test split (None: reports made before them).")
+    validation: Validation | None = Field(None, description="The router on its validation slice, what publish "
+                                          "decides on (None: a report from before evaluation code 3).")
 
     @model_validator(mode="before")
     @classmethod
@@ -110,7 +129,13 @@ class EvalReport(_Model):
 
     @property
     def router_reward(self) -> float | None:
+        """On the test split: reported, never used to choose."""
         return self.row("router").reward
+
+    @property
+    def val_reward(self) -> float | None:
+        """On the validation slice: what champion/challenger decides on."""
+        return self.validation.reward if self.validation else None
 
     def table(self) -> list[dict[str, str | float | int | None]]:
         """The strategy table as flat rows, the way the CLI, report.md and the Prefect artifact show it: strategy,
@@ -142,7 +167,11 @@ class Champion(_Model):
     evaluation: str = Field(description="Store path of its evaluation (evaluations/<fp>).")
     labels: str = Field(description="Fingerprint of the labels it was trained and measured on.")
     experts: list[str] = Field(description="Experts it routes to, in output order.")
-    reward: float | None = Field(description="Its router reward on the held-out split of `labels`.")
+    reward: float | None = Field(description="Its router reward on the test split of `labels` (reported only).")
+    val_reward: float | None = Field(None, description="Its router reward on its validation slice of `labels`, "
+                                     "the number promotion compared (None: a record from before validation-only "
+                                     "promotion; it is re-measured).")
+    val_seed: int | None = Field(None, description="router.seed, which drew that validation slice.")
     run_id: str = Field(description="The run that promoted it.")
     published: str = Field(description="When it was promoted (UTC, ISO 8601).")
     replaced: str | None = Field(None, description="Fingerprint of the router it replaced.")
@@ -171,3 +200,41 @@ def read_report(store, evaluation: str) -> EvalReport:
     fp = evaluation.removeprefix(f"{EVALUATIONS_DIR}/")
     return store.read_model(report_path(fp), EvalReport, f"not an evaluation report ({{why}}); delete the folder "
                             f"{EVALUATIONS_DIR}/{fp} to recompute it (rerun the flow)")
+
+
+class EntropyBin(_Model):
+    """Test queries whose reward entropy (normalised entropy of s(q) over experts) falls in [lo, hi)."""
+
+    lo: float = Field(description="Lower edge of the bin (normalised entropy, 0 = one expert takes all of s(q)).")
+    hi: float = Field(description="Upper edge (the last bin includes 1 = s(q) uniform over the experts).")
+    n: int = Field(description="Test queries in the bin.")
+    entropy: float | None = Field(description="Their mean normalised entropy (None: empty bin).")
+    router: float | None = Field(description="Mean reward of the expert the router chose.")
+    best_single: float | None = Field(description="Mean reward of the best single expert (by training reward).")
+    oracle: float | None = Field(description="Mean reward of the best expert per query.")
+
+
+class ReliabilityBin(_Model):
+    """Test queries whose router confidence (top probability) falls in [lo, hi)."""
+
+    lo: float = Field(description="Lower edge of the confidence bin.")
+    hi: float = Field(description="Upper edge (the last bin includes 1).")
+    n: int = Field(description="Test queries in the bin.")
+    confidence: float | None = Field(description="Their mean top probability (None: empty bin).")
+    accuracy: float | None = Field(description="Share of them whose pick had the best reward available (ties "
+                                   "count: any expert with the query's top reward is a best pick).")
+
+
+class Diagnostics(_Model):
+    """The paper's Figure 3 (router reward against the entropy of s(q)) and the router's calibration."""
+
+    entropy_bins: list[EntropyBin] = Field(description="Equal-width bins of normalised reward entropy "
+                                           "H(s(q)) / log(experts), low to high.")
+    reliability: list[ReliabilityBin] = Field(description="Equal-width bins of router confidence over [0, 1].")
+    ece: float = Field(description="Expected calibration error: sum over bins of n_bin / n * |accuracy - "
+                       "confidence|.")
+    confidence: float = Field(description="Mean top probability over the test queries.")
+    accuracy: float = Field(description="Share of test queries whose pick had the best reward available.")
+
+
+EvalReport.model_rebuild()  # `diagnostics` names a class defined after it

@@ -1,6 +1,8 @@
 """evaluate: the router against every single expert, the best single expert, random, oracle and RM ranking.
 
-Everything is measured on the held-out `test` split. Columns:
+Everything in the strategy table is measured on the held-out `test` split, which only reports: `validation`
+holds the router's numbers on its validation slice (training queries held out from its training, drawn by its
+seed), and champion/challenger (tasks/publish.py) decides on those. Columns:
 - `reward`: mean combined reward of the chosen answer (what the router was trained to maximise);
 - `rm`: mean score of the chosen answer under each reward model alone, by name (nulls skipped; for a verifiable
   RM this is accuracy on the queries that have a reference);
@@ -34,14 +36,16 @@ from cluster.router import Router
 from schemas.artifacts import LABELS, curve_path, fingerprint, labels_path, report_path, router_dir
 from schemas.config import FlowConfig, TrainConfig
 from schemas.errors import ArtifactError, ConfigError
-from schemas.evaluation import CostCurve, CurvePoint, EvalReport, PerTag, StrategyRow, read_report
+from schemas.evaluation import CostCurve, CurvePoint, EvalReport, PerTag, StrategyRow, Validation, read_report
 from schemas.store import Store
-from tasks.aggregate import ScoreSource, scan_scores
+from tasks.aggregate import ScoreSource, scan_scores, train_val
 from tasks.calibrate import point
-from tasks.route import lambda_max
+from tasks.diagnostics import diagnostics
+from tasks.diagnostics import to_markdown as diagnostics_markdown
+from tasks.route import Fallback, choose, lambda_max
 from tasks.train_router import with_features
 
-CODE_VERSION = 2  # 2: typed report (per-RM means under `rm`, no `by_tag`)
+CODE_VERSION = 3  # 2: typed report (per-RM means under `rm`, no `by_tag`); 3: validation slice, diagnostics
 CURVE_STEPS = 41  # router points: lambda 0, then 40 geometric steps up to lambda_max
 
 
@@ -81,17 +85,20 @@ def _oracle(m: np.ndarray) -> float | None:
 
 def evaluate(test: pl.DataFrame, train: pl.DataFrame, experts: list[str], probs: np.ndarray, scores: pl.DataFrame,
              *, evaluation: str, labels: str, router: str, costs: dict[str, float] | None = None,
-             lam: float = 0.0) -> EvalReport:
+             lam: float = 0.0, validation: Validation | None = None, fallback_below: float = 0.0) -> EvalReport:
     """test/train: label rows; probs: router probabilities for `test` rows; scores: long (query_id, expert,
     rm, score) for test queries. `evaluation`, `labels`, `router`: the fingerprints the report names. `costs`
-    (expert -> cost of one call) and `lam` (the config's routing lambda): the quality-cost curve."""
+    (expert -> cost of one call) and `lam` (the config's routing lambda): the quality-cost curve. `validation`:
+    the router on its validation slice (`validate`), carried into the report. `fallback_below`: the router's
+    queries whose top probability is below it go to the best single expert (`routing.fallback_below`)."""
     ids = test["query_id"].to_list()
     n_e = len(experts)
     rewards = np.array(test["rewards"].to_list(), dtype=float).reshape(len(ids), n_e)
     best = int(np.argmax(_train_means(train, rewards)))
     rms = sorted(scores["rm"].unique().to_list())
     by_rm = {k: _matrix(scores.filter(pl.col("rm") == k), ids, experts) for k in rms}
-    choices = {"router": probs.argmax(axis=1), f"best_single ({experts[best]})": np.full(len(ids), best),
+    choices = {"router": choose(probs, None, 0.0, Fallback(fallback_below, best)),
+               f"best_single ({experts[best]})": np.full(len(ids), best),
                "rm_ranking": rewards.argmax(axis=1)} | {f"expert:{e}": np.full(len(ids), i)
                                                          for i, e in enumerate(experts)}
     per_tag = per_tag_means(test, rewards, choices)
@@ -116,7 +123,23 @@ def evaluate(test: pl.DataFrame, train: pl.DataFrame, experts: list[str], probs:
     return EvalReport(evaluation=evaluation, labels=labels, router=router, experts=experts, test_queries=len(ids),
                       best_single=experts[best], rows=rows,
                       router_share=dict(zip(experts, share.round(4).tolist(), strict=True)), per_tag=per_tag,
-                      costs=costs, lam=lam, curve=curve, curve_note=note)
+                      costs=costs, lam=lam, curve=curve, curve_note=note, validation=validation,
+                      fallback_below=fallback_below,
+                      diagnostics=diagnostics(test, probs, experts, experts[best], choices["router"]))
+
+
+def validate(val: pl.DataFrame, train: pl.DataFrame, probs: np.ndarray, seed: int,
+             fallback_below: float = 0.0) -> Validation:
+    """The router on its validation slice `val` (probs: its probabilities for those rows); `train`: the rows it
+    trained on (they pick the best single expert, as on test)."""
+    if val.height == 0:
+        return Validation(queries=0, seed=seed, reward=None)
+    rewards = np.array(val["rewards"].to_list(), dtype=float).reshape(val.height, probs.shape[1])
+    best = int(np.argmax(_train_means(train, rewards)))
+    choice = choose(probs, None, 0.0, Fallback(fallback_below, best))
+    avg = per_tag_means(val, rewards, {"router": choice}).strategies.get("router", {}).get("tag_average")
+    return Validation(queries=val.height, seed=seed, reward=_pick(rewards, choice), tag_average=avg,
+                      best_single=_pick(rewards, np.full(val.height, best)))
 
 
 def hull(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -228,6 +251,11 @@ def to_markdown(report: EvalReport) -> str:
     share = ", ".join(f"{e}: {p:.0%}" for e, p in report.router_share.items())
     md = (f"# Evaluation ({report.test_queries} held-out queries)\n\n" + "\n".join(lines)
           + f"\n\nRouter sends queries to: {share}. Best single expert (by train reward): {report.best_single}.\n")
+    v = report.validation
+    if v is not None:
+        md += (f"\nValidation slice ({v.queries} training queries held out by seed {v.seed}; champion/challenger "
+               f"decides on it, the test split only reports): router reward {_fmt(v.reward)}, tag average "
+               f"{_fmt(v.tag_average)}, best single expert {_fmt(v.best_single)}.\n")
     pt = report.per_tag
     if pt.tags:
         cols = [*pt.tags, "tag_average"]
@@ -236,7 +264,7 @@ def to_markdown(report: EvalReport) -> str:
                + "| strategy | " + " | ".join(cols) + " |\n" + "|---" * (len(cols) + 1) + "|\n"
                + "".join(f"| {k} | " + " | ".join(_fmt(v.get(c)) for c in cols) + " |\n"
                          for k, v in pt.strategies.items()))
-    return md + _curve_markdown(report)
+    return md + _curve_markdown(report) + (diagnostics_markdown(report.diagnostics) if report.diagnostics else "")
 
 
 def _curve_markdown(report: EvalReport) -> str:
@@ -267,12 +295,15 @@ def _curve_markdown(report: EvalReport) -> str:
 
 def run_evaluate(store: Store, labels_fp: str, router_fp: str, sources: list[ScoreSource],
                  experts: list[tuple[str, str]], shards: list[int], embed_fp: str | None = None,
-                 costs: dict[str, float] | None = None, lam: float = 0.0) -> tuple[str, EvalReport]:
+                 costs: dict[str, float] | None = None, lam: float = 0.0,
+                 fallback_below: float = 0.0) -> tuple[str, EvalReport]:
     """Load labels, the router and the test scores from the store; write the report (JSON, Markdown, PNG, and
     curve.png when there is a quality-cost curve). A router with a frozen encoder is applied to the embed step's
     cells (`embed_fp`) when given. `costs`: expert -> cost of one call, for every expert or None (`expert_costs`);
-    `lam`: the config's routing lambda."""
+    `lam`: the config's routing lambda; `fallback_below`: routing.fallback_below."""
     key = {"labels": labels_fp, "router": router_fp, "code": CODE_VERSION}
+    if fallback_below:  # off: the same fingerprint as before the option existed
+        key["fallback_below"] = fallback_below
     fp = fingerprint(key | {"costs": costs, "lambda": lam} if costs or lam else key)  # no costs: the same fp as before
     if store.exists(report_path(fp)):
         return fp, read_report(store, fp)
@@ -287,15 +318,21 @@ def run_evaluate(store: Store, labels_fp: str, router_fp: str, sources: list[Sco
     if router.experts != names:
         raise ArtifactError(f"{store.uri(router_dir(router_fp))}: trained for experts {router.experts}, but labels "
                             f"{labels_fp} have {names}")
-    if embed_fp and router.config.freeze_encoder:
-        probs = router.probs_from_features(np.array(with_features(store, test, embed_fp)["vector"].to_list()))
-    else:
-        probs = router.probs(test["text"].to_list())
+
+    def router_probs(rows: pl.DataFrame) -> np.ndarray:
+        if embed_fp and router.config.freeze_encoder and rows.height:
+            return router.probs_from_features(np.array(with_features(store, rows, embed_fp)["vector"].to_list()))
+        return router.probs(rows["text"].to_list()) if rows.height else np.zeros((0, len(names)))
+
+    probs = router_probs(test)
+    fit_rows, val = train_val(labels, router.config.seed)
+    validation = validate(val, fit_rows, router_probs(val), router.config.seed, fallback_below)
     scores = (scan_scores(store, experts, sources, shards)
               .join(test.lazy().select("query_id"), on="query_id").select("query_id", "expert", "rm", "score")
               .collect())
     report = evaluate(test, train, names, probs, scores, evaluation=fp, labels=labels_fp, router=router_fp,
-                      costs=costs and {e: costs[e] for e in names}, lam=lam)
+                      costs=costs and {e: costs[e] for e in names}, lam=lam, validation=validation,
+                      fallback_below=fallback_below)
     store.write_bytes(report_path(fp, "md"), to_markdown(report).encode())
     from tasks.plots import bar_chart, plot_cost_curve  # matplotlib: imported only to draw
 

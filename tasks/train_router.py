@@ -12,6 +12,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 
 from cluster import models
@@ -33,8 +34,13 @@ from schemas.store import Store
 from tasks.aggregate import train_val
 
 CODE_VERSION = 2  # 2: frozen-encoder routers store only their head
+# Options added later enter the fingerprint only when set, so routers trained before them keep their fingerprints.
+LATER_DEFAULTS = {"heads": 1, "select": "loss"}
+
+
 def router_fingerprint(cfg: RouterConfig, labels_fp: str) -> str:
     d = cfg.model_dump(mode="json", exclude={"use_gpu", "cpus_per_worker", "encoder"})
+    d = {k: v for k, v in d.items() if LATER_DEFAULTS.get(k, object()) != v}
     d.update(labels=labels_fp, encoder=models.identity(cfg.encoder), code=CODE_VERSION)
     return fingerprint(d)
 
@@ -50,6 +56,28 @@ def with_features(store: Store, labels: pl.DataFrame, embed_fp: str) -> pl.DataF
         raise ArtifactError(f"{store.uri(embeddings_dir(embed_fp))}: {missing} labelled queries have no embedding; "
                             "run the embed step")
     return out
+
+
+def bce_targets(fit_rows: pl.DataFrame, rows: pl.DataFrame, beta: float) -> pl.DataFrame:
+    """`rows` with `target` replaced by each expert's success target for router.loss `bce`: the reward scaled to
+    [0, 1] by the training rows' range (0/1 credits stay 0/1), tag-enhanced as the soft labels are:
+    beta * own + (1 - beta) * mean over the query's known tags of the tag's mean scaled reward on `fit_rows`."""
+    fit = np.array(fit_rows["rewards"].to_list(), dtype=float)
+    lo, span = fit.min(), (fit.max() - fit.min()) or 1.0
+    cols = [f"e{i}" for i in range(fit.shape[1])]
+
+    def scaled(df: pl.DataFrame) -> pl.DataFrame:
+        own = (np.array(df["rewards"].to_list(), dtype=float) - lo) / span
+        return pl.DataFrame(own, schema=cols).with_columns(df["tags"], pl.int_range(df.height).alias("_row"))
+
+    tag_means = scaled(fit_rows).explode("tags").drop_nulls("tags").group_by("tags").agg(pl.col(cols).mean())
+    own = scaled(rows)
+    prior = (own.select("_row", "tags").explode("tags").join(tag_means, on="tags")
+             .group_by("_row").agg(pl.col(cols).mean()))
+    mixed = own.join(prior, on="_row", how="left", suffix="_t", maintain_order="left").select(
+        pl.when(pl.col(f"{c}_t").is_null()).then(pl.col(c)).otherwise(beta * pl.col(c) + (1 - beta) * pl.col(f"{c}_t"))
+        for c in cols)
+    return rows.with_columns(pl.Series("target", mixed.to_numpy().tolist(), dtype=rows.schema["target"]))
 
 
 def run_train_router(store: Store, labels_fp: str, cfg: RouterConfig,
@@ -72,17 +100,22 @@ def run_train_router(store: Store, labels_fp: str, cfg: RouterConfig,
 def _train(store: Store, labels_fp: str, cfg: RouterConfig, embed_fp: str | None, fp: str) -> None:
     labels = pl.from_arrow(store.read_table(labels_path(labels_fp), LABELS))
     experts = store.read_meta(labels_path(labels_fp))["experts"]
-    train, val = train_val(labels)
+    train, val = train_val(labels, cfg.seed)
     if train.height == 0:
         raise ConfigError(f"labels {labels_fp}: no training rows (data.test_fraction leaves none)")
+    if cfg.loss == "bce":
+        beta = store.read_meta(labels_path(labels_fp)).get("beta", 1.0)
+        train, val = (bce_targets(train, d, beta) for d in (train, val))
     cols = ["text", "target"]
     if cfg.freeze_encoder:
         if embed_fp is None:
             raise ValueError("router.freeze_encoder needs the embed step's fingerprint")  # a caller's bug
         train, val, cols = with_features(store, train, embed_fp), with_features(store, val, embed_fp), \
             ["vector", "target"]
-    payload, history, nodes = fit(cfg, train.select(cols).to_arrow(), val.select(cols).to_arrow(), experts, labels_fp,
-                           store.path(router_train_dir(fp)), None if store.local else store.arrow_fs())
+    # validation rows also carry rewards and tags: the routed expert's reward is measured every epoch
+    payload, history, nodes = fit(cfg, train.select(cols).to_arrow(), val.select(*cols, "rewards", "tags").to_arrow(),
+                                  experts, labels_fp, store.path(router_train_dir(fp)),
+                                  None if store.local else store.arrow_fs())
     model, tok = build_from_config(cfg, len(experts))
     # A frozen encoder's checkpoints hold only the head: the encoder weights are the shipped ones.
     missing, unexpected = model.load_state_dict(payload["model"], strict=not cfg.freeze_encoder)

@@ -107,3 +107,20 @@ def test_fit_takes_its_rows_through_ray_and_keeps_every_epoch(ray_session, tmp_p
     assert (payload["labels"], payload["experts"], payload["config"]) == ("labels-1", ["a", "b"],
                                                                         cfg.model_dump(mode="json"))
     assert nodes == [ray.get_runtime_context().get_node_id()]  # the one node of the session's Ray
+
+
+def test_fit_trains_an_ensemble_of_bce_heads_and_selects_the_epoch_by_validation_reward(ray_session, tmp_path):
+    # Expert a succeeds when the first feature is positive, b otherwise; validation rows carry their rewards and
+    # tags, so each epoch reports the routed expert's reward (mean over tags) and the best of those is kept.
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(80, 4)).astype(np.float32)
+    success = np.where(x[:, :1] > 0, [1.0, 0.0], [0.0, 1.0])
+    train = pa.table({"vector": list(x[:60]), "target": list(success[:60])})
+    val = pa.table({"vector": list(x[60:]), "target": list(success[60:]), "rewards": list(success[60:]),
+                    "tags": [["t1"] if i % 2 else ["t2"] for i in range(20)]})
+    cfg = RouterConfig(freeze_encoder=True, epochs=3, lr=0.05, batch_size=8, heads=3, loss="bce", select="reward")
+    payload, history, _ = fit(cfg, train, val, ["a", "b"], "labels-1", str(tmp_path / "train"))
+    assert all(0 <= h["val_reward"] <= 1 for h in history)
+    best = max(history, key=lambda h: h["val_reward"])
+    assert payload["epoch"] == best["epoch"] and best["val_reward"] > 0.8  # a separable task is learnt
+    assert {"heads.0.weight", "heads.2.bias"} <= set(payload["model"])  # three linear heads

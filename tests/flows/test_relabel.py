@@ -1,8 +1,8 @@
 """Champion/challenger at publish, and the relabel flow after `zooter experts remove`.
 
-Two real routers on the same labels: A (trained) and B (untrained: a random head, lr ~ 0), which route the
-held-out queries differently. Running A, then B, then A again makes exactly one of the last two runs a challenger
-that is worse than the champion, whichever of A and B is better: that run must keep the champion.
+Two real routers on the same labels: A (trained) and B (untrained: a random head, lr ~ 0). Champion/challenger
+decides on the routers' validation slice (same seed: the same slice), never on the test split: running A, then B,
+then A again, each decision follows "promoted when the challenger is not worse on validation", whichever is better.
 """
 
 import json
@@ -16,16 +16,20 @@ from flows.label import label_flow
 from flows.relabel import relabel_flow
 from schemas.artifacts import CHAMPION_PATH, router_dir
 from schemas.store import Store
-from tests.conftest import json_doc, tiny_flow_config
+from tests.conftest import copy_labeled, json_doc
 
 pytestmark = pytest.mark.slow
 
 ROUTER_A = {"epochs": 2, "batch_size": 4, "max_length": 32, "lr": 1e-3}
-ROUTER_B = {"epochs": 1, "batch_size": 4, "max_length": 32, "lr": 1e-12, "seed": 7}
+ROUTER_B = {"epochs": 1, "batch_size": 4, "max_length": 32, "lr": 1e-12}
 
 
 def _reward(report: dict, strategy: str) -> float:
     return next(r for r in report["rows"] if r["strategy"] == strategy)["reward"]
+
+
+def _val(report: dict) -> float:
+    return report["validation"]["reward"]
 
 
 def _computed(m: dict) -> int:
@@ -38,16 +42,21 @@ def _set_router(path, router: dict) -> None:
     path.write_text(yaml.safe_dump(cfg))
 
 
-def test_champion_challenger_and_relabel(tmp_path, tiny_models, ray_session, prefect_harness):
-    path = tiny_flow_config(tmp_path, tiny_models, router=ROUTER_A)
+def test_champion_challenger_and_relabel(tmp_path, tiny_models, labeled):
+    # the session's labelled store (every cell, the labels), before any router was published there
+    path = copy_labeled(labeled, tmp_path, tiny_models, router=ROUTER_A)
     store = Store(str(tmp_path / "store"))
+    store.delete(CHAMPION_PATH)
 
     first = label_flow(str(path)).model_dump(mode="json")
     m1 = first["manifest"]
+    assert _computed(m1) == 0 and m1["labels"] == labeled.outcome.manifest.labels
     assert m1["champion"]["decision"] == "promoted" and m1["champion"]["champion"] is None
-    assert m1["champion"]["challenger_reward"] == pytest.approx(_reward(first["report"], "router"))
+    assert m1["champion"]["split"] == "validation"
+    assert m1["champion"]["challenger_reward"] == pytest.approx(_val(first["report"]))
+    assert m1["champion"]["challenger_test_reward"] == pytest.approx(_reward(first["report"], "router"))
     assert store.read_json(CHAMPION_PATH)["router"] == router_dir(m1["router"])
-    r_a = _reward(first["report"], "router")
+    r_a = _val(first["report"])
     png = tmp_path / "labels.png"
     res = CliRunner().invoke(app, ["inspect", store.url, "--plot", str(png)])
     assert res.exit_code == 0 and f"plot: {png}" in " ".join(res.output.split()), res.output
@@ -56,13 +65,13 @@ def test_champion_challenger_and_relabel(tmp_path, tiny_models, ray_session, pre
     _set_router(path, ROUTER_B)
     second = relabel_flow(str(path)).model_dump(mode="json")
     m2 = second["manifest"]
-    r_b = _reward(second["report"], "router")
+    r_b = _val(second["report"])
     assert m2["flow"] == "relabel" and _computed(m2) == 0 and m2["labels"] == m1["labels"]
-    assert m2["router"] != m1["router"] and r_b != pytest.approx(r_a)  # two routers that route differently
+    assert m2["router"] != m1["router"]
     c2 = m2["champion"]
     assert (c2["challenger_reward"], c2["champion_reward"]) == pytest.approx((r_b, r_a))
-    assert c2["decision"] == ("promoted" if r_b > r_a else "kept")
-    champ2 = m2["router"] if r_b > r_a else m1["router"]
+    assert c2["decision"] == ("promoted" if r_b >= r_a else "kept")  # a tie promotes
+    champ2 = m2["router"] if r_b >= r_a else m1["router"]
     assert store.read_json(CHAMPION_PATH)["router"] == router_dir(champ2)
 
     _set_router(path, ROUTER_A)  # back to A, through the CLI this time
@@ -72,17 +81,18 @@ def test_champion_challenger_and_relabel(tmp_path, tiny_models, ray_session, pre
     m3 = json_doc(res.output)["manifest"]
     assert m3["router"] == m1["router"] and _computed(m3) == 0
     c3 = m3["champion"]
-    if r_b > r_a:  # A is now the worse challenger: the champion (B) stays
-        assert (c3["decision"], c3["challenger_reward"], c3["champion_reward"]) == ("kept", pytest.approx(r_a),
-                                                                                    pytest.approx(r_b))
-    else:  # A is the champion already
+    if champ2 == m2["router"]:  # B is the champion: A challenges it on the same validation slice
+        assert (c3["challenger_reward"], c3["champion_reward"]) == pytest.approx((r_a, r_b))
+        assert c3["decision"] == ("promoted" if r_a >= r_b else "kept")
+        champ3 = m1["router"] if r_a >= r_b else m2["router"]
+    else:  # A is the champion already: the same router again is no challenger
         assert (c3["decision"], c3["champion"]) == ("kept", m1["router"])
-    assert store.read_json(CHAMPION_PATH)["router"] == router_dir(champ2)
-    decisions = [m2["champion"]["decision"], c3["decision"]]
-    assert decisions.count("kept") >= 1
+        champ3 = m1["router"]
+    assert store.read_json(CHAMPION_PATH)["router"] == router_dir(champ3)
 
     # remove expert b through the CLI, relabel: nothing computed; the champion is measured on the new labels,
-    # restricted to the experts that are left (only a), so both routers always pick a: a tie, which promotes
+    # restricted to the experts that are left (only a), so both routers always pick a: a tie on the validation
+    # slice (expert a's reward there), which promotes
     res = CliRunner().invoke(app, ["experts", "remove", str(path), "--name", "b"])
     assert res.exit_code == 0, res.output
     assert [e["name"] for e in yaml.safe_load(path.read_text())["experts"]] == ["a"]
@@ -90,9 +100,10 @@ def test_champion_challenger_and_relabel(tmp_path, tiny_models, ray_session, pre
     m4 = fourth["manifest"]
     assert _computed(m4) == 0 and m4["labels"] != m1["labels"]
     c4 = m4["champion"]
-    r_only_a = _reward(fourth["report"], "expert:a")
+    r_only_a = _val(fourth["report"])
     assert (c4["challenger_reward"], c4["champion_reward"]) == pytest.approx((r_only_a, r_only_a))
-    assert (c4["decision"], c4["champion"], c4["compared_on"]) == ("promoted", champ2, m4["labels"])
+    assert (c4["decision"], c4["champion"], c4["compared_on"], c4["split"]) == ("promoted", champ3, m4["labels"],
+                                                                               "validation")
     assert store.read_json(CHAMPION_PATH)["router"] == router_dir(m4["router"])
     saved = json.loads((tmp_path / "store" / "runs" / m4["run_id"] / "manifest.json").read_text())
     assert saved["champion"] == c4 and saved["flow"] == "relabel"

@@ -12,7 +12,7 @@ from schemas.config import FlowConfig, TrainConfig
 from schemas.errors import ArtifactError
 from schemas.evaluation import EvalReport, read_report
 from schemas.store import Store
-from tasks.evaluate import aiq, cost_to_reach, evaluate, expert_costs, hull, to_markdown
+from tasks.evaluate import aiq, cost_to_reach, evaluate, expert_costs, hull, to_markdown, validate
 from tasks.plots import bar_chart, plot_cost_curve
 
 EXPERTS = ["a", "b"]
@@ -20,7 +20,8 @@ EXPERTS = ["a", "b"]
 
 def _labels(rewards, tags):
     n = len(rewards)
-    return pl.DataFrame({"query_id": [f"q{i}" for i in range(n)], "rewards": rewards, "tags": tags})
+    soft = [[1.0 / len(r)] * len(r) for r in rewards]  # the soft label s(q): only the diagnostics read it
+    return pl.DataFrame({"query_id": [f"q{i}" for i in range(n)], "rewards": rewards, "soft": soft, "tags": tags})
 
 
 def _report(**kw) -> EvalReport:
@@ -154,3 +155,19 @@ def test_expert_costs_from_either_config():
     train = TrainConfig.model_validate({"store": "s", "routing": {"lambda": 0.1, "costs": {"org/x-7B": 7}}})
     assert (expert_costs(train), train.routing.lam) == ({"org/x-7B": 7.0}, 0.1)
     assert expert_costs(TrainConfig.model_validate({"store": "s"})) is None
+
+
+def test_validation_slice_numbers_by_hand_and_in_the_report():
+    val = _labels([[1.0, 0.0], [0.0, 2.0], [0.0, 1.0]], [["x"], ["y"], ["y"]])
+    train = _labels([[1.0, 0.0], [1.0, 0.5]], [["x"], ["y"]])  # a is the best single expert on train
+    v = validate(val, train, np.array([[0.9, 0.1], [0.8, 0.2], [0.1, 0.9]]), seed=3)  # picks a, a, b
+    assert (v.queries, v.seed) == (3, 3)
+    assert v.reward == pytest.approx((1 + 0 + 1) / 3)
+    assert v.tag_average == pytest.approx((1.0 + 0.5) / 2)  # x: 1; y: (0 + 1) / 2
+    assert v.best_single == pytest.approx(1 / 3)
+    assert validate(val.clear(), train, np.zeros((0, 2)), seed=0).reward is None
+    rep = _report(validation=v)
+    assert rep.val_reward == v.reward and rep.router_reward != v.reward
+    assert EvalReport.model_validate_json(rep.model_dump_json()).validation == v
+    assert "Validation slice (3 training queries held out by seed 3" in to_markdown(rep)
+    assert _report().val_reward is None  # reports from before evaluation code 3

@@ -1,4 +1,5 @@
-"""publish: the champion/challenger rule, the champion record it writes, its lease, and corrupted records."""
+"""publish: the champion/challenger rule (decided on validation, never on test), the champion record it writes,
+its lease, old records, and corrupted records."""
 
 import threading
 import time
@@ -7,26 +8,28 @@ import pytest
 
 from schemas.artifacts import CHAMPION_PATH
 from schemas.errors import ArtifactError
-from schemas.evaluation import EvalReport, StrategyRow, read_champion
+from schemas.evaluation import EvalReport, StrategyRow, Validation, read_champion
 from schemas.leases import Leases
 from schemas.store import Store
 from tasks.publish import decide, publish
 
 
-def report(router: str, reward: float | None, labels: str = "l1") -> EvalReport:
+def report(router: str, val: float | None, test: float | None = 0.0, labels: str = "l1", seed: int = 0
+           ) -> EvalReport:
+    """A report whose router has reward `val` on its validation slice and `test` on the test split."""
     return EvalReport(evaluation=f"e-{router}", labels=labels, router=router, experts=["a", "b"], test_queries=3,
-                      best_single="a", rows=[StrategyRow(strategy="router", reward=reward, expert_calls=1, rm_calls=0)],
-                      router_share={"a": 1.0, "b": 0.0})
+                      best_single="a", rows=[StrategyRow(strategy="router", reward=test, expert_calls=1, rm_calls=0)],
+                      router_share={"a": 1.0, "b": 0.0}, validation=Validation(queries=5, seed=seed, reward=val))
 
 
 @pytest.mark.parametrize(("challenger", "champion", "has", "want"), [
     (0.1, None, False, ("promoted", "no champion yet")),
     (None, None, False, ("promoted", "no champion yet")),
-    (0.1, None, True, ("promoted", "the champion cannot be measured on this held-out split")),
-    (None, 0.5, True, ("kept", "the challenger has no reward on this held-out split")),
-    (0.5, 0.5, True, ("promoted", "the challenger is not worse than the champion")),
-    (0.6, 0.5, True, ("promoted", "the challenger is not worse than the champion")),
-    (0.4, 0.5, True, ("kept", "the challenger is worse than the champion")),
+    (0.1, None, True, ("promoted", "the champion cannot be measured on this validation slice")),
+    (None, 0.5, True, ("kept", "the challenger has no reward on this validation slice")),
+    (0.5, 0.5, True, ("promoted", "the challenger is not worse than the champion on validation")),
+    (0.6, 0.5, True, ("promoted", "the challenger is not worse than the champion on validation")),
+    (0.4, 0.5, True, ("kept", "the challenger is worse than the champion on validation")),
 ])
 def test_decide(challenger, champion, has, want):
     assert decide(challenger, champion, has) == want
@@ -39,18 +42,19 @@ def _publish(store, rep: EvalReport, run_id: str = "run"):
 def test_champion_record_follows_the_rule_on_the_same_labels(tmp_path):
     store = Store(str(tmp_path))
     assert read_champion(store) is None
-    d = _publish(store, report("r1", 1.0), "run1")
-    assert (d.decision, d.champion, d.compared_on) == ("promoted", None, None)
+    d = _publish(store, report("r1", 1.0, test=0.7), "run1")
+    assert (d.decision, d.champion, d.compared_on, d.split, d.challenger_test_reward) == \
+        ("promoted", None, None, "validation", 0.7)
     champ = read_champion(store)
     assert (champ.router, champ.evaluation, champ.router_fp, champ.evaluation_fp) == \
         ("routers/r1", "evaluations/e-r1", "r1", "e-r1")
-    assert (champ.labels, champ.experts, champ.reward, champ.run_id, champ.replaced) == \
-        ("l1", ["a", "b"], 1.0, "run1", None)
+    assert (champ.labels, champ.experts, champ.reward, champ.val_reward, champ.val_seed, champ.run_id,
+            champ.replaced) == ("l1", ["a", "b"], 0.7, 1.0, 0, "run1", None)
 
     d = _publish(store, report("r1", 1.0))
     assert (d.decision, d.reason) == ("kept", "the champion is this run's router")
     d = _publish(store, report("r2", 0.5))
-    assert (d.decision, d.champion, d.champion_reward, d.compared_on) == ("kept", "r1", 1.0, "l1")
+    assert (d.decision, d.champion, d.champion_reward, d.compared_on, d.queries) == ("kept", "r1", 1.0, "l1", 5)
     assert read_champion(store).router_fp == "r1"
     d = _publish(store, report("r3", 1.0), "run3")  # a tie promotes the challenger
     assert (d.decision, d.challenger, d.challenger_reward) == ("promoted", "r3", 1.0)
@@ -84,3 +88,23 @@ def test_a_corrupted_champion_record_is_one_artifact_error(tmp_path, body):
     with pytest.raises(ArtifactError, match="corrupted champion record"):
         _publish(store, report("r1", 1.0))
     assert store.read_bytes(CHAMPION_PATH) == body  # never overwritten
+
+
+def test_a_router_better_on_test_but_worse_on_validation_is_not_promoted(tmp_path):
+    store = Store(str(tmp_path))
+    _publish(store, report("r1", val=0.8, test=0.5))
+    d = _publish(store, report("r2", val=0.7, test=0.9))  # test would promote it; validation decides
+    assert (d.decision, d.split, d.challenger_reward, d.champion_reward, d.challenger_test_reward) == \
+        ("kept", "validation", 0.7, 0.8, 0.9)
+    assert read_champion(store).router_fp == "r1"
+    d = _publish(store, report("r3", val=0.9, test=0.1))  # worse on test, better on validation: promoted
+    assert (d.decision, read_champion(store).router_fp, read_champion(store).reward) == ("promoted", "r3", 0.1)
+
+
+def test_a_champion_record_from_before_validation_promotion_still_loads(tmp_path):
+    store = Store(str(tmp_path))
+    store.write_json(CHAMPION_PATH, {"router": "routers/r0", "evaluation": "evaluations/e0", "labels": "l0",
+                                     "experts": ["a", "b"], "reward": 0.6, "run_id": "old",
+                                     "published": "2026-01-01T00:00:00+00:00", "replaced": None})
+    champ = read_champion(store)
+    assert (champ.router_fp, champ.reward, champ.val_reward, champ.val_seed) == ("r0", 0.6, None, None)

@@ -23,6 +23,16 @@ def test_validation_slice_is_disjoint_stable_and_train_only():
     assert train_val(labels.reverse())[1]["query_id"].sort().to_list() == val["query_id"].sort().to_list()
 
 
+def test_the_seed_draws_the_validation_slice_and_seed_0_keeps_the_original_one():
+    ids = [f"q{i}" for i in range(400)]
+    labels = pl.DataFrame({"query_id": ids, "split": ["train"] * 400})
+    v0, v1 = (set(train_val(labels, seed)[1]["query_id"]) for seed in (0, 1))
+    assert v0 == set(train_val(labels)[1]["query_id"])
+    assert v0 != v1 and 0.08 < len(v1) / 400 < 0.22
+    assert len(v0 & v1) < 0.5 * len(v0)  # independent draws overlap by about the fraction itself
+    assert set(train_val(labels, 1)[1]["query_id"]) == v1
+
+
 def test_tiny_training_sets_hold_nothing_out():
     labels = pl.DataFrame({"query_id": ["a", "b", "c"], "split": ["train"] * 3})
     train, val = train_val(labels)
