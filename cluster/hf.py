@@ -1,7 +1,8 @@
 """The `hf` backend: transformers on CPU or GPU. One instance per Ray actor, loaded once, reused for every shard.
 
 - `HFGenerator`: batched `generate` with left padding, greedy by default, seeded sampling as an option.
-- `HFLoglikScorer`: length-normalised log p(answer | prompt) under a judge LM (a proxy reward).
+- `HFLoglikScorer`: length-normalised log p(answer | prompt) under a judge LM (a proxy reward), optionally minus
+  log p(answer) after an empty prompt (`pmi`).
 - `HFClassifierScorer`: an `AutoModelForSequenceClassification` reward model; the score is its raw logit.
 """
 
@@ -134,19 +135,31 @@ class HFGenerator:
 class HFLoglikScorer:
     """Mean log-probability per answer token under a judge LM: a proxy reward that needs no reward model.
 
-    Known biases (documented in README): it prefers short, generic and the judge's own phrasing.
+    Known biases (documented in README): it prefers short, generic and the judge's own phrasing. `normalise="pmi"`
+    subtracts the same mean after an empty question (log p(a | q) - log p(a), per answer token): what the judge
+    finds likely whatever the question was, its own greedy phrasing first, cancels.
     """
 
     backend = "hf"
 
     def __init__(self, model: str, dtype: str = "bfloat16", threads: int = 1, trust_remote_code: bool = False,
-                 max_length: int = 512, revision: str | None = None, expect: str | None = None):
+                 max_length: int = 512, revision: str | None = None, expect: str | None = None,
+                 normalise: str = "mean"):
         self.tok, self.model = _load(AutoModelForCausalLM, model, dtype, threads, trust_remote_code, revision, expect)
         self.device = self.model.device
         self.max_length = max_length
+        self.normalise = normalise
+
+    def score(self, queries: list[str], answers: list[str], batch_size: int = 8) -> list[float | None]:
+        cond = self.mean_logp(queries, answers, batch_size)
+        if self.normalise == "mean":
+            return cond
+        prior = self.mean_logp([""] * len(answers), answers, batch_size)
+        return [None if c is None or p is None else c - p for c, p in zip(cond, prior, strict=True)]
 
     @torch.inference_mode()
-    def score(self, queries: list[str], answers: list[str], batch_size: int = 8) -> list[float | None]:
+    def mean_logp(self, queries: list[str], answers: list[str], batch_size: int = 8) -> list[float | None]:
+        """Mean log p(answer token | chat prompt of the query, earlier answer tokens); None for an empty answer."""
         rows = []
         for q, a in zip(queries, answers, strict=True):
             ans = self.tok(a, add_special_tokens=False)["input_ids"][: self.max_length // 2]

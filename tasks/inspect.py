@@ -1,23 +1,27 @@
 """inspect: what a store holds, from manifests, Parquet footers and the labels table (no model, no Ray).
 
 Runs and their manifests, the cell matrix of the chosen run (expert x shard for generations, and the same for
-every reward model: done / missing), flagged score rows (empty answers, NaN/inf rewards), per-expert mean reward
-and win rate, a tag x expert table of mean target probability, and the champion router with its evaluation.
+every reward model: done / missing), flagged score rows (empty answers, NaN/inf rewards), the run's tags (vocabulary,
+most frequent tags, an llm tagger's parse failures), per-expert mean reward and win rate, a tag x expert table of
+mean target probability, and the champion router with its evaluation.
 """
 
 from __future__ import annotations
 
 import polars as pl
+import pyarrow as pa
 
 from schemas.artifacts import (
     GENERATIONS,
     LABELS,
     RUNS_DIR,
     SCORES,
+    TAGS,
     generation_path,
     labels_path,
     run_manifest_path,
     score_path,
+    tags_path,
 )
 from schemas.errors import ArtifactError, ConfigError
 from schemas.evaluation import read_champion, read_report
@@ -86,6 +90,27 @@ def label_summary(store: Store, labels_fp: str) -> dict:
     return {"rows": df.height, "experts": per_expert, "tag_target": by_tag.to_dicts()}
 
 
+def tag_summary(store: Store, tagger_fp: str, shards: list[int], top: int = 20) -> dict:
+    """The run's tags: how many queries carry one, the vocabulary with its most frequent tags, and what the tag
+    cells' footers record (an llm tagger: its expert, the raw cells, parse failures summed over the shards)."""
+    cells = {rel: store.cell(rel, TAGS, tagger_fp) for rel in (tags_path(tagger_fp, s) for s in shards)}
+    present = {rel: meta for rel, (why, meta) in cells.items() if why is None}  # one footer read per cell
+    if not present:
+        return {"fingerprint": tagger_fp, "cells": 0}
+    tags = pl.from_arrow(pa.concat_tables([store.read_table(r, TAGS) for r in present]))
+    counts = (tags.explode("tags").drop_nulls("tags").group_by("tags").len()
+              .sort(["len", "tags"], descending=[True, False]))
+    meta = list(present.values())
+    out = {"fingerprint": tagger_fp, "cells": len(present), "queries": tags.height,
+           "tagged": int((tags["tags"].list.len() > 0).sum()), "vocabulary": counts.height,
+           "top": [{"tag": t, "n": n} for t, n in counts.head(top).iter_rows()]}
+    failures = [m["flags"]["parse_failure"] for m in meta if "parse_failure" in m.get("flags", {})]
+    if failures:
+        out["parse_failures"] = sum(failures)
+    out.update({k: meta[0][k] for k in ("tagger", "expert", "source", "min_count") if k in meta[0]})
+    return out
+
+
 def inspect_store(store: Store, run_id: str | None = None) -> dict:
     """Everything `zooter inspect` shows: runs, the chosen run's manifest and cell matrix, its labels summary,
     and the champion with its evaluation rows (the latest completed run unless `run_id` names one)."""
@@ -99,6 +124,8 @@ def inspect_store(store: Store, run_id: str | None = None) -> dict:
     manifest = read_manifest(store, chosen).model_dump(mode="json")
     out = {"store": store.url, "runs": all_runs, "run": chosen, "manifest": manifest,
            "cells": cell_matrix(store, manifest)}
+    if manifest.get("tagger"):
+        out["tags"] = tag_summary(store, manifest["tagger"], manifest["shards"])
     if manifest.get("labels"):
         out["labels"] = label_summary(store, manifest["labels"])
     champ = read_champion(store)

@@ -108,3 +108,22 @@ def test_inspect_errors(tmp_path, store):
         inspect_store(Store(str(tmp_path / "empty")))
     with pytest.raises(ConfigError, match=r"--run 'run-9': not in .*runs are \['run-1', 'run-2'\]"):
         inspect_store(store, "run-9")
+
+
+def test_tag_summary_counts_tags_and_an_llm_taggers_parse_failures(store):
+    from schemas.artifacts import TAGS, tags_path
+    from tasks.inspect import tag_summary
+
+    for shard, (ids, tags, failures) in enumerate([(["q1", "q2"], [["math"], ["math", "code"]], 1),
+                                                   (["q3"], [[]], 2)]):
+        store.write_table(tags_path("llm-1", shard), pa.table({"query_id": ids, "tags": tags}, schema=TAGS), TAGS,
+                          {"fingerprint": "llm-1", "tagger": "llm", "expert": "a", "source": "llmraw-1",
+                           "flags": {"parse_failure": failures}})
+    assert tag_summary(store, "llm-1", [0, 1]) == {
+        "fingerprint": "llm-1", "cells": 2, "queries": 3, "tagged": 2, "vocabulary": 2,
+        "top": [{"tag": "math", "n": 2}, {"tag": "code", "n": 1}], "parse_failures": 3, "tagger": "llm",
+        "expert": "a", "source": "llmraw-1"}
+    assert tag_summary(store, "other", [0]) == {"fingerprint": "other", "cells": 0}
+    m = manifest("run-3", "completed") | {"tagger": "llm-1", "started": "2025-01-03T00:00:00"}
+    store.write_json(run_manifest_path("run-3"), m)
+    assert inspect_store(store)["tags"]["top"][0] == {"tag": "math", "n": 2}  # the latest completed run's tags
