@@ -59,7 +59,7 @@ from tasks.experts import CURRENT
 from tasks.generate import Generator, answer
 from tasks.inspect import read_manifest, runs
 from tasks.records import visible
-from tasks.route import Routes, choose
+from tasks.route import Fallback, Routes, choose
 
 if TYPE_CHECKING:
     from cluster.hf import Generation
@@ -231,6 +231,7 @@ class Routing:
 
     costs: dict[str, float]
     lam: float
+    fallback: Fallback | None = None  # routing.fallback_below: unsure queries go to the best single expert
 
 
 class Routers:
@@ -256,7 +257,9 @@ class Routers:
         report = read_report(self.store, champ.evaluation)
         loaded = self.get(champ.router_fp)
         self._pinned, self.champion = champ.router_fp, loaded
-        self.routing = Routing(report.costs or {}, report.lam)
+        fallback = (Fallback(report.fallback_below, report.experts.index(report.best_single))
+                    if report.fallback_below > 0 else None)
+        self.routing = Routing(report.costs or {}, report.lam, fallback)
         return True
 
     def get(self, fp: str) -> Loaded:
@@ -460,7 +463,9 @@ def create_app(routers: Routers, endpoints: dict[str, Endpoint], api_key: str | 
         costs = [(routing.costs | file_costs).get(e) for e in loaded.experts]
         if lam and None in costs:  # cost-aware routing needs every expert's cost
             lam = 0.0
-        i = int(choose(p[None], np.array(costs, dtype=float) if lam else None, lam)[0])
+        # the fallback (an expert index of the champion's experts) applies to the champion only
+        fallback = routing.fallback if fp is None else None
+        i = int(choose(p[None], np.array(costs, dtype=float) if lam else None, lam, fallback)[0])
         return Decision(loaded.experts[i], dict(zip(loaded.experts, map(float, p), strict=True)), loaded.fp, lam)
 
     @app.get("/health")

@@ -106,7 +106,7 @@ def run_calibrate(store: Store, max_share: list[str], budget: float | None,
     if not report.costs:
         raise ConfigError(f"calibrate: the champion's evaluation {report.evaluation} has no expert costs; set `cost` "
                           "on every expert (`routing.costs` in a `zooter train` config) and rerun")
-    _, val = train_val(pl.from_arrow(store.read_table(labels_path(champ.labels), LABELS)))
+    _, val = train_val(pl.from_arrow(store.read_table(labels_path(champ.labels), LABELS)), champ.val_seed or 0)
     if val.height == 0:
         raise ArtifactError(f"labels {champ.labels}: no validation queries to calibrate on (the train split is too "
                             "small to hold any out)")
@@ -118,3 +118,29 @@ def run_calibrate(store: Store, max_share: list[str], budget: float | None,
     costs = np.array([report.costs[e] for e in report.experts])
     return calibrate(router.probs(val["text"].to_list()), rewards, costs, report.experts, max_share=shares,
                      budget=budget, router=champ.router_fp)
+
+
+def fallback_threshold(probs: np.ndarray, share: float) -> float:
+    """A `routing.fallback_below` at which at most `share` of these queries (validation queries: familiar ones)
+    fall back: the top probability of the query at rank floor(share * n), lowest first (ties may make fewer fall
+    back). As in out-of-distribution detection, the rate of false alarms on familiar queries is what one fixes;
+    unfamiliar queries, on which a router is less sure, then fall back more often. share 0: 0.0 (off)."""
+    if not 0 <= share <= 1:
+        raise ConfigError(f"fallback share {share}: must be in [0, 1]")
+    top = np.sort(np.asarray(probs, dtype=float).max(axis=1)) if len(probs) else np.zeros(0)
+    k = int(np.floor(share * len(top)))
+    if k == 0:
+        return 0.0
+    return 1.0 if k >= len(top) else float(top[k])
+
+
+def run_fallback_threshold(store: Store, share: float, load: Callable[[Store], object] = champion) -> float:
+    """`fallback_threshold` of the store's champion on its labels' validation queries."""
+    champ = read_champion(store)
+    if champ is None:
+        raise ArtifactError(f"{store.uri(CHAMPION_PATH)}: no champion router; run `zooter run` or `zooter train` first")
+    _, val = train_val(pl.from_arrow(store.read_table(labels_path(champ.labels), LABELS)), champ.val_seed or 0)
+    if val.height == 0:
+        raise ArtifactError(f"labels {champ.labels}: no validation queries to calibrate on (the train split is too "
+                            "small to hold any out)")
+    return fallback_threshold(load(store).probs(val["text"].to_list()), share)

@@ -1,7 +1,8 @@
 """plots: PNGs. A label summary (tasks/inspect.label_summary): tag x expert heatmap of the mean target probability
 s*, and each expert's win rate (share of queries where its combined reward is the highest). An evaluation's
 quality-cost curve (schemas.evaluation.CostCurve): reward against mean cost per query. An evaluation's bar chart
-(report.png): per-tag mean reward by strategy."""
+(report.png): per-tag mean reward by strategy, with the reward-entropy and calibration panels when the report has
+diagnostics (tasks/diagnostics.py)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 if TYPE_CHECKING:
-    from schemas.evaluation import CostCurve, EvalReport
+    from schemas.evaluation import CostCurve, Diagnostics, EvalReport
 
 
 def plot_labels(summary: dict, path: str | Path, title: str = "") -> Path:
@@ -88,13 +89,21 @@ def _png(fig) -> bytes:
 
 def bar_chart(report: EvalReport) -> bytes:
     """PNG: per-tag mean reward of the router, best single expert, random and oracle (grouped bars), with the
-    tag average as the last group; or the overall reward per strategy when there are no tags."""
+    tag average as the last group; or the overall reward per strategy when there are no tags. With diagnostics,
+    two more panels: reward by reward-entropy bin and the router's reliability diagram."""
     pt = report.per_tag
     strategies = pt.strategies or {r.strategy: {"all": r.reward} for r in report.rows}
     keep = [k for k in strategies if k == "router" or k.startswith("best_single") or k in ("random", "oracle")]
     groups = [*pt.tags, "tag_average"] if pt.tags else ["all"]
-    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(groups) * len(keep) / 3), 4), dpi=120)
-    width = 0.8 / len(keep)
+    bars_w = max(6, 1.4 * len(groups) * len(keep) / 3)
+    d = report.diagnostics
+    if d is None:
+        fig, ax = plt.subplots(figsize=(bars_w, 4), dpi=120)
+    else:
+        fig, (ax, ent, rel) = plt.subplots(1, 3, figsize=(bars_w + 9, 4), dpi=120,
+                                           gridspec_kw={"width_ratios": [bars_w, 4.5, 4.5]})
+        _draw_diagnostics(ent, rel, d)
+    width = 0.8 / max(len(keep), 1)  # a report with no rows still draws
     for i, k in enumerate(keep):
         vals = [strategies[k].get(g) or 0.0 for g in groups]
         ax.bar(np.arange(len(groups)) + i * width, vals, width, label=k)
@@ -103,3 +112,39 @@ def bar_chart(report: EvalReport) -> bytes:
     ax.set_title(f"Router evaluation ({report.test_queries} test queries)")
     ax.legend(fontsize=8)
     return _png(fig)
+
+
+def plot_diagnostics(d: Diagnostics) -> bytes:
+    """PNG: the two diagnostics panels alone."""
+    fig, (ent, rel) = plt.subplots(1, 2, figsize=(9, 4), dpi=120)
+    _draw_diagnostics(ent, rel, d)
+    return _png(fig)
+
+
+def _draw_diagnostics(ent, rel, d: Diagnostics) -> None:
+    """Left: mean reward per reward-entropy bin (router, best single, oracle; the paper's Figure 3). Right: the
+    reliability diagram (accuracy of the pick per confidence bin against the diagonal), ECE in the title."""
+    full = [b for b in d.entropy_bins if b.n]
+    x = [b.entropy for b in full]
+    for key, style in (("router", "o-"), ("best_single", "s--"), ("oracle", "^:")):
+        ent.plot(x, [getattr(b, key) for b in full], style, ms=4, label=key.replace("_", " "))
+    for b in full:
+        ent.annotate(str(b.n), (b.entropy, b.oracle), textcoords="offset points", xytext=(0, 4), fontsize=6,
+                     ha="center")
+    ent.set_xlabel("normalised entropy of s(q) (bin mean)")
+    ent.set_ylabel("mean reward")
+    ent.set_title("Reward by reward entropy")
+    ent.legend(fontsize=7)
+    filled = [b for b in d.reliability if b.n]
+    w = 1 / len(d.reliability)
+    rel.bar([b.lo for b in filled], [b.accuracy for b in filled], w * 0.9, align="edge", color="tab:blue",
+            label="share of best picks")
+    rel.plot([b.confidence for b in filled], [b.accuracy for b in filled], "o", color="tab:red", ms=3,
+             label="at the bin's mean confidence")
+    rel.plot([0, 1], [0, 1], ":", color="gray", lw=0.8)
+    rel.set_xlim(0, 1)
+    rel.set_ylim(0, 1)
+    rel.set_xlabel("router confidence (top probability)")
+    rel.set_ylabel("pick was a best expert")
+    rel.set_title(f"Calibration (ECE {d.ece:.3f})")
+    rel.legend(fontsize=7)

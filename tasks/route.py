@@ -19,6 +19,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -49,10 +50,31 @@ class Routes(Protocol):
         ...
 
 
-def choose(probs: np.ndarray, costs: np.ndarray | None, lam: float) -> np.ndarray:
+@dataclass(frozen=True)
+class Fallback:
+    """Safety on unfamiliar queries: a query whose top router probability is below `below` goes to expert index
+    `expert` (the best single expert by training reward) instead of the router's pick. A router is least sure on
+    queries unlike its training queries, and there the best single expert is the safe choice."""
+
+    below: float
+    expert: int
+
+
+def choose(probs: np.ndarray, costs: np.ndarray | None, lam: float, fallback: Fallback | None = None) -> np.ndarray:
     """Per-row expert index: argmax_i(p_i - lam * cost_i / max(cost)). Costs are scaled by the largest so that
     `lam` means the same for any cost unit: at lam = 1 the most expensive expert must be 1.0 more probable than a
-    free one to be chosen. `costs` None or `lam` 0: the plain argmax (ties go to the first expert, as argmax)."""
+    free one to be chosen. `costs` None or `lam` 0: the plain argmax (ties go to the first expert, as argmax).
+    `fallback`: rows whose top probability is below `fallback.below` take `fallback.expert` instead."""
+    pick = _cost_argmax(probs, costs, lam)
+    if fallback is None or fallback.below <= 0:
+        return pick
+    if not (0 <= fallback.expert < probs.shape[1]) or not 0 < fallback.below <= 1:
+        raise ConfigError(f"fallback {fallback}: need an expert index below {probs.shape[1]} and a threshold in "
+                          "(0, 1] (routing.fallback_below)")
+    return np.where(probs.max(axis=1) < fallback.below, fallback.expert, pick)
+
+
+def _cost_argmax(probs: np.ndarray, costs: np.ndarray | None, lam: float) -> np.ndarray:
     if costs is None or lam == 0:
         return probs.argmax(axis=1)
     costs = np.asarray(costs, dtype=float)
@@ -89,6 +111,17 @@ def champion_routing(store: Store, lam: float | None = None) -> tuple[np.ndarray
     return np.array([report.costs[e] for e in report.experts]), lam
 
 
+def champion_fallback(store: Store, below: float | None = None) -> Fallback | None:
+    """The fallback the champion's evaluation recorded from the config (`routing.fallback_below`, to its best
+    single expert); `below` overrides the threshold. None: no champion, or the fallback is off."""
+    champ = read_champion(store)
+    if champ is None:
+        return None
+    report = read_report(store, champ.evaluation)
+    below = report.fallback_below if below is None else below
+    return Fallback(below, report.experts.index(report.best_single)) if below > 0 else None
+
+
 def champion(store: Store) -> Router:
     """The store's champion router, loaded for inference."""
     champ = read_champion(store)
@@ -101,11 +134,12 @@ def champion(store: Store) -> Router:
 
 def route_file(router: Routes | Callable[[], Routes], src: str | Path, text_field: str, dst: str | Path,
                batch_size: int = 256, overwrite: bool = False, costs: np.ndarray | None = None,
-               lam: float = 0.0) -> int:
+               lam: float = 0.0, fallback: Fallback | None = None) -> int:
     """Route every record of `src` into `dst`; returns the number of records routed. An input field named
     `expert` or `probs` is an error unless `overwrite`. `router` may be a loader (e.g. of the champion): it is
     called only once the input and output have passed their checks, so a bad file never waits for a model load.
-    `costs` (router's expert order) and `lam`: cost-aware routing (`choose`); `probs` stay the router's."""
+    `costs` (router's expert order) and `lam`: cost-aware routing (`choose`); `fallback`: unsure queries go to the
+    fallback expert (`choose`); `probs` stay the router's."""
     src, dst = Path(src), Path(dst)
     check_file(src, "input file")
     _check_output(src, dst)
@@ -129,7 +163,8 @@ def route_file(router: Routes | Callable[[], Routes], src: str | Path, text_fiel
                     probs = router.probs([rec[text_field] for _, rec in batch])
                     write([rec | {"expert": router.experts[int(i)],
                                   "probs": dict(zip(router.experts, map(float, p), strict=True))}
-                           for (_, rec), p, i in zip(batch, probs, choose(probs, costs, lam), strict=True)])
+                           for (_, rec), p, i in zip(batch, probs, choose(probs, costs, lam, fallback),
+                                                            strict=True)])
                     bar.update(len(batch))
             os.replace(tmp, dst)  # complete output or none
         except BaseException:

@@ -11,7 +11,7 @@ from schemas.errors import ArtifactError, ConfigError
 from schemas.evaluation import EvalReport
 from schemas.store import Store
 from tasks.aggregate import train_val
-from tasks.calibrate import calibrate, parse_share, point, run_calibrate
+from tasks.calibrate import calibrate, fallback_threshold, parse_share, point, run_calibrate, run_fallback_threshold
 
 EXPERTS = ["small", "mid", "big"]
 COSTS = np.array([1.0, 3.0, 10.0])
@@ -102,3 +102,33 @@ def test_run_calibrate_on_a_store(tmp_path):
     assert (cal.router, cal.queries) == ("r1", val.height)
     assert cal.point.share["big"] == pytest.approx(hard, abs=1e-4) and cal.baseline.share["big"] == 1.0
     assert 0.1 / 0.75 < cal.lam <= 0.4 / 0.75 and cal.lam == pytest.approx(0.1 / 0.75, rel=1e-6)
+
+
+def test_fallback_threshold_lets_the_given_share_of_validation_queries_fall_back():
+    probs = np.array([[p, 1 - p] for p in (0.9, 0.6, 0.7, 0.55, 0.8)])  # top probabilities sorted: .6 .6 .7 .8 .9
+    assert fallback_threshold(probs, 0.0) == 0.0  # off
+    assert fallback_threshold(probs, 0.1) == 0.0  # floor(0.5) = 0 queries
+    assert fallback_threshold(probs, 0.4) == 0.7  # 2 queries (0.6, 0.6) have a top probability below 0.7
+    assert fallback_threshold(probs, 1.0) == 1.0
+    with pytest.raises(ConfigError, match="fallback share"):
+        fallback_threshold(probs, 1.5)
+
+
+def test_run_fallback_threshold_on_a_store(tmp_path):
+    store = Store(str(tmp_path))
+    with pytest.raises(ArtifactError, match="no champion"):
+        run_fallback_threshold(store, 0.1, load=lambda s: FakeRouter())
+    n = 200
+    labels = pl.DataFrame({"query_id": [f"q{i}" for i in range(n)],
+                           "text": [("hard " if i % 4 == 0 else "easy ") + str(i) for i in range(n)],
+                           "split": ["train"] * n, "tags": [[]] * n, "rewards": [[0.0, 1.0]] * n,
+                           "soft": [[0.5, 0.5]] * n, "target": [[0.5, 0.5]] * n})
+    store.write_table(labels_path("l1"), labels.to_arrow().cast(LABELS), LABELS, {"experts": FakeRouter.experts})
+    store.write_json(CHAMPION_PATH, {"router": "routers/r1", "evaluation": "evaluations/e1", "labels": "l1",
+                                     "experts": FakeRouter.experts, "reward": None, "run_id": "x",
+                                     "published": "2026-01-01T00:00:00Z"})
+    val = train_val(labels)[1]
+    easy = val["text"].str.starts_with("easy").mean()
+    # easy queries have top probability 0.55, hard ones 0.7: any share below the easy share keeps 0.55
+    assert run_fallback_threshold(store, easy / 2, load=lambda s: FakeRouter()) == pytest.approx(0.55)
+    assert run_fallback_threshold(store, easy, load=lambda s: FakeRouter()) == pytest.approx(0.7)

@@ -21,7 +21,7 @@ from schemas.artifacts import CHAMPION_PATH, report_path
 from schemas.errors import ArtifactError, ConfigError, InputError
 from schemas.evaluation import EvalReport
 from schemas.store import Store
-from tasks.route import champion, champion_routing, choose, route_file
+from tasks.route import Fallback, champion, champion_fallback, champion_routing, choose, route_file
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -349,3 +349,36 @@ def test_champion_routing_reads_costs_and_lambda_from_the_champions_evaluation(t
     costs, lam = champion_routing(store)
     assert (costs.tolist(), lam) == ([1.0, 4.0], 0.3)  # in the router's expert order
     assert champion_routing(store, 0.0)[1] == 0.0  # --lambda 0 overrides the config's
+
+
+# --- fallback: unsure queries go to the best single expert -------------------------------------------------------
+
+
+def test_choose_falls_back_when_the_top_probability_is_below_the_threshold():
+    # top probabilities 0.6, 0.4, 0.5: below 0.5 only row 2; below 0.55 rows 2 and 3
+    assert choose(P, None, 0.0, Fallback(0.5, 2)).tolist() == [0, 2, 0]
+    assert choose(P, None, 0.0, Fallback(0.55, 2)).tolist() == [0, 2, 2]
+    assert choose(P, None, 0.0, Fallback(0.0, 2)).tolist() == [0, 0, 0]  # 0: off
+    assert choose(P, np.array([10.0, 5.0, 0.0]), 0.2, Fallback(0.45, 0)).tolist() == [0, 0, 1]  # after costs
+    for bad in (Fallback(0.5, 3), Fallback(1.5, 0)):
+        with pytest.raises(ConfigError, match="routing.fallback_below"):
+            choose(P, None, 0.0, bad)
+
+
+def test_route_file_and_the_champion_carry_the_fallback(tmp_path):
+    src, dst = write(tmp_path / "in.jsonl"), tmp_path / "out.jsonl"
+    route_file(FakeRouter(), src, "q", dst, fallback=Fallback(0.85, 1))  # every top probability is 0.8
+    assert [r["expert"] for r in read(dst)] == ["calc"] * 5
+    store = Store(str(tmp_path / "store"))
+    assert champion_fallback(store) is None
+    report = EvalReport(evaluation="e1", labels="l1", router="r1", experts=["bard", "calc"], test_queries=0,
+                        best_single="calc", rows=[], router_share={})
+    store.write_json(report_path("e1"), report.model_dump(mode="json"))
+    store.write_json(CHAMPION_PATH, {"router": "routers/r1", "evaluation": "evaluations/e1", "labels": "l1",
+                                     "experts": ["bard", "calc"], "reward": None, "run_id": "x",
+                                     "published": "2026-01-01T00:00:00Z"})
+    assert champion_fallback(store) is None  # the config's default: off
+    assert champion_fallback(store, 0.3) == Fallback(0.3, 1)  # an override, to the best single expert
+    store.write_json(report_path("e1"), report.model_copy(update={"fallback_below": 0.4}).model_dump(mode="json"))
+    assert champion_fallback(store) == Fallback(0.4, 1)
+    assert champion_fallback(store, 0.0) is None
