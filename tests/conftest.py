@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -160,6 +163,46 @@ def tiny_flow_config(tmp: Path, tiny_models: dict[str, Path], **changes) -> Path
     path = tmp / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+@dataclass(frozen=True)
+class Labeled:
+    """The session's labelled store: its directory, the config that labelled it, and that run's outcome."""
+
+    root: Path
+    config: Path
+    outcome: Any  # schemas.manifest.Outcome (imported lazily: collecting the tests imports no flow)
+
+
+@pytest.fixture(scope="session")
+def labeled(tmp_path_factory, tiny_models, ray_session, prefect_harness) -> Labeled:
+    """The whole label flow on the tiny config, run once per test session from an empty store: the one real
+    end-to-end run that tests/flows/test_label_flow.py checks artifact by artifact. Tests about something else
+    (a rerun, a pool change, relabel, deploy, S3, faults) start from a copy (`copy_labeled`) instead of
+    labelling from scratch again. Never write into `root`: copy it."""
+    from flows.label import label_flow
+
+    tmp = tmp_path_factory.mktemp("labeled")
+    path = tiny_flow_config(tmp, tiny_models)
+    return Labeled(tmp / "store", path, label_flow(str(path)))
+
+
+def _link(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system
+        shutil.copy2(src, dst)
+
+
+def copy_labeled(labeled: Labeled, tmp: Path, tiny_models: dict[str, Path], **changes) -> Path:
+    """A copy of the session's labelled store at tmp/store, and a tiny config on it (with `changes`, as
+    `tiny_flow_config` takes them): a run on it reuses every cell the shared run computed.
+
+    The files are hard links (the router's checkpoints make the store ~350 MB): the store only ever replaces or
+    deletes a file, never writes into one, so the shared store stays as it was. A test that edits a file in
+    place must copy that file first."""
+    shutil.copytree(labeled.root, tmp / "store", copy_function=_link)
+    return tiny_flow_config(tmp, tiny_models, **changes)
 
 
 @pytest.fixture

@@ -147,10 +147,10 @@ def _wait(check, what: str, limit: float, procs: list[subprocess.Popen]):
 
 
 @pytest.mark.slow
-def test_experts_add_event_triggers_served_relabel(tmp_path, tiny_models):
-    from tests.conftest import tiny_flow_config
+def test_experts_add_event_triggers_served_relabel(tmp_path, tiny_models, labeled):
+    from tests.conftest import copy_labeled
 
-    path = tiny_flow_config(tmp_path, tiny_models)
+    path = copy_labeled(labeled, tmp_path, tiny_models)  # a store labelled with experts a and b
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_API_URL": api,
@@ -204,12 +204,13 @@ def test_experts_add_event_triggers_served_relabel(tmp_path, tiny_models):
         (copy,) = [p for p in (tmp_path / "store" / "configs").iterdir() if p.name != "current.yaml"]
         assert run["parameters"] == {"config_path": str(copy)} and copy.read_bytes() == data
         assert (tmp_path / "store" / CURRENT).read_bytes() == data
-        # the run relabelled the store with the new pool: all cells of experts a, b and c (a fresh store)
-        (mdir,) = (tmp_path / "store" / "runs").iterdir()
-        m = yaml.safe_load((mdir / "manifest.json").read_text())
+        # the run relabelled the store with the new pool: only expert c's cells were missing
+        manifests = [yaml.safe_load(p.read_text()) for p in (tmp_path / "store" / "runs").glob("*/manifest.json")]
+        (m,) = [m for m in manifests if m["run_id"] != labeled.outcome.manifest.run_id]
         assert m["flow"] == "relabel" and m["status"] == "completed"
-        assert {g["name"]: g["cells_computed"] for g in m["generate"]} == {"a": 3, "b": 3, "c": 3}
-        assert {s["name"]: s["cells_computed"] for s in m["score"]} == {"judge": 9, "rm": 9, "exact": 9}
+        assert {g["name"]: g["cells_computed"] for g in m["generate"]} == {"a": 0, "b": 0, "c": 3}
+        assert {s["name"]: s["cells_computed"] for s in m["score"]} == {"judge": 3, "rm": 3, "exact": 3}
+        assert sum(s["cells_reused"] for s in m["generate"] + m["score"]) == 6 + 18
 
         # prefect.yaml deploys to the same server (a process work pool; nothing runs without a worker)
         procs[1].send_signal(signal.SIGTERM)

@@ -30,7 +30,7 @@ from schemas.artifacts import GENERATIONS, LABELS, SCORES, labels_path
 from schemas.config import load_config
 from schemas.store import Store
 from tests.conftest import QUERIES as TINY_QUERIES
-from tests.conftest import json_doc, tiny_flow_config
+from tests.conftest import Labeled, copy_labeled, json_doc, tiny_flow_config
 from tests.s3util import OutageS3
 
 pytestmark = pytest.mark.slow
@@ -38,9 +38,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 # --- helpers ---------------------------------------------------------------------------------------------------
-def _config(tmp: Path, tiny_models, edit=None, **store) -> Path:
+def _config(tmp: Path, tiny_models, edit=None, labeled: Labeled | None = None, **store) -> Path:
+    """A tiny config with `store` options, edited by `edit`; on a copy of the session's labelled store if given."""
     tmp.mkdir(parents=True, exist_ok=True)
-    path = tiny_flow_config(tmp, tiny_models)
+    path = copy_labeled(labeled, tmp, tiny_models) if labeled else tiny_flow_config(tmp, tiny_models)
     cfg = yaml.safe_load(path.read_text())
     cfg["store"] = {"url": cfg["store"], **store}
     if edit:
@@ -142,22 +143,18 @@ def test_killed_actor_is_replaced_and_its_shard_redone(tmp_path, tiny_models, ra
 
 
 # --- 2. the flow's process is SIGKILLed mid-run; the same command again ------------------------------------------
-def test_sigkilled_run_resumes_without_recomputing_a_finished_cell(tmp_path, tiny_models, ray_session,
-                                                                  prefect_harness):
-    def small_shards(c):
-        c["data"]["shard_size"] = 2  # 6 shards: 12 generation + 36 score cells
-
-    ref_path = _config(tmp_path / "ref", tiny_models, small_shards)
-    path = _config(tmp_path / "run", tiny_models, small_shards, lease_ttl_s=5)
-    total = 12 + 36
-    ref = label_flow(str(ref_path)).manifest.model_dump(mode="json")  # uninterrupted, greedy decoding
+def test_sigkilled_run_resumes_without_recomputing_a_finished_cell(tmp_path, tiny_models, labeled):
+    # the reference: the session's uninterrupted run of the same config (greedy decoding)
+    path = _config(tmp_path / "run", tiny_models, lease_ttl_s=5)
+    total = 6 + 18  # 3 shards: 6 generation + 18 score cells
+    ref = labeled.outcome.manifest.model_dump(mode="json")
     root = tmp_path / "run" / "store"
 
     with tempfile.TemporaryDirectory(prefix="zray-") as ray_tmp:  # Ray's socket paths must stay short
         env = _env(tmp_path, ray_tmp)
         proc = _cli(["run", str(path)], env, tmp_path / "killed.log")
         t0 = time.monotonic()
-        while len(list(root.glob("generations/*/shard-*.parquet"))) < 4:
+        while len(list(root.glob("generations/*/shard-*.parquet"))) < 4:  # of 6
             assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
             assert time.monotonic() - t0 < 600, "no generation cell appeared"
             time.sleep(0.05)
@@ -178,7 +175,7 @@ def test_sigkilled_run_resumes_without_recomputing_a_finished_cell(tmp_path, tin
     assert len(_cells(root)) == total
     _no_duplicate_ids(root)
     assert m["labels"] == ref["labels"]
-    store, ref_store = Store(str(root)), Store(str(tmp_path / "ref" / "store"))
+    store, ref_store = Store(str(root)), Store(str(labeled.root))
     assert _labels(store, m["labels"]).equals(_labels(ref_store, ref["labels"]))  # identical labels
     statuses = sorted(x["status"] for x in _manifests(root))
     assert statuses == ["completed"]  # the killed run never got to write its manifest; the rerun did
@@ -299,8 +296,7 @@ def broken_models(tiny_models, tmp_path_factory):
     return {"nan_rm": root / "nan_rm", "mute": root / "mute"}
 
 
-def test_nan_rewards_and_empty_answers_are_kept_flagged_and_counted(tmp_path, tiny_models, broken_models,
-                                                                    ray_session, prefect_harness):
+def test_nan_rewards_and_empty_answers_are_kept_flagged_and_counted(tmp_path, tiny_models, broken_models, labeled):
     def edit(c):
         res = c["experts"][1]["resources"]
         c["experts"].append({"name": "mute", "model": str(broken_models["mute"]), "dtype": "float32",
@@ -308,9 +304,10 @@ def test_nan_rewards_and_empty_answers_are_kept_flagged_and_counted(tmp_path, ti
         c["reward_models"].append({"name": "nan", "kind": "classifier", "model": str(broken_models["nan_rm"]),
                                    "dtype": "float32", "resources": res})
 
-    path = _config(tmp_path, tiny_models, edit)
+    path = _config(tmp_path, tiny_models, edit, labeled)  # a and b's cells for judge, rm and exact are reused
     m = label_flow(str(path)).manifest.model_dump(mode="json")
     n = len(TINY_QUERIES)
+    assert _computed(m) == 3 + 3 * 3 + 3 * 3  # mute's generations, mute's scores by judge/rm/exact, nan's scores
     flags = {s["name"]: s["flags"] for s in m["score"]}
     # every RM flags mute's 12 empty answers; the NaN RM also flags the 2 real experts' 24 rows
     assert flags == {"judge": {"empty_response": n}, "rm": {"empty_response": n},

@@ -22,22 +22,22 @@ from schemas.artifacts import (
     tags_path,
 )
 from schemas.store import Store
-from tests.conftest import json_doc, tiny_flow_config
+from tests.conftest import copy_labeled, json_doc, tiny_flow_config
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def flow_run(tmp_path_factory, tiny_models, ray_session, prefect_harness):
+def flow_run(tmp_path_factory, tiny_models, labeled):
+    """The first run is the session's from-scratch run (`labeled`); the second reruns it on a copy of its store."""
     tmp = tmp_path_factory.mktemp("flow")
-    path = tiny_flow_config(tmp, tiny_models)
-    first = label_flow(str(path))
+    path = copy_labeled(labeled, tmp, tiny_models)
     state = label_flow(str(path), return_state=True)
-    return Store(str(tmp / "store")), first, state.result(), state.state_details.flow_run_id
+    return Store(str(tmp / "store")), labeled.outcome, state.result(), state.state_details.flow_run_id
 
 
-def test_every_artifact_validates_with_expected_rows(flow_run):
-    store, first, _, _ = flow_run
+def test_every_artifact_validates_with_expected_rows(labeled):
+    store, first = Store(str(labeled.root)), labeled.outcome  # the session's run from an empty store
     m = first.manifest
     assert m.status == "completed" and m.queries == 12 and m.shards == [0, 1, 2]
     for s in m.shards:

@@ -1,4 +1,5 @@
-"""Changing the expert pool computes only the missing cells: add an expert, then remove one."""
+"""Changing the expert pool computes only the missing cells: add an expert, then remove one (on a copy of the
+session's labelled store)."""
 
 import polars as pl
 import pytest
@@ -7,7 +8,7 @@ import yaml
 from flows.label import label_flow
 from schemas.artifacts import LABELS, generation_path, labels_path, router_dir
 from schemas.store import Store
-from tests.conftest import tiny_flow_config
+from tests.conftest import copy_labeled
 
 pytestmark = pytest.mark.slow
 
@@ -16,10 +17,10 @@ def _computed(m: dict) -> dict[str, int]:
     return {f"{stage}:{s['name']}": s["cells_computed"] for stage in ("generate", "score") for s in m[stage]}
 
 
-def test_add_then_remove_an_expert(tmp_path, tiny_models, ray_session, prefect_harness):
-    path = tiny_flow_config(tmp_path, tiny_models)
+def test_add_then_remove_an_expert(tmp_path, tiny_models, labeled):
+    path = copy_labeled(labeled, tmp_path, tiny_models)  # a store labelled with experts a and b
     cfg = yaml.safe_load(path.read_text())
-    first = label_flow(str(path)).manifest.model_dump(mode="json")
+    first = labeled.outcome.manifest.model_dump(mode="json")
     assert _computed(first) == {"generate:a": 3, "generate:b": 3, "score:judge": 6, "score:rm": 6, "score:exact": 6}
 
     # add expert c (lm_b with another prompt: a new fingerprint): only c's generations and scores are computed

@@ -93,17 +93,13 @@ def _cells(m: dict) -> dict:
     return {(s["name"], s["fingerprint"]): s["rows"] for s in m["generate"] + m["score"]}
 
 
-def test_s3_store_matches_local_store(tmp_path_factory, tiny_models, ray_session, prefect_harness, s3_server,
-                                      monkeypatch, capfd, caplog):
+def test_s3_store_matches_local_store(tmp_path, tiny_models, labeled, s3_server, monkeypatch, capfd, caplog):
+    local = labeled.outcome.manifest.model_dump(mode="json")  # the session's run on a local store, same config
     since = time.time() - 1
     for k, v in SECRET_ENV.items():
         monkeypatch.setenv(k, v)
     caplog.set_level(logging.INFO)
-    tmp = tmp_path_factory.mktemp("s3flow")
-    (tmp / "local").mkdir()
-    (tmp / "s3").mkdir()
-    local = label_flow(str(tiny_flow_config(tmp / "local", tiny_models))).manifest.model_dump(mode="json")
-    cfg = tiny_flow_config(tmp / "s3", tiny_models, store={"url": "s3://zooter/runs-a", "options": s3_server})
+    cfg = tiny_flow_config(tmp_path, tiny_models, store={"url": "s3://zooter/runs-a", "options": s3_server})
     remote = label_flow(str(cfg))
     m = remote.manifest.model_dump(mode="json")
     assert remote.manifest_uri.startswith("s3://zooter/runs-a/")
