@@ -13,7 +13,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 # Dequantised packaged models are cached here (gitignored); `make clean-cache` removes them.
 export ZOOTER_CACHE ?= $(CURDIR)/.zooter/cache
 
-.PHONY: install install-gpu lock-gpu lock-gpu-check demo test test-fast lint bench bench-serving routerdc \
+.PHONY: install install-gpu lock-gpu lock-gpu-check demo test test-fast lint bench bench-table bench-serving bench-scale routerdc \
 	routerdc-sweep clean clean-cache
 
 install: $(STAMP)
@@ -85,22 +85,43 @@ test-fast: install
 lint: install
 	$(BIN)/ruff check .
 
+# Every benchmark (generation, aggregation, relabel, demo, scale, pipeline; tens of minutes), then the goals table
+# from benchmarks/results/summary.json; `make bench-table` prints that table alone (Markdown, for the README).
 bench: install
 	$(BIN)/python benchmarks/run.py
 
-# Router decision latency at batch 1 and the gateway's overhead per request (benchmarks/results/serving.json).
-bench-serving: install
-	$(BIN)/python benchmarks/serving.py
+bench-table:
+	@$(or $(wildcard $(BIN)/python),$(PYTHON)) benchmarks/table.py
 
-# RouterDC's published scores of 7 LLMs on 5 benchmarks -> a router in .zooter/routerdc (import is idempotent).
+# Router decision latency at batch 1 and the gateway's overhead per request (benchmarks/results/serving.json).
+# int8 vs float32 decisions are compared on the champions of the demo's and RouterDC's stores where they exist.
+bench-serving: install
+	$(BIN)/python benchmarks/serving.py $(foreach s,.zooter/quickstart .zooter/routerdc,$(if $(wildcard $(s)/champion.json),--agreement-store $(s)))
+
+# The label flow's own cost (synthetic experts/RMs) at 1k/10k/100k queries, local store and moto S3
+# (benchmarks/results/scale.json); SCALE_SIZES=1000,5000 for a quick run.
+SCALE_SIZES ?= 1000,10000,100000
+bench-scale: install
+	$(BIN)/python benchmarks/scale.py --sizes $(SCALE_SIZES)
+
+# RouterDC's published scores of 7 LLMs on 5 benchmarks -> a router in .zooter/routerdc (import is idempotent),
+# then the seeds table: the same router trained with seeds 0-2, mean +- sd per task and on average (test), and on
+# each seed's validation slice (benchmarks/results/routerdc_seeds.json).
 ROUTERDC_DATA ?= ../shared/datasets/routerdc
 routerdc: install
 	$(BIN)/zooter import-scores $(ROUTERDC_DATA) --format routerdc --name routerdc --store .zooter/routerdc
 	$(BIN)/zooter train examples/routerdc.yaml
+	$(BIN)/python benchmarks/routerdc_seeds.py
 
-# The beta / tag temperature / loss / head sweep behind examples/routerdc.yaml's defaults (after `make routerdc`).
+# The ablation behind examples/routerdc.yaml's defaults, 3 seeds a point, chosen on validation (after `make routerdc`).
 routerdc-sweep: routerdc
 	$(BIN)/python benchmarks/routerdc_sweep.py
+
+# Leave one task out: a router trained on four RouterDC tasks routes the fifth, with and without the fallback to the
+# best single expert (benchmarks/results/routerdc_loto.json; after `make routerdc`).
+.PHONY: routerdc-loto
+routerdc-loto: routerdc
+	$(BIN)/python benchmarks/routerdc_loto.py
 
 clean:
 	rm -rf .zooter/quickstart .pytest_cache

@@ -1,84 +1,67 @@
-"""The sweep that chose examples/routerdc.yaml's defaults: beta x tag temperature x loss x head, on RouterDC.
+"""The ablation behind examples/routerdc.yaml's defaults on RouterDC: each point changes the config's router or
+aggregation, and is trained and evaluated with 3 seeds through the same tasks as `zooter train`.
 
-Selection uses only the *_train files: every point is scored on the router's validation slice (15% of the train
-split, by a hash of the id) as the mean over tasks of the chosen expert's credit. The test average is printed
-beside it for the README, never used to choose. Run `make routerdc` first (it imports the tables and embeds the
-queries once); each point then trains only the head through the same Ray Train task (~1 min on 2 cores).
+Selection uses only the *_train files: every point is scored on its validation slices (15 % of the train split,
+drawn by each seed) as the mean over tasks of the chosen expert's credit, mean over seeds. The test average (mean
++- sd over seeds) is printed beside it for the README, never used to choose. Run `make routerdc` first (it imports
+the tables and embeds the queries once); each point then trains only heads.
 
-    python benchmarks/routerdc_sweep.py [--full]   (default: the 6 points of QUICK; --full: all of GRID)
+    python benchmarks/routerdc_sweep.py [--seeds 3] [--only NAME ...]
     -> benchmarks/results/routerdc_sweep.json and a Markdown table on stdout
 """
 
 from __future__ import annotations
 
-import itertools
+import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
-import polars as pl
+sys.path.insert(0, str(Path(__file__).parent))
+from routerdc_seeds import ROOT, one_seed, setup, summarise  # noqa: E402
 
-from cluster.pool import connect
-from cluster.router import Router
-from schemas.artifacts import LABELS, labels_path
-from schemas.config import RayConfig, TrainConfig, load_config
-from schemas.store import Store
-from tasks.aggregate import ScoreSource, run_aggregate, train_val
-from tasks.embed import run_embed
-from tasks.evaluate import per_tag_means
-from tasks.import_scores import read_import
-from tasks.tag import make_tagger, run_tag
-from tasks.train_router import run_train_router, with_features
-
-ROOT = Path(__file__).resolve().parent.parent
-GRID = {"beta": [0.3, 1.0, 0.0], "tag_temperature": [None, 0.05], "loss": ["kl", "hard"], "head_hidden": [0, 256]}
-QUICK = [dict(beta=b, tag_temperature=t, loss="kl", head_hidden=h)
-         for b, t, h in [(0.3, None, 256), (0.3, 0.05, 256), (1.0, None, 256), (0.0, 0.05, 256), (0.3, 0.05, 0)]] + \
-    [dict(beta=0.3, tag_temperature=0.05, loss="hard", head_hidden=256)]
-
-
-def tag_average(router: Router, rows: pl.DataFrame, store: Store, embed_fp: str) -> float:
-    probs = router.probs_from_features(np.array(with_features(store, rows, embed_fp)["vector"].to_list()))
-    rewards = np.array(rows["rewards"].to_list())
-    return per_tag_means(rows, rewards, {"router": probs.argmax(1)}).strategies["router"]["tag_average"]
+# name -> (router changes, aggregate changes), each relative to examples/routerdc.yaml; the first is the config.
+POINTS: dict[str, tuple[dict, dict]] = {
+    "config (examples/routerdc.yaml)": ({}, {}),
+    "paper labels: beta 0.3, tag prior = mean s(q)": ({}, {"tag_temperature": None}),
+    "no tag prior (beta 1)": ({}, {"beta": 1.0}),
+    "tag prior only (beta 0)": ({}, {"beta": 0.0}),
+    "linear head": ({"head_hidden": 0}, {}),
+    "hard labels (cross-entropy on argmax s*)": ({"loss": "hard"}, {}),
+    "5 heads (ensemble)": ({"heads": 5}, {}),
+    "epoch chosen by val reward": ({"select": "reward"}, {}),
+    "bce: per-expert success heads": ({"loss": "bce"}, {}),
+    "bce + 5 heads": ({"loss": "bce", "heads": 5}, {}),
+    "bce + 5 heads + epoch by val reward": ({"loss": "bce", "heads": 5, "select": "reward"}, {}),
+    "kl + 5 heads + epoch by val reward": ({"heads": 5, "select": "reward"}, {}),
+}
 
 
 def main() -> None:
-    cfg: TrainConfig = load_config(ROOT / "examples/routerdc.yaml", model=TrainConfig)
-    store = Store(cfg.store.url)
-    rec = read_import(store, cfg.source)
-    connect(RayConfig())  # the embed step runs in a Ray actor pool
-    tagger = make_tagger(cfg.tagger)
-    run_tag(store, tagger, rec.shards)
-    embed_fp = run_embed(store, cfg.router, rec.shards).fingerprint
-    points = QUICK if "--full" not in sys.argv else [dict(zip(GRID, v, strict=True))
-                                                  for v in itertools.product(*GRID.values())]
-    results = []
-    for p in points:
-        t = time.perf_counter()
-        a = cfg.aggregate.model_copy(update={k: p[k] for k in ("beta", "tag_temperature")})
-        r = cfg.router.model_copy(update={k: p[k] for k in ("loss", "head_hidden")})
-        labels_fp, _ = run_aggregate(store, rec.experts, [ScoreSource(rec.name, rec.rm_fingerprint, 1.0)],
-                                     tagger.fingerprint, rec.shards, a, cfg.test_fraction)
-        router_fp, _ = run_train_router(store, labels_fp, r, embed_fp)
-        labels = pl.from_arrow(store.read_table(labels_path(labels_fp), LABELS))
-        router = Router.from_store(store, router_fp)
-        _, val = train_val(labels)
-        test = labels.filter(pl.col("split") == "test")
-        results.append({**p, "val_avg": 100 * tag_average(router, val, store, embed_fp),
-                        "test_avg": 100 * tag_average(router, test, store, embed_fp),
-                        "router": router_fp, "seconds": round(time.perf_counter() - t, 1)})
-        print(json.dumps(results[-1]), flush=True)
-    best = max(results, key=lambda x: x["val_avg"])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per point")
+    ap.add_argument("--only", nargs="*", help="run only the points whose name contains one of these")
+    args = ap.parse_args()
+    s = setup()
     out = ROOT / "benchmarks/results/routerdc_sweep.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"points": results, "best_by_val": best}, indent=2))
-    print("| beta | tag T | loss | head | val avg | test avg |\n|---|---|---|---|---|---|")
-    for x in sorted(results, key=lambda x: -x["val_avg"]):
-        print(f"| {x['beta']} | {x['tag_temperature']} | {x['loss']} | {x['head_hidden']} | "
-              f"{x['val_avg']:.2f} | {x['test_avg']:.2f} |")
+    old = json.loads(out.read_text()).get("points", []) if out.exists() else []
+    done = {p["name"]: p for p in old if "name" in p}  # points of earlier runs of this version are kept
+    for name, (r, a) in POINTS.items():
+        if args.only and not any(o in name for o in args.only):
+            continue
+        router, agg = s.cfg.router.model_copy(update=r), s.cfg.aggregate.model_copy(update=a)
+        runs = [one_seed(s, router, agg, seed) for seed in range(args.seeds)]
+        done[name] = {"name": name, "router": r, "aggregate": a, **summarise(runs),
+                      "runs": [{k: v for k, v in x.items() if k != "report"} for x in runs]}
+        print(json.dumps({k: done[name][k] for k in ("name", "val_avg", "test_avg")}), flush=True)
+        points = [done[n] for n in POINTS if n in done]  # config order
+        best = max(points, key=lambda p: p["val_avg"]["mean"])["name"]
+        out.write_text(json.dumps({"points": points, "best_by_val": best}, indent=2) + "\n")
+    points = [done[n] for n in POINTS if n in done]
+    print(f"| point | val avg ({args.seeds} seeds) | test avg |\n|---|---|---|")
+    for p in points:
+        v, t = p["val_avg"], p["test_avg"]
+        print(f"| {p['name']} | {v['mean']:.2f} ± {v['sd']:.2f} | {t['mean']:.2f} ± {t['sd']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -4,11 +4,13 @@ Builders are `functools.partial` objects of backend classes (or a `Fallback` of 
 reference and the model is only ever loaded inside the actor: generators (experts: hf, vllm, or an OpenAI-compatible
 endpoint), scorers (reward models) and the router's frozen encoder (`QueryEncoder`, the embed step's model). The
 hf and vllm builders carry the identity the driver fingerprints (`models.identity`, no weights read), so an actor
-refuses a source that changed since.
+refuses a source that changed since; the synthetic builders (benchmarks and tests: cluster/synthetic.py) load
+nothing.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from functools import partial
@@ -38,6 +40,10 @@ class Fallback:
 
 
 def generator_builder(spec: ExpertSpec) -> Callable[[], Any]:
+    if spec.backend == "synthetic":  # benchmarks/tests: answers from a hash, nothing to load
+        from cluster.synthetic import SyntheticGenerator
+
+        return partial(SyntheticGenerator, spec.name)
     if spec.backend == "openai":  # `model` is the served model id: nothing to resolve or identify here
         from cluster.openai_backend import OpenAIGenerator
 
@@ -59,13 +65,19 @@ def generator_builder(spec: ExpertSpec) -> Callable[[], Any]:
 
 
 def scorer_builder(rm: RewardSpec) -> Callable[[], Any]:
-    from cluster.hf import HFClassifierScorer, HFLoglikScorer
-
     if rm.kind == "verifiable":
         raise ValueError(f"reward model {rm.name!r}: kind 'verifiable' runs without a model")
+    if rm.backend == "synthetic":  # scores from a hash of what the RM's fingerprint covers (not its name)
+        from cluster.synthetic import SyntheticScorer
+
+        return partial(SyntheticScorer, json.dumps(rm.model_dump(mode="json", exclude={"name", "resources", "weight"}),
+                                                   sort_keys=True))
+    from cluster.hf import HFClassifierScorer, HFLoglikScorer
+
     common = dict(dtype=rm.dtype, threads=rm.resources.threads, trust_remote_code=rm.trust_remote_code,
                   max_length=rm.max_length, revision=rm.revision, expect=models.identity(rm.model, rm.revision))
-    hf = partial(HFLoglikScorer if rm.kind == "loglik" else HFClassifierScorer, rm.model, **common)
+    hf = (partial(HFLoglikScorer, rm.model, normalise=rm.normalise, **common) if rm.kind == "loglik"
+          else partial(HFClassifierScorer, rm.model, **common))
     if rm.backend == "vllm":
         from cluster.vllm_backend import VLLMClassifierScorer
 

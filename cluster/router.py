@@ -11,7 +11,9 @@ import logging
 import math
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -202,10 +204,17 @@ def save(model: RouterModel, tok, cfg: RouterConfig, out: Path, meta: dict) -> N
     (out / ROUTER_JSON).write_text(json.dumps({**meta, "config": cfg.model_dump(mode="json")}, indent=2))
 
 
-class Router:
-    """A trained router loaded for inference: `probs(texts)`, `route(texts)`; `config` is its RouterConfig."""
+Quantize = Literal["int8"]  # what `Router(quantize=...)` and `zooter gateway --quantize` take
 
-    def __init__(self, directory: str | Path, device: str | None = None):
+
+class Router:
+    """A trained router loaded for inference: `probs(texts)`, `route(texts)`; `config` is its RouterConfig.
+
+    `quantize="int8"` (CPU only, opt-in): the encoder's linear layers run as dynamically quantised int8 (weights int8,
+    activations quantised per call): a served decision is faster, and its features, hence a few decisions, differ
+    from the trained router's (benchmarks/serving.py measures both). The head stays float32."""
+
+    def __init__(self, directory: str | Path, device: str | None = None, quantize: Quantize | None = None):
         d = Path(directory)
         if not (d / ROUTER_JSON).is_file():
             raise RouterError(f"{d}: not a router directory (no {ROUTER_JSON})")
@@ -230,9 +239,22 @@ class Router:
                                  cfg.freeze_encoder, cfg.heads, cfg.loss == "bce")
         self.model.load_state_dict(load_file(str(d / ROUTER_WEIGHTS)), strict=not cfg.freeze_encoder)
         self.model.to(self.device).eval()
+        self.quantized: Quantize | None = None
+        if quantize is not None:
+            self._quantize(quantize)
+
+    def _quantize(self, kind: Quantize) -> None:
+        if kind != "int8" or self.device != "cpu":
+            raise RouterError(f"quantize {kind!r} on {self.device}: only int8 on CPU is supported")
+        from torch.ao.quantization import quantize_dynamic
+
+        with warnings.catch_warnings():  # torch deprecates quantised tensors (torchao replaces them); 2.13-2.14 run it
+            warnings.simplefilter("ignore")
+            self.model.encoder = quantize_dynamic(self.model.encoder, {nn.Linear}, dtype=torch.qint8)
+        self.quantized = kind
 
     @classmethod
-    def from_store(cls, store, router_fp: str) -> Router:
+    def from_store(cls, store, router_fp: str, quantize: Quantize | None = None) -> Router:
         """Copy what inference needs (not the Ray Train checkpoints) out of a possibly remote store; load it.
         (`store` is a schemas.store.Store.)"""
         tmp = Path(tempfile.mkdtemp(prefix="zooter-router-"))
@@ -243,7 +265,7 @@ class Router:
             for name in store.ls(router_file(router_fp, ROUTER_ENCODER)):
                 store.fs.get(store.path(router_file(router_fp, f"{ROUTER_ENCODER}/{name}")),
                              str(tmp / ROUTER_ENCODER / name))
-            return cls(tmp)
+            return cls(tmp, quantize=quantize)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 

@@ -16,6 +16,7 @@ import functools
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -33,7 +34,7 @@ from schemas.errors import ZooterError
 
 if TYPE_CHECKING:
     from schemas.evaluation import CurvePoint, EvalReport
-    from schemas.manifest import Outcome
+    from schemas.manifest import Outcome, RunManifest
 
 HELP = """Zooter: reward-guided routing to expert LLMs.
 
@@ -58,6 +59,7 @@ ConfigArg = Annotated[Path, typer.Argument(help="YAML config (e.g. examples/quic
 # set by main(): the process ends with the command, so stdout stays pointed at stderr to the end (Ray's log
 # monitor may print an actor's last lines after the command has returned)
 _OWNS_PROCESS = False
+_STARTED = time.perf_counter()  # when the CLI was imported: `run`'s stage table counts startup from here
 
 
 @dataclass(frozen=True)
@@ -116,7 +118,9 @@ def command(on: typer.Typer = app, name: str | None = None) -> Callable[[Callabl
                     result = fn(*args, **kwargs)
                 except Exception as e:
                     user = isinstance(e, ZooterError)
-                    msg = " ".join(str(e).splitlines()) if user else str(e)
+                    # notes: e.g. `in stage generate <expert>` (cluster.stage): the line names the stage
+                    notes = "".join(f" ({n})" for n in getattr(e, "__notes__", None) or [])
+                    msg = " ".join(str(e).splitlines()) + notes if user else str(e)
                     if as_json:
                         _emit_json(results, {"error": {"message": msg, "type": type(e).__name__,
                                                        "exit_code": e.exit_code if user else 1}})
@@ -243,13 +247,37 @@ def _show_outcome(c: Console, out: Outcome) -> None:
     c.print(f"run {m.run_id} took {m.timings.get('total_s', 0):.0f}s")
     if m.champion:
         d = m.champion
-        c.print(f"champion/challenger: {d.decision} ({d.reason}; challenger {_cell(d.challenger_reward)}, "
-                f"champion {_cell(d.champion_reward)})")
+        test = (f"; the challenger on test {_cell(d.challenger_test_reward)}"
+                if d.split != "test" and d.challenger_test_reward is not None else "")
+        c.print(f"champion/challenger on {d.split}: {d.decision} ({d.reason}; challenger "
+                f"{_cell(d.challenger_reward)}, champion {_cell(d.champion_reward)}{test})")
     c.print(f"manifest: {out.manifest_uri}\nreport:   {out.report_uri}", soft_wrap=True)
 
 
 def _outcome(out: Outcome) -> Result:
     return Result(out, lambda c: _show_outcome(c, out))
+
+
+def stage_times(m: RunManifest, wall_s: float | None = None) -> list[tuple[str, float]]:
+    """(stage, seconds) of a run from its manifest: startup (the command's wall time outside the flow's own
+    timer: imports, preflight, Prefect's server, Ray), every expert's generation, every reward model's scoring,
+    embedding, the manifest's other step timings, and the run's total. Stages may overlap (experts generate
+    concurrently), so the rows need not add up to the total."""
+    total = m.timings.get("total_s", 0.0)
+    rows = [] if wall_s is None else [("startup (preflight, Prefect, Ray)", max(wall_s - total, 0.0))]
+    rows += [(f"generate {s.name}", s.seconds) for s in m.generate]
+    rows += [(f"score {s.name}", s.seconds) for s in m.score]
+    rows += [("embed", m.embed.seconds)] if m.embed else []
+    rows += [(k.removesuffix("_s"), v) for k, v in m.timings.items() if k != "total_s"]
+    return rows + [("flow total", total)] + ([] if wall_s is None else [("command total", wall_s)])
+
+
+def stage_table(m: RunManifest, wall_s: float | None = None) -> Table:
+    t = Table("stage", "seconds", title=f"Time by stage, run {m.run_id} (stages may overlap)")
+    t.columns[1].justify = "right"
+    for name, s in stage_times(m, wall_s):
+        t.add_row(name, f"{s:.1f}")
+    return t
 
 
 def _show_inspect(c: Console, info: dict, store: str) -> None:
@@ -275,6 +303,12 @@ def _show_inspect(c: Console, info: dict, store: str) -> None:
         for f in cells["flags"]:
             t.add_row(f["reward_model"], f["expert"], str(f.get("empty_response", 0)), str(f.get("nonfinite", 0)))
         c.print(t)
+    tags = info.get("tags")
+    if tags and tags.get("cells"):
+        fails = f", {tags['parse_failures']} parse failures" if "parse_failures" in tags else ""
+        by = f" by {tags['expert']}" if "expert" in tags else ""
+        c.print(f"tags{by}: {tags['tagged']} of {tags['queries']} queries tagged, vocabulary {tags['vocabulary']}"
+                f"{fails}; top: " + ", ".join(f"{t['tag']} ({t['n']})" for t in tags["top"][:10]), soft_wrap=True)
     if "labels" in info:
         lab = info["labels"]
         t = Table("expert", "mean reward", "win rate", title=f"Labels ({lab['rows']} queries)")
@@ -320,7 +354,16 @@ def run(config: ConfigArg, json_out: JsonOpt = False) -> Result:
     _preflight(config)
     from flows.label import label_flow
 
-    return _outcome(label_flow(str(config.resolve())))
+    out = label_flow(str(config.resolve()))
+    table = stage_table(out.manifest, time.perf_counter() - _STARTED)
+    if json_out:  # stdout holds the JSON document only; the table goes to stderr all the same
+        messages.print(table)
+        return _outcome(out)
+
+    def show(c: Console) -> None:
+        _show_outcome(c, out)
+        messages.print(table)  # last, after the results
+    return Result(out, show)
 
 
 @command()
@@ -427,16 +470,21 @@ def route(input_path: Annotated[Path, typer.Option("--input", help="Queries: .js
           lam: Annotated[float | None, typer.Option(
               "--lambda", min=0, show_default=False, help="Cost-aware routing: argmax of p - lambda * cost / max "
               "cost (default: the config's `routing.lambda`, as the champion's evaluation recorded it).")] = None,
+          fallback_below: Annotated[float | None, typer.Option(
+              "--fallback-below", min=0, max=1, show_default=False, help="Queries whose top router probability is "
+              "below this go to the best single expert (default: the config's `routing.fallback_below`, as the "
+              "champion's evaluation recorded it; 0 = off).")] = None,
           json_out: JsonOpt = False) -> Result:
     """Route every query to an expert with the champion router; adds `expert` and `probs` to each record, keeps
     every field of every record as written."""
     from schemas.store import Store
-    from tasks.route import champion, champion_routing, route_file
+    from tasks.route import champion, champion_fallback, champion_routing, route_file
 
     costs, lam = champion_routing(Store(store), lam)
+    fallback = champion_fallback(Store(store), fallback_below)
     # the champion (torch, transformers) loads only once the files have passed their checks
     n = route_file(lambda: champion(Store(store)), input_path, text_field, output, batch_size, overwrite=overwrite,
-                   costs=costs, lam=lam)
+                   costs=costs, lam=lam, fallback=fallback)
     return Result({"routed": n, "input": str(input_path), "output": str(output)},
                   lambda c: c.print(f"routed {n} queries -> {output}"))
 
@@ -448,13 +496,24 @@ def calibrate(store: StoreOpt,
                   "expert may get (repeatable).")] = None,
               budget: Annotated[float | None, typer.Option("--budget", min=0, show_default=False,
                                                            help="The largest mean cost per query.")] = None,
+              fallback_share: Annotated[float | None, typer.Option(
+                  "--fallback-share", min=0, max=1, show_default=False, help="Instead: the `routing.fallback_below` "
+                  "at which this share of the validation queries would go to the best single expert.")] = None,
               json_out: JsonOpt = False) -> Result:
     """Find the routing lambda (bisection) that meets --max-share and/or --budget on the champion's validation
     queries; prints lambda and the shares, mean cost and reward it gives. Use it as `routing.lambda`, `zooter
     route --lambda` or the gateway's `zooter:lambda=<x>`."""
     from schemas.store import Store
-    from tasks.calibrate import run_calibrate
+    from tasks.calibrate import run_calibrate, run_fallback_threshold
 
+    if fallback_share is not None:
+        if max_share or budget is not None:
+            raise ConfigError("calibrate: --fallback-share is a separate question; give it without --max-share and "
+                              "--budget")
+        below = run_fallback_threshold(Store(store), fallback_share)
+        return Result({"fallback_below": below, "share": fallback_share},
+                      lambda c: c.print(f"routing.fallback_below = {below:.6g} ({fallback_share:.0%} of the "
+                                        "champion's validation queries fall back to the best single expert)"))
     cal = run_calibrate(Store(store), max_share or [], budget)
 
     def show(c: Console) -> None:
@@ -532,14 +591,18 @@ def gateway(store: Annotated[str, typer.Option("--store", help="Store whose cham
                                                    "connect or send its next bytes (then 504).")] = 300.0,
             local_experts: Annotated[bool, typer.Option("--local-experts", help="Answer experts that have no "
                                                         "endpoint in this process, from their weights (the store's "
-                                                        "published config, else its latest run's).")] = False
-            ) -> None:
+                                                        "published config, else its latest run's).")] = False,
+            quantize: Annotated[Literal["int8"] | None, typer.Option(
+                "--quantize", show_default=False, help="Run the routers' encoders as dynamically quantised int8 "
+                "(CPU): faster decisions, a few of which differ from the trained router's (README, Serving).")]
+            = None) -> None:
     """Serve an OpenAI-compatible gateway: each chat request goes to the expert the champion router picks
     (`model: zooter`, `zooter:<router fingerprint>`, `zooter:lambda=<x>`); `/v1/route` answers the decision only."""
     from flows.gateway import serve as serve_gateway
 
     messages.print(f"gateway for {store} on http://{host}:{port}/v1")
-    serve_gateway(store, host, port, experts, api_key_env, timeout, with_local_experts=local_experts)
+    serve_gateway(store, host, port, experts, api_key_env, timeout, with_local_experts=local_experts,
+                  quantize=quantize)
 
 
 # --- experts --------------------------------------------------------------------------------------------------

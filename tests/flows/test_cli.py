@@ -149,8 +149,16 @@ def test_run_summary_for_a_person():
                                                         report_uri="s/evaluations/e/report.md"))
     out = buf.getvalue()
     assert "generation + scoring cells: 2 computed, 4 reused" in out and "run r1 took 42s" in out
-    assert "champion/challenger: promoted (no champion yet; challenger 0.5000, champion -)" in out
+    assert "champion/challenger on test: promoted (no champion yet; challenger 0.5000, champion -)" in out
     assert "manifest: s/runs/r1/m.json\nreport:   s/evaluations/e/report.md" in out
+    # a decision on the validation slice names it, and shows the challenger's test reward beside it
+    m.champion = ChampionDecision(decision="kept", reason="the challenger is worse than the champion", challenger="r",
+                                  challenger_reward=0.25, champion="c", champion_reward=0.5, split="validation",
+                                  challenger_test_reward=0.75)
+    buf = io.StringIO()
+    _show_outcome(Console(file=buf, width=200), Outcome(manifest=m, report=report, manifest_uri="m", report_uri="r"))
+    assert ("champion/challenger on validation: kept (the challenger is worse than the champion; challenger 0.2500, "
+            "champion 0.5000; the challenger on test 0.7500)") in buf.getvalue()
 
 
 def test_publish_config_for_remote_workers(tiny_config):

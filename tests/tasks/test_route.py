@@ -332,15 +332,21 @@ def test_route_file_with_costs_sends_unsure_queries_to_the_cheaper_expert(tmp_pa
     assert [r["expert"] for r in read(dst)] == ["calc", "bard", "calc", "bard", "calc"]
 
 
-def test_champion_routing_reads_costs_and_lambda_from_the_champions_evaluation(tmp_path):
-    store = Store(str(tmp_path))
-    assert champion_routing(store) == (None, 0.0)  # no champion: route_file's loader reports it
+def _champion(store: Store) -> EvalReport:
+    """A champion record (router r1, experts bard and calc) and its evaluation e1, without costs or a fallback."""
     report = EvalReport(evaluation="e1", labels="l1", router="r1", experts=["bard", "calc"], test_queries=0,
                         best_single="calc", rows=[], router_share={})
     store.write_json(report_path("e1"), report.model_dump(mode="json"))
     store.write_json(CHAMPION_PATH, {"router": "routers/r1", "evaluation": "evaluations/e1", "labels": "l1",
                                      "experts": ["bard", "calc"], "reward": None, "run_id": "x",
                                      "published": "2026-01-01T00:00:00Z"})
+    return report
+
+
+def test_champion_routing_reads_costs_and_lambda_from_the_champions_evaluation(tmp_path):
+    store = Store(str(tmp_path))
+    assert champion_routing(store) == (None, 0.0)  # no champion: route_file's loader reports it
+    report = _champion(store)
     assert champion_routing(store) == (None, 0.0)
     with pytest.raises(ConfigError, match="lambda 0.2: the champion's evaluation e1 has no expert costs"):
         champion_routing(store, 0.2)
@@ -371,12 +377,7 @@ def test_route_file_and_the_champion_carry_the_fallback(tmp_path):
     assert [r["expert"] for r in read(dst)] == ["calc"] * 5
     store = Store(str(tmp_path / "store"))
     assert champion_fallback(store) is None
-    report = EvalReport(evaluation="e1", labels="l1", router="r1", experts=["bard", "calc"], test_queries=0,
-                        best_single="calc", rows=[], router_share={})
-    store.write_json(report_path("e1"), report.model_dump(mode="json"))
-    store.write_json(CHAMPION_PATH, {"router": "routers/r1", "evaluation": "evaluations/e1", "labels": "l1",
-                                     "experts": ["bard", "calc"], "reward": None, "run_id": "x",
-                                     "published": "2026-01-01T00:00:00Z"})
+    report = _champion(store)
     assert champion_fallback(store) is None  # the config's default: off
     assert champion_fallback(store, 0.3) == Fallback(0.3, 1)  # an override, to the best single expert
     store.write_json(report_path("e1"), report.model_copy(update={"fallback_below": 0.4}).model_dump(mode="json"))
