@@ -5,7 +5,11 @@
         (packaged:multilingual-e5-small, prefix "query: ", max_length 256, as examples/routerdc.yaml), each with a
         random head (latency does not depend on the head's weights). `before` is the batch path that `probs` took for
         one text until it had a short path (`embed_texts` then `probs_from_features`), `after` is `probs`, both at
-        torch's default thread count; `after_1_thread` is `probs` with torch.set_num_threads(1).
+        torch's default thread count; `after_1_thread` is `probs` with torch.set_num_threads(1); `int8` is `probs`
+        of the same router loaded with `quantize="int8"` (`zooter gateway --quantize int8`).
+    (a') int8 vs float32 decisions of trained routers (`--agreement-store STORE`, repeatable: the store's champion):
+        on up to `--agreement-queries` of its labels' test queries, the share routed to the same expert and the
+        mean reward of each version's picks (the labels' combined rewards).
     (b) gateway overhead per request at concurrency 1 and 32: `zooter gateway`'s app (uvicorn, as `serve` runs it)
         in front of an instant loopback upstream (a FastAPI app that answers at once), each server in its own
         process. overhead = gateway latency - latency of the same request sent straight to the upstream, by the
@@ -103,6 +107,11 @@ def router_latency(name: str, texts: list[str], calls: int, repeats: int, tmp: P
     def after(text: str) -> object:
         return router.probs([text])
 
+    int8 = Router(tmp / name, device="cpu", quantize="int8")
+
+    def quantised(text: str) -> object:
+        return int8.probs([text])
+
     def timed(fn: Callable[[str], object], n_threads: int) -> dict[str, float]:
         torch.set_num_threads(n_threads)
         try:
@@ -120,13 +129,40 @@ def router_latency(name: str, texts: list[str], calls: int, repeats: int, tmp: P
     import numpy as np
 
     same = all(np.array_equal(before(t), after(t)) for t in texts[:20])
-    runs: dict[str, list] = {"before": [], "after": [], "after_1_thread": []}
+    runs: dict[str, list] = {"before": [], "after": [], "after_1_thread": [], "int8": []}
     for _ in range(repeats):  # interleaved, so drift on the machine hits every variant alike
         runs["before"].append(timed(before, threads))
         runs["after"].append(timed(after, threads))
         runs["after_1_thread"].append(timed(after, 1))
+        runs["int8"].append(timed(quantised, threads))
     return {"encoder": ROUTERS[name][0], "max_length": cfg.max_length, "torch_threads": threads,
             "load_s": round(load_s, 2), "same_probabilities": same} | {k: median_of(v) for k, v in runs.items()}
+
+
+def decision_agreement(store_url: str, n: int) -> dict:
+    """int8 vs float32 decisions of the store's champion on (up to) n of its test queries (a seeded sample)."""
+    import numpy as np
+    import polars as pl
+
+    from cluster.router import Router
+    from schemas.artifacts import LABELS, labels_path
+    from schemas.evaluation import read_champion
+    from schemas.store import Store
+
+    store = Store(store_url)
+    champ = read_champion(store)
+    test = pl.from_arrow(store.read_table(labels_path(champ.labels), LABELS)).filter(pl.col("split") == "test")
+    test = test.sample(min(n, test.height), seed=0)
+    rewards = np.array(test["rewards"].to_list(), dtype=float)
+    texts = test["text"].to_list()
+    picks = {}
+    for q in (None, "int8"):
+        router = Router.from_store(store, champ.router_fp, quantize=q)
+        picks[q or "float32"] = router.probs(texts).argmax(axis=1)
+    rows = np.arange(len(texts))
+    return {"router": champ.router_fp, "encoder": router.config.encoder, "queries": len(texts),
+            "same_decision": round(float((picks["float32"] == picks["int8"]).mean()), 4)} | {
+        f"mean_reward_{k}": round(float(np.nanmean(rewards[rows, v])), 4) for k, v in picks.items()}
 
 
 # --- (b) gateway overhead -----------------------------------------------------------------------------------------
@@ -278,6 +314,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="Repeats of every measurement (>= 3: medians).")
     ap.add_argument("--calls", type=int, default=200, help="Router calls per variant and repeat.")
     ap.add_argument("--requests", type=int, default=400, help="Requests per concurrency, target and repeat.")
+    ap.add_argument("--agreement-store", action="append", default=[], help="A store whose champion's int8 and "
+                    "float32 decisions are compared on its test queries (repeatable).")
+    ap.add_argument("--agreement-queries", type=int, default=1000, help="Test queries sampled per store.")
+    ap.add_argument("--skip-gateway", action="store_true", help="Measure router latency and agreement only.")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serving.json"))
     args = ap.parse_args()
 
@@ -286,7 +326,7 @@ def main() -> None:
 
     texts = queries()
     # the output path is not a result (and must not carry this machine's absolute paths)
-    res: dict = {"setup": {k: v for k, v in vars(args).items() if k != "out"} | {
+    res: dict = {"setup": {k: v for k, v in vars(args).items() if k not in ("out", "agreement_store")} | {
         "cpus": os.cpu_count(), "torch": torch.__version__, "transformers": transformers.__version__,
         "python": sys.version.split()[0], "queries": f"MT-Bench first turns ({len(texts)}, cycled)",
         "unit": "ms; every statistic is the median over the repeats"}}
@@ -295,9 +335,22 @@ def main() -> None:
         res["router_decision_batch_1"] = {name: router_latency(name, texts, args.calls, args.repeats, tmp)
                                           for name in ROUTERS}
         print(json.dumps(res["router_decision_batch_1"], indent=2), file=sys.stderr)
-        res["gateway_overhead"] = gateway_overhead(texts, args.requests, args.repeats, tmp)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
+        res["int8_agreement"] = [decision_agreement(s, args.agreement_queries) for s in args.agreement_store]
+        print(json.dumps(res["int8_agreement"], indent=2), file=sys.stderr)
+        if not args.skip_gateway:
+            res["gateway_overhead"] = gateway_overhead(texts, args.requests, args.repeats, tmp)
+    out = Path(args.out)
+    if args.skip_gateway and out.exists():  # keep the last gateway measurement
+        res["gateway_overhead"] = json.loads(out.read_text()).get("gateway_overhead")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2) + "\n")
+    from summary import record
+
+    for name, r in res["router_decision_batch_1"].items():
+        best = min(("after", "after_1_thread", "int8"), key=lambda k: r[k]["p50"])
+        record(f"router decision p50, batch 1 ({name})", r[best]["p50"], "<= 10", "ms", r[best]["p50"] <= 10,
+               {"variant": best} | {k: r[k]["p50"] for k in ("before", "after", "after_1_thread", "int8")}
+               | {"int8_agreement": [a for a in res["int8_agreement"] if a["encoder"] == r["encoder"]]})
     print(json.dumps(res, indent=2))
 
 
