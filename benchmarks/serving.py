@@ -6,10 +6,12 @@
         random head (latency does not depend on the head's weights). `before` is the batch path that `probs` took for
         one text until it had a short path (`embed_texts` then `probs_from_features`), `after` is `probs`, both at
         torch's default thread count; `after_1_thread` is `probs` with torch.set_num_threads(1); `int8` is `probs`
-        of the same router loaded with `quantize="int8"` (`zooter gateway --quantize int8`).
-    (a') int8 vs float32 decisions of trained routers (`--agreement-store STORE`, repeatable: the store's champion):
-        on up to `--agreement-queries` of its labels' test queries, the share routed to the same expert and the
-        mean reward of each version's picks (the labels' combined rewards).
+        of the same router loaded with `quantize="int8"` (`zooter gateway --quantize int8`); `onnx` and
+        `onnx_int8` load it with `runtime="onnx"` (float32, and with `quantize="int8"`: `zooter gateway --runtime
+        onnx [--quantize int8]`; the graph is exported into the model cache on first use, not timed).
+    (a') each variant's decisions vs the float32 torch router's, for trained routers (`--agreement-store STORE`,
+        repeatable: the store's champion): on up to `--agreement-queries` of its labels' test queries, the share
+        routed to the same expert and the mean reward of each version's picks (the labels' combined rewards).
     (b) gateway overhead per request at concurrency 1 and 32: `zooter gateway`'s app (uvicorn, as `serve` runs it)
         in front of an instant loopback upstream (a FastAPI app that answers at once), each server in its own
         process. overhead = gateway latency - latency of the same request sent straight to the upstream, by the
@@ -107,10 +109,9 @@ def router_latency(name: str, texts: list[str], calls: int, repeats: int, tmp: P
     def after(text: str) -> object:
         return router.probs([text])
 
-    int8 = Router(tmp / name, device="cpu", quantize="int8")
-
-    def quantised(text: str) -> object:
-        return int8.probs([text])
+    variants = {"int8": Router(tmp / name, device="cpu", quantize="int8"),
+                "onnx": Router(tmp / name, device="cpu", runtime="onnx"),
+                "onnx_int8": Router(tmp / name, device="cpu", runtime="onnx", quantize="int8")}
 
     def timed(fn: Callable[[str], object], n_threads: int) -> dict[str, float]:
         torch.set_num_threads(n_threads)
@@ -129,18 +130,22 @@ def router_latency(name: str, texts: list[str], calls: int, repeats: int, tmp: P
     import numpy as np
 
     same = all(np.array_equal(before(t), after(t)) for t in texts[:20])
-    runs: dict[str, list] = {"before": [], "after": [], "after_1_thread": [], "int8": []}
+    onnx_diff = max(float(np.abs(variants["onnx"].probs([t]) - after(t)).max()) for t in texts)
+    runs: dict[str, list] = {"before": [], "after": [], "after_1_thread": []} | {k: [] for k in variants}
     for _ in range(repeats):  # interleaved, so drift on the machine hits every variant alike
         runs["before"].append(timed(before, threads))
         runs["after"].append(timed(after, threads))
         runs["after_1_thread"].append(timed(after, 1))
-        runs["int8"].append(timed(quantised, threads))
+        for k, r in variants.items():
+            runs[k].append(timed(lambda text, r=r: r.probs([text]), threads))
     return {"encoder": ROUTERS[name][0], "max_length": cfg.max_length, "torch_threads": threads,
-            "load_s": round(load_s, 2), "same_probabilities": same} | {k: median_of(v) for k, v in runs.items()}
+            "load_s": round(load_s, 2), "same_probabilities": same,
+            "onnx_max_prob_diff": float(f"{onnx_diff:.3g}")} | {k: median_of(v) for k, v in runs.items()}
 
 
 def decision_agreement(store_url: str, n: int) -> dict:
-    """int8 vs float32 decisions of the store's champion on (up to) n of its test queries (a seeded sample)."""
+    """Each served variant's decisions vs the float32 torch router's, for the store's champion on (up to) n of its
+    test queries (a seeded sample)."""
     import numpy as np
     import polars as pl
 
@@ -156,13 +161,15 @@ def decision_agreement(store_url: str, n: int) -> dict:
     rewards = np.array(test["rewards"].to_list(), dtype=float)
     texts = test["text"].to_list()
     picks = {}
-    for q in (None, "int8"):
-        router = Router.from_store(store, champ.router_fp, quantize=q)
-        picks[q or "float32"] = router.probs(texts).argmax(axis=1)
+    for name, (q, runtime) in {"float32": (None, "torch"), "int8": ("int8", "torch"), "onnx": (None, "onnx"),
+                               "onnx_int8": ("int8", "onnx")}.items():
+        router = Router.from_store(store, champ.router_fp, quantize=q, runtime=runtime)
+        picks[name] = router.probs(texts).argmax(axis=1)
     rows = np.arange(len(texts))
-    return {"router": champ.router_fp, "encoder": router.config.encoder, "queries": len(texts),
-            "same_decision": round(float((picks["float32"] == picks["int8"]).mean()), 4)} | {
-        f"mean_reward_{k}": round(float(np.nanmean(rewards[rows, v])), 4) for k, v in picks.items()}
+    return {"router": champ.router_fp, "encoder": router.config.encoder, "queries": len(texts)} | {
+        f"same_decision_{k}": round(float((picks["float32"] == v).mean()), 4) for k, v in picks.items()
+        if k != "float32"} | {f"mean_reward_{k}": round(float(np.nanmean(rewards[rows, v])), 4)
+                              for k, v in picks.items()}
 
 
 # --- (b) gateway overhead -----------------------------------------------------------------------------------------
@@ -314,8 +321,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="Repeats of every measurement (>= 3: medians).")
     ap.add_argument("--calls", type=int, default=200, help="Router calls per variant and repeat.")
     ap.add_argument("--requests", type=int, default=400, help="Requests per concurrency, target and repeat.")
-    ap.add_argument("--agreement-store", action="append", default=[], help="A store whose champion's int8 and "
-                    "float32 decisions are compared on its test queries (repeatable).")
+    ap.add_argument("--agreement-store", action="append", default=[], help="A store whose champion's decisions "
+                    "in each variant are compared with float32 torch's on its test queries (repeatable).")
     ap.add_argument("--agreement-queries", type=int, default=1000, help="Test queries sampled per store.")
     ap.add_argument("--skip-gateway", action="store_true", help="Measure router latency and agreement only.")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serving.json"))
@@ -335,8 +342,8 @@ def main() -> None:
         res["router_decision_batch_1"] = {name: router_latency(name, texts, args.calls, args.repeats, tmp)
                                           for name in ROUTERS}
         print(json.dumps(res["router_decision_batch_1"], indent=2), file=sys.stderr)
-        res["int8_agreement"] = [decision_agreement(s, args.agreement_queries) for s in args.agreement_store]
-        print(json.dumps(res["int8_agreement"], indent=2), file=sys.stderr)
+        res["agreement"] = [decision_agreement(s, args.agreement_queries) for s in args.agreement_store]
+        print(json.dumps(res["agreement"], indent=2), file=sys.stderr)
         if not args.skip_gateway:
             res["gateway_overhead"] = gateway_overhead(texts, args.requests, args.repeats, tmp)
     out = Path(args.out)
@@ -346,11 +353,12 @@ def main() -> None:
     out.write_text(json.dumps(res, indent=2) + "\n")
     from summary import record
 
+    variants = ("before", "after", "after_1_thread", "int8", "onnx", "onnx_int8")
     for name, r in res["router_decision_batch_1"].items():
-        best = min(("after", "after_1_thread", "int8"), key=lambda k: r[k]["p50"])
+        best = min(variants[1:], key=lambda k: r[k]["p50"])
         record(f"router decision p50, batch 1 ({name})", r[best]["p50"], "<= 10", "ms", r[best]["p50"] <= 10,
-               {"variant": best} | {k: r[k]["p50"] for k in ("before", "after", "after_1_thread", "int8")}
-               | {"int8_agreement": [a for a in res["int8_agreement"] if a["encoder"] == r["encoder"]]})
+               {"variant": best} | {k: r[k]["p50"] for k in variants}
+               | {"agreement": [a for a in res["agreement"] if a["encoder"] == r["encoder"]]})
     print(json.dumps(res, indent=2))
 
 

@@ -595,14 +595,18 @@ def gateway(store: Annotated[str, typer.Option("--store", help="Store whose cham
             quantize: Annotated[Literal["int8"] | None, typer.Option(
                 "--quantize", show_default=False, help="Run the routers' encoders as dynamically quantised int8 "
                 "(CPU): faster decisions, a few of which differ from the trained router's (README, Serving).")]
-            = None) -> None:
+            = None,
+            runtime: Annotated[Literal["torch", "onnx"], typer.Option(
+                "--runtime", help="Run the routers' encoders in PyTorch or in ONNX Runtime (CPU; exported once into "
+                "the model cache; float32 gives the same decisions, faster; with --quantize int8 the fastest).")]
+            = "torch") -> None:
     """Serve an OpenAI-compatible gateway: each chat request goes to the expert the champion router picks
     (`model: zooter`, `zooter:<router fingerprint>`, `zooter:lambda=<x>`); `/v1/route` answers the decision only."""
     from flows.gateway import serve as serve_gateway
 
     messages.print(f"gateway for {store} on http://{host}:{port}/v1")
     serve_gateway(store, host, port, experts, api_key_env, timeout, with_local_experts=local_experts,
-                  quantize=quantize)
+                  quantize=quantize, runtime=runtime)
 
 
 # --- experts --------------------------------------------------------------------------------------------------

@@ -220,10 +220,10 @@ class Loaded:
         return mine.result()
 
 
-def _load_router(store: Store, fp: str, quantize: str | None = None) -> Routes:
+def _load_router(store: Store, fp: str, quantize: str | None = None, runtime: str = "torch") -> Routes:
     from cluster.router import Router  # torch + transformers: only when a router loads
 
-    return Router.from_store(store, fp, quantize)
+    return Router.from_store(store, fp, quantize, runtime)
 
 
 @dataclass(frozen=True)
@@ -580,9 +580,10 @@ def _upstream_error(expert: str, e: httpx.HTTPError) -> GatewayError:
 
 def serve(store_url: str, host: str = "127.0.0.1", port: int = 8000, experts_file: Path | None = None,
           api_key_env: str | None = None, timeout_s: float = 300.0, reload_s: float = 5.0,
-          with_local_experts: bool = False, quantize: str | None = None) -> None:
+          with_local_experts: bool = False, quantize: str | None = None, runtime: str = "torch") -> None:
     """Load the champion and the endpoints (errors here are ZooterErrors, before anything listens), then serve.
-    `quantize`: "int8" runs every router's encoder quantised (cluster.router.Router)."""
+    `quantize`: "int8" runs every router's encoder quantised; `runtime`: "onnx" runs it in ONNX Runtime
+    (cluster.router.Router)."""
     import uvicorn
 
     if not log.handlers:  # our lines beside uvicorn's, on stderr; not the root logger (httpx logs every request)
@@ -598,7 +599,7 @@ def serve(store_url: str, host: str = "127.0.0.1", port: int = 8000, experts_fil
             raise ConfigError(f"--api-key-env {api_key_env}: the environment variable is not set")
     store = Store(store_url)
     endpoints = load_endpoints(store, experts_file)
-    routers = Routers(store, functools.partial(_load_router, quantize=quantize))
+    routers = Routers(store, functools.partial(_load_router, quantize=quantize, runtime=runtime))
     with contextlib.suppress(ValueError):
         if api_key is None and not ipaddress.ip_address(host).is_loopback:
             log.warning("listening on %s with no bearer key (--api-key-env): anyone who reaches it can use it", host)

@@ -74,3 +74,42 @@ def test_an_int8_router_runs_its_encoder_quantised(tmp_path, encoder):  # noqa: 
     np.testing.assert_allclose(np.concatenate([int8.probs([t]) for t in TEXTS]), q, atol=1e-5)  # both paths
     with pytest.raises(RouterError, match="only int8 on CPU"):
         Router(tmp_path / "r", device="cpu", quantize="int4")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_an_onnx_router_gives_the_torch_routers_probabilities(tmp_path, encoder, frozen, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("ZOOTER_CACHE", str(tmp_path / "cache"))
+    cfg = RouterConfig(encoder=encoder, head_hidden=8, max_length=8, prefix="query: ", freeze_encoder=frozen)
+    saved(cfg, tmp_path / "r")
+    torch_router = Router(tmp_path / "r", device="cpu")
+    onnx = Router(tmp_path / "r", device="cpu", runtime="onnx")
+    assert onnx.onnx is not None and onnx.runtime == "onnx" and onnx.quantized is None
+    p = torch_router.probs(TEXTS)
+    np.testing.assert_allclose(onnx.probs(TEXTS), p, atol=1e-5)  # the same graph, other kernels
+    np.testing.assert_allclose(np.concatenate([onnx.probs([t]) for t in TEXTS]), p, atol=1e-5)  # batch 1 too
+    assert onnx.route(TEXTS) == torch_router.route(TEXTS)
+
+    # exported once into the model cache: a second load reads the graph, it does not export again
+    graph = onnx.onnx.path
+    assert graph.parent == tmp_path / "cache" / "onnx" and graph.name.endswith("-float32.onnx")
+    before = graph.stat().st_mtime_ns
+    again = Router(tmp_path / "r", device="cpu", runtime="onnx")
+    assert again.onnx.path == graph and graph.stat().st_mtime_ns == before
+    assert [f.name for f in graph.parent.iterdir()] == [graph.name]  # no export leftovers beside it
+
+    int8 = Router(tmp_path / "r", device="cpu", runtime="onnx", quantize="int8")
+    assert int8.quantized == "int8" and int8.onnx.path.name.endswith("-int8.onnx")
+    q = int8.probs(TEXTS)
+    assert q.shape == p.shape and np.allclose(q.sum(axis=1), 1.0)
+    np.testing.assert_allclose(q, p, atol=0.1)  # rounded weights: close, not equal
+
+
+def test_onnx_graphs_are_keyed_by_what_fixes_the_weights(tmp_path, encoder, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("ZOOTER_CACHE", str(tmp_path / "cache"))
+    # two routers on one frozen encoder share a graph; a fine-tuned encoder (other weights) gets its own
+    for name, frozen in (("a", True), ("b", True), ("c", False)):
+        saved(RouterConfig(encoder=encoder, head_hidden=8, max_length=8, freeze_encoder=frozen), tmp_path / name)
+    paths = [Router(tmp_path / n, device="cpu", runtime="onnx").onnx.path for n in "abc"]
+    assert paths[0] == paths[1] != paths[2]
+    with pytest.raises(RouterError, match="runtime 'onnx' with quantize 'int4'"):
+        Router(tmp_path / "a", device="cpu", runtime="onnx", quantize="int4")  # type: ignore[arg-type]

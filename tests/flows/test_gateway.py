@@ -391,6 +391,19 @@ def test_routers_load_once_and_keep_the_champion(store_dir):
     assert loads == list(ROUTERS) and routers.get("b2b2b2") and loads[-1] == "b2b2b2"
 
 
+def test_the_gateways_onnx_runtime_loads_champions_in_onnx_runtime(store_dir, monkeypatch, tmp_path):
+    from flows.gateway import _load_router
+
+    monkeypatch.setenv("ZOOTER_CACHE", str(tmp_path / "cache"))
+    routers = Routers(Store(str(store_dir)), lambda store, fp: _load_router(store, fp, "int8", "onnx"))
+    experts, p = ROUTERS["a1a1a1"]
+    router = routers.champion.router
+    assert router.runtime == "onnx" and router.quantized == "int8" and router.onnx is not None
+    np.testing.assert_allclose(routers.champion.probs("any text"), p, atol=1e-5)  # the head decides here
+    result = CliRunner().invoke(cli, ["gateway", "--store", str(store_dir), "--runtime", "tensorrt"])
+    assert result.exit_code == 2 and "tensorrt" in result.output
+
+
 class SlowRouter:
     """A router whose every call takes a while and records the texts it was given (one call = one batch)."""
 
