@@ -23,6 +23,7 @@ from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from cluster import models
 from schemas.artifacts import ROUTER_ENCODER, ROUTER_JSON, ROUTER_WEIGHTS, router_file
@@ -120,11 +121,15 @@ def load_encoder(path: Path) -> nn.Module:
     # above makes transformers log another check (tensor-parallel plans) on another logger.
     report = logging.getLogger("transformers.modeling_utils")
     report.addFilter(_errors_only)
+    bar = hf_logging.is_progress_bar_enabled()  # a "Loading weights" bar on stderr at every (re)load of a router
+    hf_logging.disable_progress_bar()
     try:
         # mismatched shapes: reported below (transformers would raise pointing at the report it was told not to print)
         enc, info = AutoModel.from_pretrained(path, output_loading_info=True, ignore_mismatched_sizes=True)
     finally:
         report.removeFilter(_errors_only)
+        if bar:
+            hf_logging.enable_progress_bar()
     missing = sorted(k for k in info["missing_keys"] if not k.startswith("pooler."))
     if missing or info["mismatched_keys"]:
         raise RouterError(f"{path}: the encoder checkpoint lacks weights {missing} or has mismatched shapes "

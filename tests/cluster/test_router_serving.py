@@ -44,6 +44,7 @@ def test_an_encoder_without_a_pooler_loads_without_a_report(tmp_path, capfd):
     model, _ = build(str(tmp_path / "enc"), 2, "mean")
     err = capfd.readouterr().err
     assert "LOAD REPORT" not in err and "not sharded" not in err  # nor a check that a quieter level would start
+    assert "Loading weights" not in err  # nor a progress bar at every load
     assert model.encoder.config.num_hidden_layers == 1
 
 
