@@ -18,6 +18,7 @@ from transformers import (
     StoppingCriteria,
     StoppingCriteriaList,
 )
+from transformers.utils import logging as hf_logging
 
 from cluster import models
 
@@ -32,6 +33,7 @@ def _load(auto_cls, ref: str, dtype: str, threads: int, trust_remote_code: bool,
           expect: str | None = None):
     """Tokenizer (left padding) and model, loaded once per actor. `revision`/`expect` as in `models.resolve`."""
     torch.set_num_threads(threads)
+    hf_logging.disable_progress_bar()  # an actor (or the gateway): a "Loading weights" bar per load is log noise
     path = models.resolve(ref, revision, expect)
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     tok.padding_side = "left"
