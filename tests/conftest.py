@@ -39,6 +39,7 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
         AutoTokenizer,
         BertConfig,
         BertForSequenceClassification,
+        BertModel,
         LlamaConfig,
         LlamaForCausalLM,
         LlamaForSequenceClassification,
@@ -71,7 +72,20 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     LlamaForSequenceClassification(cfg).save_pretrained(root / "rm_llama")
     tok.save_pretrained(root / "rm_llama")
     out["rm_llama"] = root / "rm_llama"
+    # a router encoder for tests whose router is not what they check: its compute and checkpoints are a fraction
+    # of MiniLM's (~12 MB, not ~270 MB per checkpoint; a fit's wall time is still mostly Ray Train's start-up)
+    torch.manual_seed(4)
+    BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=128)).save_pretrained(root / "enc")
+    tok.save_pretrained(root / "enc")
+    out["enc"] = root / "enc"
     return out
+
+
+def tiny_router(tiny_models: dict[str, Path], **changes) -> dict:
+    """A `router` section on the tiny random encoder: for a test that needs a router fitted but checks only the
+    cells, labels or decisions around it (the session's `labeled` run fine-tunes the real MiniLM)."""
+    return {"encoder": str(tiny_models["enc"]), "epochs": 2, "batch_size": 4, "max_length": 32, **changes}
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import tiny_flow_config
+from tests.conftest import tiny_flow_config, tiny_router
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -57,16 +57,20 @@ finally:
 
 
 @pytest.mark.slow
-def test_label_flow_on_a_two_node_cluster(tmp_path, tiny_models, s3_server):
+def test_label_flow_on_a_two_node_cluster(tmp_path, tiny_models, s3_server, prefect_harness):
+    from prefect.settings import PREFECT_API_URL
+
     res = {"num_cpus": 1, "batch_size": 4, "threads": 1}
     (tmp_path / "local").mkdir()
     local = tiny_flow_config(tmp_path / "local", tiny_models)
-    path = tiny_flow_config(tmp_path, tiny_models, store={"url": "s3://zooter/two-node", "options": s3_server})
+    # the router is fitted on the tiny encoder: what is checked here is where the cells were computed
+    path = tiny_flow_config(tmp_path, tiny_models, store={"url": "s3://zooter/two-node", "options": s3_server},
+                            router=tiny_router(tiny_models))
     cfg = yaml.safe_load(path.read_text())
     cfg["experts"][0]["resources"] = {**res, "pool_size": 2}
     path.write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("PREFECT_API_URL", None)  # the flow starts its own temporary Prefect API in that process
+    # the session's Prefect API (a temporary one per process costs a server start-up; the job test keeps that)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PREFECT_API_URL": PREFECT_API_URL.value()}
     # Ray's socket paths must stay under 107 bytes: a short temp dir, not pytest's
     with tempfile.TemporaryDirectory(prefix="zray-") as ray_tmp:
         # Ray's Cluster util records its address under $RAY_TMPDIR/ray: keep that in the temp dir too

@@ -1,7 +1,8 @@
 """`cluster/rayjob.yaml` as users run it: its entrypoint and runtime env, submitted through Ray's job submission API to
 a two-node cluster whose nodes share no disk (tests/clusterutil.py), with the store and the models on S3 (moto on
 127.0.0.1). The head offers no CPUs, so every stage runs on the isolated worker node; the run must reach the same
-labels, router and evaluation as a local run of the same config.
+cells, labels, router and evaluation as a local run of the same config: that run, on a copy of the cluster's store,
+finds every cell the cluster computed at the address it computes itself, so it computes none.
 """
 
 import contextlib
@@ -43,10 +44,14 @@ def _node_env(s3: dict) -> dict[str, str]:
             "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180"}
 
 
+def _client(s3: dict):
+    return boto3.client("s3", endpoint_url=s3["endpoint_url"], aws_access_key_id=s3["key"],
+                        aws_secret_access_key=s3["secret"], region_name="us-east-1")
+
+
 def _upload_models(s3: dict, tiny_models: dict[str, Path], prefix: str) -> dict[str, str]:
     """The tiny models as S3 prefixes (`model: s3://...`): the worker node cannot see the test's tmp dir."""
-    client = boto3.client("s3", endpoint_url=s3["endpoint_url"], aws_access_key_id=s3["key"],
-                          aws_secret_access_key=s3["secret"], region_name="us-east-1")
+    client = _client(s3)
     out = {}
     for name in ("lm_a", "lm_b", "rm"):
         for f in sorted(tiny_models[name].iterdir()):
@@ -77,6 +82,16 @@ def _config(base: dict, store: str, data: str, models: dict[str, str]) -> dict:
                        "max_length": 32, "cpus_per_worker": 1}}
 
 
+def _copy_store(s3: dict, src: str, dst: str) -> None:
+    """The store under s3://BUCKET/src/ copied to dst/, its run manifests left out."""
+    client = _client(s3)
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=f"{src}/"):
+        for obj in page.get("Contents", []):
+            rel = obj["Key"].removeprefix(f"{src}/")
+            if not rel.startswith("runs/"):
+                client.copy_object(Bucket=BUCKET, Key=f"{dst}/{rel}", CopySource={"Bucket": BUCKET, "Key": obj["Key"]})
+
+
 def _working_dir(dest: Path, cfg: dict) -> Path:
     """The job's working_dir, built from the checkout, with examples/cluster.yaml replaced by `cfg`."""
     for d in SOURCES:
@@ -87,12 +102,15 @@ def _working_dir(dest: Path, cfg: dict) -> Path:
 
 
 def _local_run(tmp: Path, cfg: dict, s3: dict) -> subprocess.Popen:
-    """`zooter run` of the same config on embedded Ray in a subprocess (this process has its own Ray)."""
+    """`zooter run` of the same config on embedded Ray in a subprocess (this process has its own Ray), on the
+    session's Prefect API."""
+    from prefect.settings import PREFECT_API_URL
+
     path = tmp / "local.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, **_node_env(s3), "ZOOTER_CACHE": str(tmp / "cache"), "PYTHONPATH": str(ROOT)}
-    for k in ("PREFECT_API_URL", "RAY_ADDRESS"):  # its own temporary Prefect API and embedded Ray
-        env.pop(k, None)
+    env = {**os.environ, **_node_env(s3), "ZOOTER_CACHE": str(tmp / "cache"), "PYTHONPATH": str(ROOT),
+           "PREFECT_API_URL": PREFECT_API_URL.value()}
+    env.pop("RAY_ADDRESS", None)  # its own embedded Ray
     return subprocess.Popen([str(Path(sys.prefix) / "bin" / "zooter"), "run", str(path), "--json"], cwd=tmp,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)  # its own process group: ended with its embedded Ray
@@ -116,14 +134,14 @@ def _submit_and_wait(cluster: NoSharedDiskCluster, workdir: Path, cache: Path) -
         if time.monotonic() > deadline:
             client.stop_job(job)
             break
-        time.sleep(5)
+        time.sleep(1)
     logs = client.get_job_logs(job)
     assert status == JobStatus.SUCCEEDED, f"job {job}: {status}\n{logs[-12000:]}\n{cluster.logs()}"
     return logs
 
 
 def test_submitted_job_on_a_cluster_without_shared_disk(tmp_path, tmp_path_factory, tiny_models, s3_server,
-                                                        monkeypatch, caplog):
+                                                        prefect_harness, monkeypatch, caplog):
     t0 = time.monotonic()
     caplog.set_level(logging.WARNING, logger="werkzeug")  # moto logs every request
     for k, v in AUTH.items():  # this process's job and state clients send the cluster's token
@@ -136,7 +154,6 @@ def test_submitted_job_on_a_cluster_without_shared_disk(tmp_path, tmp_path_facto
     workdir = _working_dir(tmp_path / "src", _config(base, cluster_store, "data/tiny.jsonl", models))
     local_cfg = {**_config(base, local_store, str(write_jsonl(tmp_path / "q.jsonl", QUERIES)), models),
                  "ray": {"address": None, "num_cpus": 2}}
-    local = _local_run(tmp_path, local_cfg, s3_server)
 
     cache = Path(f"/tmp/zc-cache-{run}")  # node-local model caches: the worker's is hidden behind a tmpfs
     marker = tmp_path / "only-the-head-sees-this"
@@ -159,9 +176,13 @@ def test_submitted_job_on_a_cluster_without_shared_disk(tmp_path, tmp_path_facto
 
             train_workers = list_actors(address=cluster.dashboard, filters=[("class_name", "=", "RayTrainWorker")],
                                         detail=True)
-        out, _ = local.communicate(timeout=JOB_TIMEOUT_S)
     finally:
         shutil.rmtree(cache, ignore_errors=True)
+    _copy_store(s3_server, f"cluster-{run}", f"local-{run}")
+    local = _local_run(tmp_path, local_cfg, s3_server)
+    try:
+        out, _ = local.communicate(timeout=JOB_TIMEOUT_S)
+    finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(local.pid, signal.SIGKILL)  # a failed test leaves no local run behind
     assert local.returncode == 0, out[-6000:]
@@ -181,10 +202,15 @@ def test_submitted_job_on_a_cluster_without_shared_disk(tmp_path, tmp_path_facto
     assert m["router_nodes"] == [worker]
     assert {a.node_id for a in train_workers} == {worker}
     assert m["label_rows"] == 12 and m["champion"]["decision"] == "promoted"
-    # the same run as a local one: same cells, labels, router and evaluation
-    cells = lambda x: {(s["name"], s["fingerprint"], s["rows"]) for s in x["generate"] + x["score"]}  # noqa: E731
+    # the same run as a local one: same cells (the local run computes none: each cell the cluster computed is
+    # at the local run's own address), labels, router and evaluation
+    cells = lambda x: {(s["name"], s["fingerprint"]) for s in x["generate"] + x["score"]}  # noqa: E731
     assert cells(m) == cells(expected)
+    stages = lambda x, key: {s["name"]: s[key] for s in x["generate"] + x["score"]}  # noqa: E731
+    assert stages(expected, "cells_reused") == stages(m, "cells_computed")
+    assert set(stages(expected, "cells_computed").values()) == {0}
     assert m["embed"]["fingerprint"] == expected["embed"]["fingerprint"]
+    assert (expected["embed"]["cells_computed"], expected["embed"]["cells_reused"]) == (0, m["embed"]["cells_computed"])
     for key in ("labels", "router", "evaluation"):
         assert m[key] == expected[key], key
     print(f"cluster job test: {time.monotonic() - t0:.0f} s")

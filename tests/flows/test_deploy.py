@@ -142,15 +142,16 @@ def _wait(check, what: str, limit: float, procs: list[subprocess.Popen]):
             got = None
         if got:
             return got
-        time.sleep(2)
+        time.sleep(0.5)
     pytest.fail(f"gave up waiting for {what} after {limit:.0f}s")
 
 
 @pytest.mark.slow
 def test_experts_add_event_triggers_served_relabel(tmp_path, tiny_models, labeled):
-    from tests.conftest import copy_labeled
+    from tests.conftest import copy_labeled, tiny_router
 
-    path = copy_labeled(labeled, tmp_path, tiny_models)  # a store labelled with experts a and b
+    # a store labelled with experts a and b; the triggered run fits its router on the tiny encoder (not checked here)
+    path = copy_labeled(labeled, tmp_path, tiny_models, router=tiny_router(tiny_models))
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_API_URL": api,

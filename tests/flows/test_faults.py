@@ -30,7 +30,7 @@ from schemas.artifacts import GENERATIONS, LABELS, SCORES, labels_path
 from schemas.config import load_config
 from schemas.store import Store
 from tests.conftest import QUERIES as TINY_QUERIES
-from tests.conftest import Labeled, copy_labeled, json_doc, tiny_flow_config
+from tests.conftest import Labeled, copy_labeled, json_doc, tiny_flow_config, tiny_router
 from tests.s3util import OutageS3
 
 pytestmark = pytest.mark.slow
@@ -96,6 +96,12 @@ def _kill_tree(ray_tmp: str) -> None:
                 p.kill()
 
 
+def _with_routers(labeled: Labeled, root: Path) -> None:
+    """Only the session run's routers (hard links) in the empty store at `root`: a run of the tiny config makes the
+    same labels, so it reuses that router instead of fitting one; its cells and labels are still all computed."""
+    shutil.copytree(labeled.root / "routers", root / "routers", copy_function=os.link)
+
+
 def _cli(args: list[str], env: dict, log: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=ROOT, env=env,
                             stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)  # noqa: SIM115
@@ -149,6 +155,7 @@ def test_sigkilled_run_resumes_without_recomputing_a_finished_cell(tmp_path, tin
     total = 6 + 18  # 3 shards: 6 generation + 18 score cells
     ref = labeled.outcome.manifest.model_dump(mode="json")
     root = tmp_path / "run" / "store"
+    _with_routers(labeled, root)
 
     with tempfile.TemporaryDirectory(prefix="zray-") as ray_tmp:  # Ray's socket paths must stay short
         env = _env(tmp_path, ray_tmp)
@@ -185,8 +192,8 @@ def test_sigkilled_run_resumes_without_recomputing_a_finished_cell(tmp_path, tin
 def test_s3_outage_mid_run_retries_and_the_run_completes(tmp_path, tiny_models, ray_session, prefect_harness):
     outage = OutageS3("outage")
     try:
-        path = _config(tmp_path, tiny_models, url="s3://outage/store", options=outage.options, retries=8,
-                       backoff_s=0.5)
+        path = _config(tmp_path, tiny_models, lambda c: c.update(router=tiny_router(tiny_models)),
+                       url="s3://outage/store", options=outage.options, retries=8, backoff_s=0.5)
         window: dict[str, float] = {}
 
         def cut_when_writing():
@@ -218,9 +225,10 @@ def test_s3_outage_mid_run_retries_and_the_run_completes(tmp_path, tiny_models, 
 
 # --- 4. two relabels on the same store at the same time; 5. corrupted cells ---------------------------------------
 @pytest.fixture(scope="module")
-def two_relabels(tmp_path_factory, tiny_models, prefect_harness):
+def two_relabels(tmp_path_factory, tiny_models, prefect_harness, labeled):
     tmp = tmp_path_factory.mktemp("concurrent")
     path = _config(tmp, tiny_models, lease_ttl_s=30)
+    _with_routers(labeled, tmp / "store")
     with tempfile.TemporaryDirectory(prefix="zray-") as r1, tempfile.TemporaryDirectory(prefix="zray-") as r2:
         procs = [_cli(["relabel", str(path), "--json"], _env(tmp, r), tmp / f"relabel{i}.log")
                  for i, r in enumerate((r1, r2))]
@@ -303,6 +311,7 @@ def test_nan_rewards_and_empty_answers_are_kept_flagged_and_counted(tmp_path, ti
                              "sampling": {"max_new_tokens": 4}, "resources": res})
         c["reward_models"].append({"name": "nan", "kind": "classifier", "model": str(broken_models["nan_rm"]),
                                    "dtype": "float32", "resources": res})
+        c["router"] = tiny_router(tiny_models)  # fitted on the tiny encoder: the flags and labels are checked
 
     path = _config(tmp_path, tiny_models, edit, labeled)  # a and b's cells for judge, rm and exact are reused
     m = label_flow(str(path)).manifest.model_dump(mode="json")

@@ -23,7 +23,7 @@ from tasks.ingest import write_shards
 from tasks.preflight import preflight
 from tasks.score import rm_fingerprint, run_score
 from tasks.tag import make_tagger, run_tag
-from tests.conftest import tiny_flow_config
+from tests.conftest import Labeled, tiny_flow_config
 
 pytestmark = pytest.mark.slow
 
@@ -56,21 +56,21 @@ def cells(root: Path) -> dict[str, tuple[str, pl.DataFrame]]:
 
 
 def test_pipelined_flow_makes_the_staged_orders_cells_and_scoring_overlaps_generation(tmp_path, tiny_models,
-                                                                                       ray_session, prefect_harness):
-    for d in ("piped", "staged"):
-        (tmp_path / d).mkdir()
-    m = label_flow(str(tiny_flow_config(tmp_path / "piped", tiny_models))).manifest
+                                                                                       ray_session, labeled: Labeled):
+    # the pipelined run: the session's from-scratch label flow run on the same tiny config (read, never written)
+    (tmp_path / "staged").mkdir()
+    m = labeled.outcome.manifest
     labels_fp = staged(tiny_flow_config(tmp_path / "staged", tiny_models))
 
-    piped, stepwise = cells(tmp_path / "piped" / "store"), cells(tmp_path / "staged" / "store")
+    piped, stepwise = cells(labeled.root), cells(tmp_path / "staged" / "store")
     assert sorted(piped) == sorted(stepwise)
     assert [sum(r.startswith(d) for r in piped) for d in ("generations/", "scores/")] == [2 * 3, 3 * 2 * 3]
     for rel, (fp, rows) in piped.items():
         assert fp == stepwise[rel][0], rel
         assert rows.equals(stepwise[rel][1]), rel  # greedy decoding: same answers, same scores
     assert m.labels == labels_fp
-    a, b = (pl.from_arrow(Store(str(tmp_path / d / "store")).read_table(labels_path(labels_fp), LABELS))
-            for d in ("piped", "staged"))
+    a, b = (pl.from_arrow(Store(str(root)).read_table(labels_path(labels_fp), LABELS))
+            for root in (labeled.root, tmp_path / "staged" / "store"))
     assert a.equals(b)
 
     # Recorded job times: some reward model started scoring before the last generation job ended.

@@ -8,7 +8,7 @@ import yaml
 from flows.label import label_flow
 from schemas.artifacts import LABELS, generation_path, labels_path, router_dir
 from schemas.store import Store
-from tests.conftest import copy_labeled
+from tests.conftest import copy_labeled, tiny_router
 
 pytestmark = pytest.mark.slow
 
@@ -18,7 +18,8 @@ def _computed(m: dict) -> dict[str, int]:
 
 
 def test_add_then_remove_an_expert(tmp_path, tiny_models, labeled):
-    path = copy_labeled(labeled, tmp_path, tiny_models)  # a store labelled with experts a and b
+    # a store labelled with experts a and b; each pool's router is fitted on the tiny encoder (its experts are checked)
+    path = copy_labeled(labeled, tmp_path, tiny_models, router=tiny_router(tiny_models))
     cfg = yaml.safe_load(path.read_text())
     first = labeled.outcome.manifest.model_dump(mode="json")
     assert _computed(first) == {"generate:a": 3, "generate:b": 3, "score:judge": 6, "score:rm": 6, "score:exact": 6}
