@@ -106,12 +106,14 @@ bench-scale: install
 
 # RouterDC's published scores of 7 LLMs on 5 benchmarks -> a router in .zooter/routerdc (import is idempotent),
 # then the seeds table: the same router trained with seeds 0-2, mean +- sd per task and on average (test), and on
-# each seed's validation slice (benchmarks/results/routerdc_seeds.json).
+# each seed's validation slice (benchmarks/results/routerdc_seeds.json); then the same without task labels (the
+# cluster tagger, routerdc_seeds_cluster.json: its gap to the task-tag result).
 ROUTERDC_DATA ?= ../shared/datasets/routerdc
 routerdc: install
 	$(BIN)/zooter import-scores $(ROUTERDC_DATA) --format routerdc --name routerdc --store .zooter/routerdc
 	$(BIN)/zooter train examples/routerdc.yaml
 	$(BIN)/python benchmarks/routerdc_seeds.py
+	$(BIN)/python benchmarks/routerdc_seeds.py --config examples/routerdc-cluster.yaml
 
 # The ablation behind examples/routerdc.yaml's defaults, 3 seeds a point, chosen on validation (after `make routerdc`).
 routerdc-sweep: routerdc

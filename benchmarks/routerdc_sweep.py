@@ -34,7 +34,19 @@ POINTS: dict[str, tuple[dict, dict]] = {
     "bce + 5 heads": ({"loss": "bce", "heads": 5}, {}),
     "bce + 5 heads + epoch by val reward": ({"loss": "bce", "heads": 5, "select": "reward"}, {}),
     "kl + 5 heads + epoch by val reward": ({"heads": 5, "select": "reward"}, {}),
+    "beta 0.5": ({}, {"beta": 0.5}),
+    "beta 0.1": ({}, {"beta": 0.1}),
+    "tag temperature 0.1": ({}, {"tag_temperature": 0.1}),
+    "tag temperature 0.02": ({}, {"tag_temperature": 0.02}),
+    "label temperature 0.5": ({}, {"temperature": 0.5}),
+    "label temperature 2": ({}, {"temperature": 2.0}),
+    "tag temperature 0.1 + 5 heads": ({"heads": 5}, {"tag_temperature": 0.1}),
+    "dropout 0.3": ({"dropout": 0.3}, {}),
+    "weight decay 0.01": ({"weight_decay": 0.01}, {}),
+    "10 epochs": ({"epochs": 10}, {}),
+    "kl_reverse": ({"loss": "kl_reverse"}, {}),
 }
+# select "reward" picks the epoch on the same validation slice the point is scored on: its val avg is optimistic.
 
 
 def main() -> None:
