@@ -222,7 +222,7 @@ class Router:
     from the trained router's (benchmarks/serving.py measures both). The head stays float32.
 
     `runtime="onnx"` (CPU only, opt-in): the encoder runs in ONNX Runtime (cluster/onnx_encoder.py), exported once
-    and cached; float32 gives the same features to ~1e-6, about 1.5x faster at batch 1; with `quantize="int8"` its
+    and cached; float32 gives the same features to ~1e-6, 1.7-2x faster at batch 1; with `quantize="int8"` its
     MatMuls are int8 (ORT's dynamic quantisation, not torch's): the fastest served decision."""
 
     def __init__(self, directory: str | Path, device: str | None = None, quantize: Quantize | None = None,
