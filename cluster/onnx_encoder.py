@@ -83,9 +83,12 @@ def export(encoder: nn.Module, pool_fn, pooling: str, out: Path, precision: Prec
                                   "attention_mask"], output_names=["features"], opset_version=OPSET, dynamo=False,
                                   dynamic_axes={"input_ids": {0: "batch", 1: "tokens"},
                                                 "attention_mask": {0: "batch", 1: "tokens"}})
-            opt = optimizer.optimize_model(str(raw), model_type="bert", num_heads=cfg.num_attention_heads,
-                                           hidden_size=cfg.hidden_size)
-            opt.save_model_to_file(str(fused))
+            try:  # BERT-family fusions; another encoder family keeps its unfused graph (same numbers, slower)
+                opt = optimizer.optimize_model(str(raw), model_type="bert", num_heads=cfg.num_attention_heads,
+                                               hidden_size=cfg.hidden_size)
+                opt.save_model_to_file(str(fused))
+            except Exception:  # noqa: BLE001 - fusion is an optimisation only
+                fused = raw
             if precision == "int8":
                 final = Path(tmp) / "int8.onnx"
                 # the fused ops come from ORT's own domain, which shape inference cannot type: say they are float.
