@@ -13,6 +13,7 @@ import math
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -155,17 +156,24 @@ def build_from_config(cfg: RouterConfig, n_experts: int) -> tuple[RouterModel, o
 
 @torch.inference_mode()
 def embed_texts(model: RouterModel, tok, texts: list[str], max_length: int, prefix: str = "",
-                batch_size: int = 32, progress=None) -> np.ndarray:
-    """Pooled encoder features (n, hidden), batched by length so padding stays small."""
+                batch_size: int = 32, progress=None,
+                encode: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+    """Pooled encoder features (n, hidden), batched by length so padding stays small. `encode(input_ids,
+    attention_mask)` computes a batch's features in place of `model.features` (the ONNX Runtime graph)."""
     model.eval()
+    if encode is None:
+        dev = next(model.parameters()).device
+
+        def encode(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+            return model.features(torch.from_numpy(ids).to(dev), torch.from_numpy(mask).to(dev)).float().cpu().numpy()
+
     order = np.argsort([len(t) for t in texts], kind="stable")
     out = np.zeros((len(texts), model.encoder.config.hidden_size), dtype=np.float32)
     for i in range(0, len(order), batch_size):
         idx = order[i:i + batch_size]
-        enc = tok([prefix + texts[j] for j in idx], return_tensors="pt", padding=True, truncation=True,
+        enc = tok([prefix + texts[j] for j in idx], return_tensors="np", padding=True, truncation=True,
                   max_length=max_length)
-        dev = next(model.parameters()).device
-        out[idx] = model.features(enc["input_ids"].to(dev), enc["attention_mask"].to(dev)).float().cpu().numpy()
+        out[idx] = encode(enc["input_ids"], enc["attention_mask"])
         if progress is not None:
             progress(len(idx))
     return out
@@ -306,27 +314,15 @@ class Router:
         one forward from tokens to probabilities, with no length sort, no `eval()` walk over every module, no round
         trip of the features through numpy (the model is in eval mode from loading on) and no attention mask: one
         text has no padding, and unmasked attention takes a faster kernel (e5-small: about 15 % of the call)."""
-        if self.onnx is not None:
-            return self.probs_from_features(self._onnx_features(texts, batch_size))
-        if len(texts) != 1:
-            return self.probs_from_features(embed_texts(self.model, self.tok, texts, self.config.max_length,
-                                                        self.config.prefix, batch_size))
+        if self.onnx is not None or len(texts) != 1:
+            return self.probs_from_features(embed_texts(
+                self.model, self.tok, texts, self.config.max_length, self.config.prefix, batch_size,
+                encode=self.onnx.features if self.onnx is not None else None))
         ids = self.tok(self.config.prefix + texts[0], return_tensors="pt", truncation=True,
                        max_length=self.config.max_length)["input_ids"].to(self.device)
         h = self.model.encoder(input_ids=ids).last_hidden_state
         logits = self.model.head_logits(pool(h, torch.ones_like(ids), self.model.pooling))
         return torch.softmax(logits.float(), -1).cpu().numpy()
-
-    def _onnx_features(self, texts: list[str], batch_size: int) -> np.ndarray:
-        """As embed_texts, through the ONNX graph: batched by length so padding stays small."""
-        order = np.argsort([len(t) for t in texts], kind="stable")
-        out = np.zeros((len(texts), self.model.encoder.config.hidden_size), dtype=np.float32)
-        for i in range(0, len(order), batch_size):
-            idx = order[i:i + batch_size]
-            enc = self.tok([self.config.prefix + texts[j] for j in idx], return_tensors="np", padding=True,
-                           truncation=True, max_length=self.config.max_length)
-            out[idx] = self.onnx.features(enc["input_ids"], enc["attention_mask"])
-        return out
 
     @torch.inference_mode()
     def probs_from_features(self, feats: np.ndarray) -> np.ndarray:
