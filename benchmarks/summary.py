@@ -7,6 +7,7 @@ and `make bench` ends with all of them. No machine-specific paths go in.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import tempfile
@@ -18,15 +19,19 @@ SUMMARY = Path(__file__).parent / "results" / "summary.json"
 
 def record(name: str, value: float | None, goal: str, unit: str, passed: bool | None, raw: dict[str, Any],
            path: Path = SUMMARY) -> dict[str, Any]:
-    """Add or replace the entry `name` (atomic write: a concurrent reader sees the old or the new file)."""
-    entries = json.loads(path.read_text()) if path.exists() else []
+    """Add or replace the entry `name`. Atomic (a reader sees the old or the new file) and serialised: the
+    read-modify-write holds an exclusive lock on a sibling lock file, so two benchmarks finishing at once both
+    keep their entries."""
     entry = {"name": name, "value": value, "goal": goal, "unit": unit, "passed": passed, "raw": raw}
-    entries = [e for e in entries if e["name"] != name] + [entry]
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".summary-")
-    with os.fdopen(fd, "w") as f:
-        json.dump(sorted(entries, key=lambda e: e["name"]), f, indent=2)
-        f.write("\n")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    with open(path.parent / f".{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        entries = json.loads(path.read_text()) if path.exists() else []
+        entries = [e for e in entries if e["name"] != name] + [entry]
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".summary-")
+        with os.fdopen(fd, "w") as f:
+            json.dump(sorted(entries, key=lambda e: e["name"]), f, indent=2)
+            f.write("\n")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
     return entry
