@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoTokenizer
-from transformers.utils import logging as hf_logging
 
+# transformers is imported inside the functions that load an encoder: Ray Train's controller and workers import
+# this module (through cluster.train) for every fit, and a head-only fit never needs it (~3 s per process).
 from cluster import models
 from schemas.artifacts import ROUTER_ENCODER, ROUTER_JSON, ROUTER_WEIGHTS, router_file
 from schemas.config import RouterConfig
@@ -118,6 +118,9 @@ def load_encoder(path: Path) -> nn.Module:
     leaves the pooler randomly initialised: harmless, since `pool` reads the token states and never the pooler, so
     that is not reported (transformers would print a load report on every load); any other missing or mismatched
     weight is an error."""
+    from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
+
     # The load report's logger drops warnings for this load only: a filter, since setting its level to WARNING or
     # above makes transformers log another check (tensor-parallel plans) on another logger.
     report = logging.getLogger("transformers.modeling_utils")
@@ -142,6 +145,8 @@ def build(encoder_ref: str, n_experts: int, pooling: str, head_hidden: int = 0, 
           standardize: bool = False, expect: str | None = None, heads: int = 1,
           sigmoid: bool = False) -> tuple[RouterModel, object]:
     """A fresh router on an encoder; `expect` is the encoder identity the driver fingerprinted (models.resolve)."""
+    from transformers import AutoTokenizer
+
     path = models.resolve(encoder_ref, expect=expect)
     tok = AutoTokenizer.from_pretrained(path)
     return RouterModel(load_encoder(path), n_experts, pooling, head_hidden, dropout, standardize, heads,
@@ -246,6 +251,8 @@ class Router:
             raise RouterError(f"{d / ROUTER_JSON}: not a valid router config ({'.'.join(map(str, err['loc']))}: "
                               f"{err['msg']}); retrain the router") from None
         self.experts: list[str] = self.meta["experts"]
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.tok = AutoTokenizer.from_pretrained(d / ROUTER_ENCODER)
         cfg = self.config

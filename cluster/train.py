@@ -153,6 +153,10 @@ def fit(cfg: RouterConfig, train: pa.Table, val: pa.Table, experts: list[str], l
 
     Checkpoints go to `storage_path`: a local directory, or a path inside `storage_filesystem` (a pyarrow
     filesystem wrapping the store's, so remote stores keep their endpoint and credentials)."""
+    # Ray Train's controller polls its workers every 2 s by default, and a router fit is often seconds long: each
+    # fit waited up to 2 s for its workers to be seen started and again to be seen finished. A user's setting wins
+    # (Ray Train passes the driver's value on to its controller).
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     loop = {"router": cfg, "experts": experts, "labels_fingerprint": labels_fp,
             "train": ray.put(train), "val": ray.put(val)}  # the references keep the rows alive until fit returns
     trainer = TorchTrainer(
