@@ -242,6 +242,8 @@ def main() -> None:
     ap.add_argument("--shard-size", type=int, default=100)
     ap.add_argument("--timeout", type=float, default=3600, help="Seconds one run may take.")
     ap.add_argument("--out", type=Path, default=RESULTS, help="Where the raw results go.")
+    ap.add_argument("--summary", type=Path, default=None, help="Where the goal entries go (default "
+                    "benchmarks/results/summary.json).")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--stage-requests", action="store_true", help="Only count S3 requests per cell of the stage "
                     "runner with in-process jobs (no Ray/Prefect start-up) at each size; print JSON lines.")
@@ -276,7 +278,9 @@ def main() -> None:
 
 def write_results(rows: list[dict], args: argparse.Namespace) -> None:
     sys.path.insert(0, str(Path(__file__).parent))
-    from summary import record
+    from summary import SUMMARY, record
+
+    summary = args.summary or SUMMARY
 
     out = {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "cpus": os.cpu_count(),
            "experts": args.experts, "reward_models": args.rms, "shard_size": args.shard_size,
@@ -292,15 +296,15 @@ def write_results(rows: list[dict], args: argparse.Namespace) -> None:
             goal = hi / lo * 1.1
             record(f"scale.{store}.wall_ratio_{hi}_{lo}", round(ratio, 2), f"<= {goal:g}", "x", ratio <= goal,
                    {"total_s": {q: by[q]["total_s"] for q in sizes}, "label_s": {q: by[q]["label_s"] for q in sizes},
-                    "label_ratio": round(by[hi]["label_s"] / by[lo]["label_s"], 2)})
+                    "label_ratio": round(by[hi]["label_s"] / by[lo]["label_s"], 2)}, summary)
         top = by[sizes[-1]]
         rss = top["driver_rss_mib"]
         record(f"scale.{store}.driver_rss_{sizes[-1]}", rss, "<= 2048", "MiB", rss <= 2048 if sizes[-1] >= 100_000
-               else None, {q: by[q]["driver_rss_mib"] for q in sizes})
+               else None, {q: by[q]["driver_rss_mib"] for q in sizes}, summary)
         if store == "s3":
             per = top["s3_requests_per_cell"]
             record("scale.s3.requests_per_cell", per, "<= 5", "requests", per <= 5,
-                   {q: by[q]["s3_requests_per_cell"] for q in sizes})
+                   {q: by[q]["s3_requests_per_cell"] for q in sizes}, summary)
 
 
 if __name__ == "__main__":

@@ -102,19 +102,22 @@ def alive_nodes() -> int:
 
 @ray.remote
 class ModelActor:
-    """Holds one loaded model; runs per-cell jobs against it."""
+    """Holds one loaded model and its pool's job; runs the job per key.
 
-    def __init__(self, build: Callable[[], Any]):
-        self.model = build()
+    The job comes once, with the model builder: sent with every call it would be unpickled per key, and the Store
+    it binds would rebuild its filesystem (on S3 a new client) each time."""
 
-    def run(self, job: Callable[[Any, Any], Any], key: Any) -> tuple[Any, Any]:
-        return key, job(self.model, key)
+    def __init__(self, build: Callable[[], Any], job: Callable[[Any, Any], Any]):
+        self.model, self.job = build(), job
+
+    def run(self, key: Any) -> tuple[Any, Any]:
+        return key, self.job(self.model, key)
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
 
-def _actor(build: Callable[[], Any], res: Resources, tp: int):
+def _actor(build: Callable[[], Any], job: Any, res: Resources, tp: int):
     opts: dict[str, Any] = {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus, "max_restarts": 2,
                             "max_task_retries": 2}
     pg = None
@@ -129,7 +132,7 @@ def _actor(build: Callable[[], Any], res: Resources, tp: int):
         pg = placement_group([{"GPU": 1, "CPU": 1}] * tp, strategy="PACK")
         opts.update(num_gpus=0, scheduling_strategy=PlacementGroupSchedulingStrategy(
             placement_group=pg, placement_group_capture_child_tasks=True))
-    return ModelActor.options(**opts).remote(build), pg
+    return ModelActor.options(**opts).remote(build, job), pg
 
 
 class Gate(Protocol[K]):
@@ -210,6 +213,7 @@ def run_pool(build: Callable[[], Any], job: Callable[[Any, K], Any], keys: Seque
     free: list[tuple[ActorHandle, str, float]] = []  # placed actors with no job, their node, since when placed
     running: dict[ray.ObjectRef, tuple[ActorHandle, str, float, float]] = {}  # ..., and since when in the job
     nxt: tuple[K] | None = None
+    job_ref: ray.ObjectRef | None = None
     idle_since: float | None = None
     use = usage if usage is not None else PoolUsage()
 
@@ -230,7 +234,7 @@ def run_pool(build: Callable[[], Any], job: Callable[[Any, K], Any], keys: Seque
                     if nxt is None:
                         break
                 actor, node, since = free.pop()
-                running[actor.run.remote(job, nxt[0])] = actor, node, since, time.perf_counter()
+                running[actor.run.remote(nxt[0])] = actor, node, since, time.perf_counter()
                 nxt = None
             if not started:
                 nxt = nxt or next_key()
@@ -239,7 +243,10 @@ def run_pool(build: Callable[[], Any], job: Callable[[Any, K], Any], keys: Seque
                     # them. So a pool never waits on a job queued behind an actor that cannot start: pools that
                     # compete for scarce CPUs/GPUs each finish on the actors they have, then release all of them
                     # (pending ones too) to the next.
-                    started += [_actor(build, res, tp) for _ in range(min(res.pool_size, len(remaining) + 1))]
+                    if job_ref is None:  # the job pickled once for the pool: each actor resolves the ref at start
+                        job_ref = ray.put(job)
+                    started += [_actor(build, job_ref, res, tp)
+                                for _ in range(min(res.pool_size, len(remaining) + 1))]
                     pending.update({actor.node_id.remote(): actor for actor, _ in started})
             if nxt is None and not running:
                 if not remaining:

@@ -249,6 +249,14 @@ def _run(store: Store, stage: Stage[K], leases: Leases | None, pipe: Pipeline | 
                 yield k
 
     def valid(k: K) -> bool:
+        # compute_once asks this right after taking k's lease, before k is computed: one read per computed cell,
+        # and not a redundant one. The listing above is older than the lease, and another run may have written k
+        # and given its lease back in between: a released lease leaves no trace, so nothing cheaper shows it, and
+        # a second computation would overwrite a cell that run's later stages already read (a generation is not
+        # bit-reproducible across machines). Only a proof of absence taken after the lease can replace this read:
+        # one listing of the folder after a batch of leases (a run would then hold leases ahead of its actors), or
+        # an exclusive write of the cell (If-None-Match) that fails when another run got there first (the jobs'
+        # writes and compute_once would change).
         return store.valid_cell(stage.path(k), stage.schema, stage.fingerprint)
 
     computed, by_others = compute_once(leases or store, todo, stage.path, valid, compute)

@@ -52,6 +52,15 @@ LABELS = pa.schema([
     pa.field("target", pa.list_(pa.float64()), nullable=False),  # s*(q), tag-enhanced
 ])
 
+# The test queries' scores beside the labels (aggregate reads them anyway): evaluate's per-RM columns from one
+# read instead of a second pass over every score cell.
+HELD_OUT_SCORES = pa.schema([
+    pa.field("query_id", pa.string(), nullable=False),
+    pa.field("expert", pa.string(), nullable=False),
+    pa.field("rm", pa.string(), nullable=False),
+    pa.field("score", pa.float64()),  # as in the score cell (null: no score)
+])
+
 EMBEDDINGS = pa.schema([
     pa.field("query_id", pa.string(), nullable=False),
     pa.field("vector", pa.list_(pa.float32()), nullable=False),  # pooled encoder output of prefix + text
@@ -59,7 +68,7 @@ EMBEDDINGS = pa.schema([
 
 SCHEMAS: dict[str, pa.Schema] = {
     "queries": QUERIES, "tags": TAGS, "generations": GENERATIONS, "scores": SCORES, "labels": LABELS,
-    "embeddings": EMBEDDINGS,
+    "embeddings": EMBEDDINGS, "held_out_scores": HELD_OUT_SCORES,
 }
 
 
@@ -104,6 +113,11 @@ def embeddings_path(embed_fp: str, shard: int) -> str:
 
 def labels_path(labels_fp: str) -> str:
     return f"labels/{labels_fp}/labels.parquet"
+
+
+def held_out_scores_path(labels_fp: str, scores_key: str) -> str:
+    """The labels' test scores; `scores_key` names the score cells they come from (tasks/aggregate.py)."""
+    return f"labels/{labels_fp}/test_scores-{scores_key}.parquet"
 
 
 ROUTERS_DIR = "routers"

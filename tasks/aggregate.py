@@ -15,7 +15,16 @@ from typing import Literal
 
 import polars as pl
 
-from schemas.artifacts import LABELS, fingerprint, labels_path, queries_path, score_path, tags_path
+from schemas.artifacts import (
+    HELD_OUT_SCORES,
+    LABELS,
+    fingerprint,
+    held_out_scores_path,
+    labels_path,
+    queries_path,
+    score_path,
+    tags_path,
+)
 from schemas.config import AggregateConfig
 from schemas.store import Store
 
@@ -120,37 +129,58 @@ def scan_scores(store: Store, experts: list[tuple[str, str]], sources: list[Scor
         for src in sources for name, efp in experts])
 
 
-def build_labels(store: Store, experts: list[tuple[str, str]], sources: list[ScoreSource], tagger_fp: str,
-                 shards: list[int], agg: AggregateConfig, test_fraction: float,
-                 engine: Engine = "streaming") -> pl.DataFrame:
-    """One row per query with rewards / soft / target as lists in `experts` order. `engine`: Polars' engine for
-    the plan. Streaming by default: at 10M score rows it took about half the peak memory (1.2 vs 2.1 GiB) and half
-    the CPU time of the in-memory engine (benchmarks/aggregation.py); the labels are equal to rounding (sums may run
-    in another order -- so they do between two in-memory runs as well)."""
+def scores_key(experts: list[tuple[str, str]], sources: list[ScoreSource], shards: list[int]) -> str:
+    """Names the score cells `scan_scores` reads (the test scores' file name: evaluate finds them only for its own
+    experts, RMs and shards; weights change no score)."""
+    return fingerprint({"experts": experts, "scores": [(s.rm, s.rm_fp) for s in sources], "shards": shards})
+
+
+def label_plans(store: Store, experts: list[tuple[str, str]], sources: list[ScoreSource], tagger_fp: str,
+                shards: list[int], agg: AggregateConfig, test_fraction: float) -> tuple[pl.LazyFrame, pl.LazyFrame]:
+    """(labels, test scores) over one scan of the score cells: one row per query with rewards / soft / target as
+    lists in `experts` order; and (query_id, expert, rm, score) of the test split's queries (HELD_OUT_SCORES)."""
     q = store.scan([queries_path(s) for s in shards]).select("query_id", "text", "split").collect()
     q = q.with_columns(pl.col("split").fill_null(pl.Series(hash_split(q["query_id"].to_list(), test_fraction))))
     tags = store.scan([tags_path(tagger_fp, s) for s in shards])
     queries = q.lazy().join(tags, on="query_id", how="left").with_columns(
         pl.col("tags").fill_null(pl.lit([], dtype=pl.List(pl.String))))
-    rewards = combine(scan_scores(store, experts, sources, shards))
+    scores = scan_scores(store, experts, sources, shards)  # remote cells: fetched once, here
+    rewards = combine(scores)
     target = tag_enhance(softmax(rewards, agg.temperature), queries, agg.beta, agg.tag_temperature)
     order = pl.DataFrame({"expert": [n for n, _ in experts], "_i": list(range(len(experts)))}).lazy()
     wide = (target.join(order, on="expert").sort("query_id", "_i")
             .group_by("query_id", maintain_order=True)
             .agg(pl.col("reward").alias("rewards"), pl.col("soft"), pl.col("target"), pl.len().alias("_n"))
             .filter(pl.col("_n") == len(experts)).drop("_n"))
-    return (queries.join(wide, on="query_id").select(LABELS.names).sort("query_id").collect(engine=engine))
+    test = (scores.join(q.lazy().filter(pl.col("split") == "test").select("query_id"), on="query_id")
+            .select(HELD_OUT_SCORES.names))
+    return queries.join(wide, on="query_id").select(LABELS.names).sort("query_id"), test
+
+
+def build_labels(store: Store, experts: list[tuple[str, str]], sources: list[ScoreSource], tagger_fp: str,
+                 shards: list[int], agg: AggregateConfig, test_fraction: float,
+                 engine: Engine = "streaming") -> pl.DataFrame:
+    """The labels (`label_plans`). `engine`: Polars' engine for the plan. Streaming by default: at 10M score rows it
+    took about half the peak memory (1.2 vs 2.1 GiB) and half the CPU time of the in-memory engine
+    (benchmarks/aggregation.py); the labels are equal to rounding (sums may run in another order -- so they do
+    between two in-memory runs as well)."""
+    return label_plans(store, experts, sources, tagger_fp, shards, agg, test_fraction)[0].collect(engine=engine)
 
 
 def run_aggregate(store: Store, experts: list[tuple[str, str]], sources: list[ScoreSource], tagger_fp: str,
                   shards: list[int], agg: AggregateConfig, test_fraction: float) -> tuple[str, int]:
-    """Write the labels artifact unless it exists; returns (labels fingerprint, rows)."""
+    """Write the labels artifact unless it exists, and beside it the test queries' scores (`held_out_scores_path`:
+    evaluate reads them there instead of every score cell again); returns (labels fingerprint, rows)."""
     fp = labels_fingerprint(experts, sources, tagger_fp, shards, agg, test_fraction)
     rel = labels_path(fp)
     if store.valid_cell(rel, LABELS, fp):
         return fp, store.read_meta(rel)["rows"]
-    df = build_labels(store, experts, sources, tagger_fp, shards, agg, test_fraction)
-    store.write_table(rel, df.to_arrow(), LABELS, {
+    df, test = pl.collect_all(label_plans(store, experts, sources, tagger_fp, shards, agg, test_fraction),
+                              engine="streaming")
+    key = scores_key(experts, sources, shards)
+    store.write_table(held_out_scores_path(fp, key), test.to_arrow(), HELD_OUT_SCORES,
+                      {"stage": "held_out_scores", "fingerprint": key, "labels": fp, "rows": test.height})
+    store.write_table(rel, df.to_arrow(), LABELS, {  # last: labels that exist have their test scores
         "stage": "labels", "fingerprint": fp, "experts": [n for n, _ in experts],
         "expert_fingerprints": dict(experts), "scores": [s.__dict__ for s in sources], "tagger": tagger_fp,
         **agg.model_dump(mode="json"), "test_fraction": test_fraction, "rows": df.height})

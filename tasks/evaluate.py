@@ -26,6 +26,7 @@ Without costs, or when every expert costs the same, lambda changes nothing: ther
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from functools import partial
 
@@ -33,12 +34,21 @@ import numpy as np
 import polars as pl
 
 from cluster.router import Router
-from schemas.artifacts import LABELS, curve_path, fingerprint, labels_path, report_path, router_dir
+from schemas.artifacts import (
+    HELD_OUT_SCORES,
+    LABELS,
+    curve_path,
+    fingerprint,
+    held_out_scores_path,
+    labels_path,
+    report_path,
+    router_dir,
+)
 from schemas.config import FlowConfig, TrainConfig
 from schemas.errors import ArtifactError, ConfigError
 from schemas.evaluation import CostCurve, CurvePoint, EvalReport, PerTag, StrategyRow, Validation, read_report
 from schemas.store import Store
-from tasks.aggregate import ScoreSource, scan_scores, train_val
+from tasks.aggregate import ScoreSource, scan_scores, scores_key, train_val
 from tasks.calibrate import point
 from tasks.diagnostics import diagnostics
 from tasks.diagnostics import to_markdown as diagnostics_markdown
@@ -47,6 +57,8 @@ from tasks.train_router import with_features
 
 CODE_VERSION = 3  # 2: typed report (per-RM means under `rm`, no `by_tag`); 3: validation slice, diagnostics
 CURVE_STEPS = 41  # router points: lambda 0, then 40 geometric steps up to lambda_max
+
+log = logging.getLogger("zooter.evaluate")
 
 
 def expert_costs(cfg: FlowConfig | TrainConfig) -> dict[str, float] | None:
@@ -319,17 +331,20 @@ def run_evaluate(store: Store, labels_fp: str, router_fp: str, sources: list[Sco
         raise ArtifactError(f"{store.uri(router_dir(router_fp))}: trained for experts {router.experts}, but labels "
                             f"{labels_fp} have {names}")
 
-    def router_probs(rows: pl.DataFrame) -> np.ndarray:
-        if embed_fp and router.config.freeze_encoder and rows.height:
-            return router.probs_from_features(np.array(with_features(store, rows, embed_fp)["vector"].to_list()))
-        return router.probs(rows["text"].to_list()) if rows.height else np.zeros((0, len(names)))
-
-    probs = router_probs(test)
     fit_rows, val = train_val(labels, router.config.seed)
-    validation = validate(val, fit_rows, router_probs(val), router.config.seed, fallback_below)
-    scores = (scan_scores(store, experts, sources, shards)
-              .join(test.lazy().select("query_id"), on="query_id").select("query_id", "expert", "rm", "score")
-              .collect())
+    features: list[np.ndarray] = []
+    if embed_fp and router.config.freeze_encoder and test.height + val.height:  # embeddings read once for both
+        x = np.array(with_features(store, pl.concat([test, val]), embed_fp)["vector"].to_list())
+        features = [x[:test.height], x[test.height:]]
+
+    def router_probs(rows: pl.DataFrame, i: int) -> np.ndarray:
+        if not rows.height:
+            return np.zeros((0, len(names)))
+        return router.probs_from_features(features[i]) if features else router.probs(rows["text"].to_list())
+
+    probs = router_probs(test, 0)
+    validation = validate(val, fit_rows, router_probs(val, 1), router.config.seed, fallback_below)
+    scores = held_out_scores(store, labels_fp, test, experts, sources, shards)
     report = evaluate(test, train, names, probs, scores, evaluation=fp, labels=labels_fp, router=router_fp,
                       costs=costs and {e: costs[e] for e in names}, lam=lam, validation=validation,
                       fallback_below=fallback_below)
@@ -341,3 +356,17 @@ def run_evaluate(store: Store, labels_fp: str, router_fp: str, sources: list[Sco
         store.write_bytes(curve_path(fp), plot_cost_curve(report.curve, report.lam))
     store.write_json(report_path(fp), report.model_dump(mode="json"))  # last: the report exists when this does
     return fp, report
+
+
+def held_out_scores(store: Store, labels_fp: str, test: pl.DataFrame, experts: list[tuple[str, str]],
+                    sources: list[ScoreSource], shards: list[int]) -> pl.DataFrame:
+    """(query_id, expert, rm, score) of the `test` label rows: from the file aggregate wrote beside the labels (one
+    read), else (labels written before it did so, or not by `run_aggregate`) from every score cell again."""
+    rel = held_out_scores_path(labels_fp, scores_key(experts, sources, shards))
+    try:
+        scores = pl.from_arrow(store.read_table(rel, HELD_OUT_SCORES)).lazy()
+    except ArtifactError as e:
+        log.info("%s; reading the score cells instead", e)
+        scores = scan_scores(store, experts, sources, shards)
+    return (scores.join(test.lazy().select("query_id"), on="query_id").select("query_id", "expert", "rm", "score")
+            .collect())

@@ -43,9 +43,9 @@ def test_concurrent_pools_wanting_more_cpus_than_the_cluster_has_all_finish(ray_
 def test_a_pool_finishes_on_its_placed_actor_when_the_other_can_never_be_placed(ray_session, tmp_path, monkeypatch):
     made = []
 
-    def actor(build, res, tp):  # the second actor asks for a resource no node has
+    def actor(build, job, res, tp):  # the second actor asks for a resource no node has
         opts = {"num_cpus": 1, **({"resources": {"absent": 1}} if made else {})}
-        made.append(ModelActor.options(**opts).remote(build))
+        made.append(ModelActor.options(**opts).remote(build, job))
         return made[-1], None
 
     monkeypatch.setattr(cluster.pool, "_actor", actor)
@@ -64,6 +64,28 @@ def test_a_pool_finishes_on_its_placed_actor_when_the_other_can_never_be_placed(
 def test_a_pool_whose_claims_all_fail_starts_no_actor(ray_session, monkeypatch):
     monkeypatch.setattr(cluster.pool, "_actor", lambda *a: pytest.fail("an actor was started"))
     assert list(run_pool(build_model, record, [1, 2], Resources(pool_size=2), claim=lambda k: False)) == []
+
+
+class CountedJob:
+    """A job that notes in `log` every time it is unpickled, i.e. sent to an actor."""
+
+    def __init__(self, log: Path):
+        self.log = log
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        with self.log.open("a") as f:
+            f.write("unpickled\n")
+
+    def __call__(self, model: str, key: object) -> str:
+        return f"{model}:{key}"
+
+
+def test_a_pool_sends_its_job_to_each_actor_once(ray_session, tmp_path):
+    log = tmp_path / "unpickled.txt"
+    out = dict(run_pool(build_model, CountedJob(log), list(range(6)), Resources(num_cpus=1, pool_size=1)))
+    assert out == {k: f"m:{k}" for k in range(6)}
+    assert log.read_text().split() == ["unpickled"]  # one actor, six keys: one copy of the job (and its Store)
 
 
 def _in_threads(pools: dict[str, Callable[[], Iterator]], timeout_s: float = 180) -> dict[str, list]:

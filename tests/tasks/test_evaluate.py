@@ -1,18 +1,31 @@
 """evaluate: strategies, costs and MTR on a hand-made table; the typed report and what is rendered from it; the
-quality-cost curve (hull, AIQ, cost to target) by hand."""
+quality-cost curve (hull, AIQ, cost to target) by hand; the test scores aggregate leaves beside the labels."""
 
 import json
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 import pytest
 
-from schemas.artifacts import report_path
-from schemas.config import FlowConfig, TrainConfig
+from schemas.artifacts import (
+    LABELS,
+    QUERIES,
+    SCORES,
+    TAGS,
+    held_out_scores_path,
+    labels_path,
+    queries_path,
+    report_path,
+    score_path,
+    tags_path,
+)
+from schemas.config import AggregateConfig, FlowConfig, TrainConfig
 from schemas.errors import ArtifactError
 from schemas.evaluation import EvalReport, read_report
 from schemas.store import Store
-from tasks.evaluate import aiq, cost_to_reach, evaluate, expert_costs, hull, to_markdown, validate
+from tasks.aggregate import ScoreSource, run_aggregate, scan_scores, scores_key
+from tasks.evaluate import aiq, cost_to_reach, evaluate, expert_costs, held_out_scores, hull, to_markdown, validate
 from tasks.plots import bar_chart, plot_cost_curve
 
 EXPERTS = ["a", "b"]
@@ -171,3 +184,37 @@ def test_validation_slice_numbers_by_hand_and_in_the_report():
     assert EvalReport.model_validate_json(rep.model_dump_json()).validation == v
     assert "Validation slice (3 training queries held out by seed 3" in to_markdown(rep)
     assert _report().val_reward is None  # reports from before evaluation code 3
+
+
+def test_held_out_scores_come_from_aggregate_and_equal_a_scan_of_the_score_cells(tmp_path, caplog):
+    store = Store(str(tmp_path))
+    experts, shards = [("a", "fa"), ("b", "fb")], [0, 1]
+    sources = [ScoreSource("rm", "r1", 1.0), ScoreSource("judge", "j1", 0.5)]
+    for s in shards:
+        ids = [f"q{s}{i}" for i in range(4)]
+        store.write_table(queries_path(s), pa.table({
+            "query_id": ids, "text": ids, "input_tags": [[]] * 4, "reference": [None] * 4,
+            "split": ["train", "test", "test", None], "source_line": [1, 2, 3, 4]}), QUERIES)
+        store.write_table(tags_path("tg", s), pa.table({"query_id": ids, "tags": [["t"]] * 4}), TAGS)
+        for src in sources:
+            for e, efp in experts:
+                store.write_table(score_path(src.rm, src.rm_fp, e, efp, s), pa.table({
+                    "query_id": ids, "score": [None if src.rm == "judge" and i == 1 else float(i + s + len(e))
+                                               for i in range(4)], "flag": [None] * 4}), SCORES)
+    labels_fp, _ = run_aggregate(store, experts, sources, "tg", shards, AggregateConfig(), 0.5)
+    labels = pl.from_arrow(store.read_table(labels_path(labels_fp), LABELS))
+    test = labels.filter(pl.col("split") == "test")
+    cols = ["query_id", "expert", "rm"]
+    scanned = (scan_scores(store, experts, sources, shards).join(test.lazy().select("query_id"), on="query_id")
+               .select(*cols, "score").collect().sort(cols))
+    assert scanned.height == test.height * 4 and scanned["score"].null_count() == 2 * len(shards)
+
+    caplog.set_level("INFO", logger="zooter.evaluate")
+    from_file = held_out_scores(store, labels_fp, test, experts, sources, shards).sort(cols)
+    assert from_file.equals(scanned) and not caplog.records  # the file aggregate wrote, not the cells
+    # other RMs than the labels were made from: not that file (its name says which cells it holds)
+    one = held_out_scores(store, labels_fp, test, experts, sources[:1], shards)
+    assert set(one["rm"]) == {"rm"} and "missing" in caplog.text
+    # labels written before the file existed (or by other code): the score cells, the same frame
+    store.delete(held_out_scores_path(labels_fp, scores_key(experts, sources, shards)))
+    assert held_out_scores(store, labels_fp, test, experts, sources, shards).sort(cols).equals(scanned)
