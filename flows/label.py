@@ -1,4 +1,4 @@
-"""The label flow: the whole Zooter DAG as one Prefect flow. Wiring only; every step lives in tasks/.
+r"""The label flow: the whole Zooter DAG as one Prefect flow. Wiring only; every step lives in tasks/.
 
 ingest -> generate[expert 1..N] -> score[RM 1..K] -> aggregate -> train_router -> evaluate -> publish
        \-> tag, embed ----------------------------/
