@@ -1,11 +1,16 @@
-"""benchmarks/routerdc_seeds.py: where each config's results go, and the seeds summary (mean, sd with ddof 1)."""
+"""benchmarks/routerdc_seeds.py: where each config's results go, and the seeds summary (mean, sd with ddof 1);
+benchmarks/routerdc_cv.py: its folds, its fold-only tag prior and its in-process fit (= Ray Train's)."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
+import numpy as np
+import polars as pl
 import pytest
+
+from schemas.config import AggregateConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from routerdc_seeds import CONFIG, ROOT, results_path, summarise  # noqa: E402
@@ -26,3 +31,66 @@ def test_summarise_mean_and_sample_sd() -> None:
     assert s["val_avg"] == {"mean": pytest.approx(2.0), "sd": pytest.approx(1.0)}
     assert s["test"]["b"] == {"mean": pytest.approx(24.0), "sd": pytest.approx(4.0)}
     assert summarise(runs[:1])["test_avg"]["sd"] == 0.0  # one seed: no spread, not NaN
+
+
+# --- benchmarks/routerdc_cv.py: K-fold selection --------------------------------------------------------------
+
+def test_folds_cover_every_query_once_balanced_per_stratum_and_drawn_by_the_seed() -> None:
+    from routerdc_cv import folds
+
+    ids = pl.Series([f"q{i}" for i in range(103)])
+    strata = pl.Series(["a"] * 61 + ["b"] * 42)
+    f = folds(ids, strata, 5, seed=0)
+    assert f.len() == 103 and set(f.to_list()) == set(range(5))  # one fold per query, every fold used
+    sizes = pl.DataFrame({"s": strata, "f": f}).group_by("s", "f").len()
+    assert sizes.group_by("s").agg((pl.col("len").max() - pl.col("len").min()).alias("d"))["d"].max() <= 1
+    assert f.equals(folds(ids, strata, 5, seed=0))  # deterministic
+    assert not f.equals(folds(ids, strata, 5, seed=1))  # another seed deals other folds
+
+
+def test_refit_targets_take_the_tag_prior_from_the_fit_rows_only() -> None:
+    from routerdc_cv import refit_targets
+
+    rows = pl.DataFrame({"query_id": ["a", "b", "c", "d"], "tags": [["t"], ["t"], ["t"], []],
+                         "rewards": [[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [1.0, 0.0]],
+                         "soft": [[0.8, 0.2], [0.4, 0.6], [0.0, 1.0], [0.7, 0.3]], "target": [[0.0, 0.0]] * 4})
+    agg = AggregateConfig(beta=0.3, temperature=1.0, tag_temperature=None)
+    fit = pl.Series([True, True, False, True])
+    got = refit_targets(rows, fit, agg)
+    assert got.columns == rows.columns and got["query_id"].to_list() == ["a", "b", "c", "d"]
+    prior = [0.6, 0.4]  # mean soft of the fit rows tagged t (a, b): c is held out
+    want = [[0.3 * s + 0.7 * p for s, p in zip(soft, prior, strict=True)] for soft in rows["soft"].to_list()[:3]]
+    np.testing.assert_allclose(got["target"].to_list()[:3], want)
+    assert got["target"].to_list()[3] == pytest.approx([0.7, 0.3])  # untagged: its own soft label
+    moved = rows.with_columns(pl.Series("soft", [[0.8, 0.2], [0.4, 0.6], [1.0, 0.0], [0.7, 0.3]]))
+    np.testing.assert_allclose(refit_targets(moved, fit, agg)["target"].to_list()[:2], want[:2])  # no leak
+
+
+def test_in_process_fit_is_ray_trains_fit(tmp_path, ray_session) -> None:
+    """The CV's in-process head training is cluster.train.fit's loop: the same best checkpoint, then Ray's
+    session API is back (the patch does not outlive the fit)."""
+    import ray.train
+    import torch
+    from routerdc_cv import in_process
+
+    from cluster.train import fit, train_loop
+    from schemas.config import RouterConfig
+
+    rng = np.random.default_rng(0)
+    x, r = rng.normal(size=(48, 6)), rng.random((48, 3))
+    t = np.exp(r * 3) / np.exp(r * 3).sum(1, keepdims=True)
+    df = pl.DataFrame({"vector": x.tolist(), "target": t.tolist(), "rewards": r.tolist(), "tags": [["a"]] * 48})
+    train, val = df[:36], df[36:]
+    cfg = RouterConfig(freeze_encoder=True, head_hidden=8, epochs=4, batch_size=8, lr=0.01, cpus_per_worker=1)
+    want, _, _ = fit(cfg, train.select("vector", "target").to_arrow(), val.to_arrow(), ["e0", "e1", "e2"], "x",
+                     str(tmp_path))
+    best: dict = {}
+    loop = {"router": cfg, "experts": ["e0", "e1", "e2"], "labels_fingerprint": "x",
+            "train": ray.put(train.select("vector", "target").to_arrow()), "val": ray.put(val.to_arrow())}
+    with in_process(best):
+        train_loop(loop)
+    assert best["epoch"] == want["epoch"]
+    for k, v in want["model"].items():
+        torch.testing.assert_close(best["model"][k], v)
+    with pytest.raises(RuntimeError):
+        ray.train.get_context()

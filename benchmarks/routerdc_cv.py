@@ -1,0 +1,265 @@
+"""K-fold cross-validation over RouterDC's training split: how the sweep's points and a cluster tagger's k are
+chosen, since one 15 % validation slice per seed (9-21 HumanEval queries) makes every choice noise.
+
+For each seed, the training split's queries are dealt into K folds (hash-ranked within each task, so every fold
+holds its share of every task); each fold is scored once by a head trained on the other K - 1 folds, which also
+pick its epoch on it, as the validation slice does in `train_router`. A point's score is the mean over folds and
+seeds of the validation average (mean over tasks of the routed expert's credit, `tasks.evaluate.validate`); every
+training query is validated exactly once per seed. Points are compared with their reference (the same config
+without the change) fold by fold: the paired difference's mean and spread. The test split only reports: the
+chosen points are then trained as `zooter train` trains them (the whole training split less the seed's 15 %
+validation slice, the labels' own targets; in this process, as below) and their test average printed beside.
+
+Two things differ from `train_router`, on purpose:
+- the tag prior s_t of the fold's training targets is recomputed from its training folds only
+  (`tasks.aggregate.tag_enhance`): the labels' prior averages over every training query, the held-out fold too,
+  which leaks that fold's rewards into the targets (the more so, the smaller the tags: cluster k);
+- the head is fitted in this process (`cluster.train.train_loop`, Ray Train's session calls answered locally for
+  one worker, one thread): no trainer, worker process or checkpoint files for each of a point's 15 fits; the loop,
+  its seed and its batches are Ray Train's (tests/test_routerdc_seeds.py: the same best checkpoint).
+
+    python benchmarks/routerdc_cv.py [--folds 5] [--seeds 3] [--only NAME ...] [--test NAME ...]
+    -> benchmarks/results/routerdc_cv.json and a Markdown table on stdout (after `make routerdc`)
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import ray
+import ray.train
+import ray.train.torch
+import torch
+
+from cluster.train import _setup, train_loop
+from schemas.artifacts import LABELS, labels_path
+from schemas.config import AggregateConfig, RouterConfig
+from tasks.aggregate import run_aggregate, tag_enhance, train_val
+from tasks.evaluate import validate
+from tasks.train_router import bce_targets, with_features
+
+sys.path.insert(0, str(Path(__file__).parent))
+from routerdc_seeds import CONFIG, ROOT, Setup, setup  # noqa: E402
+
+FOLDS = 5
+CLUSTER = ROOT / "examples/routerdc-cluster.yaml"
+OUT = ROOT / "benchmarks/results/routerdc_cv.json"
+
+
+def folds(ids: pl.Series, strata: pl.Series, k: int, seed: int) -> pl.Series:
+    """Each query's fold (0..k-1): queries ranked by a hash of (seed, id) within their stratum, dealt in turn, so
+    folds differ in size by at most one per stratum; stable across Polars versions (sha256, not Polars' hash)."""
+    h = [int(hashlib.sha256(f"cv:{seed}:{q}".encode()).hexdigest()[:12], 16) for q in ids.to_list()]
+    df = pl.DataFrame({"s": strata, "h": pl.Series(h, dtype=pl.UInt64)})
+    return df.select((pl.col("h").rank("ordinal").over("s") - 1) % k)["h"].cast(pl.Int32).rename("fold")
+
+
+def refit_targets(rows: pl.DataFrame, fit: pl.Series, agg: AggregateConfig) -> pl.DataFrame:
+    """`rows` (labels) with `target` recomputed with the tag prior taken from the rows where `fit` is true only."""
+    long = (rows.select("query_id", "rewards", "soft", pl.int_ranges(pl.col("rewards").list.len()).alias("expert"))
+            .explode("rewards", "soft", "expert").rename({"rewards": "reward"}))
+    split = pl.when(fit).then(pl.lit("train")).otherwise(pl.lit("held")).alias("split")
+    queries = rows.select("query_id", "tags", split)
+    target = (tag_enhance(long.lazy(), queries.lazy(), agg.beta, agg.tag_temperature)
+              .sort("query_id", "expert").group_by("query_id", maintain_order=True).agg("target").collect())
+    return rows.drop("target").join(target, on="query_id", how="left", maintain_order="left").select(rows.columns)
+
+
+@contextmanager
+def in_process(best: dict) -> Iterator[None]:
+    """Run `cluster.train.train_loop` here as Ray Train's only worker (rank 0, no data-loader or model wrapping,
+    which one worker does not get either); `best` receives the latest (= best) checkpoint's payload."""
+    class Context:
+        @staticmethod
+        def get_world_rank() -> int:
+            return 0
+
+    def report(metrics: dict, checkpoint: ray.train.Checkpoint | None = None) -> None:
+        if checkpoint is not None:  # its directory is temporary: read it now
+            best.update(torch.load(Path(checkpoint.path) / "checkpoint.pt", map_location="cpu", weights_only=False))
+
+    saved = ray.train.get_context, ray.train.report, ray.train.torch.prepare_data_loader, ray.train.torch.prepare_model
+    ray.train.get_context, ray.train.report = lambda: Context, report
+    ray.train.torch.prepare_data_loader = ray.train.torch.prepare_model = lambda x: x
+    try:
+        yield
+    finally:
+        (ray.train.get_context, ray.train.report, ray.train.torch.prepare_data_loader,
+         ray.train.torch.prepare_model) = saved
+
+
+def fit_probs(cfg: RouterConfig, fit_rows: pl.DataFrame, val: pl.DataFrame, experts: list[str],
+              *others: pl.DataFrame) -> list[np.ndarray]:
+    """Train a frozen-encoder head on `fit_rows` (vector, target), its epoch chosen on `val` (vector, target,
+    rewards, tags) as train_router does; the best epoch's probabilities on `val` and on each of `others`."""
+    best: dict = {}
+    loop = {"router": cfg, "experts": experts, "labels_fingerprint": "cv",
+            "train": ray.put(fit_rows.select("vector", "target").to_arrow()),
+            "val": ray.put(val.select("vector", "target", "rewards", "tags").to_arrow())}
+    with in_process(best):
+        train_loop(loop)
+    head, _, _ = _setup(cfg, len(experts), fit_rows, val)
+    head.load_state_dict(best["model"])
+    with torch.no_grad():
+        return [torch.softmax(head.eval().head_logits(torch.tensor(np.array(d["vector"].to_list(), dtype=np.float32))),
+                              -1).numpy() for d in (val, *others)]
+
+
+def labels(s: Setup, agg: AggregateConfig) -> tuple[pl.DataFrame, pl.DataFrame, list[str]]:
+    """(labels with the setup's tags and the embed step's `vector`, the same rows with task tags, the experts),
+    sorted by query id: the router trains on the first, is measured per task on the second."""
+    labels_fp, _ = run_aggregate(s.store, s.experts, s.sources, s.tagger_fp, s.shards, agg, s.cfg.test_fraction)
+    eval_fp = labels_fp if s.eval_tagger_fp == s.tagger_fp else run_aggregate(
+        s.store, s.experts, s.sources, s.eval_tagger_fp, s.shards, agg, s.cfg.test_fraction)[0]
+    read = lambda fp: pl.from_arrow(s.store.read_table(labels_path(fp), LABELS)).sort("query_id")  # noqa: E731
+    rows, by_task = read(labels_fp), read(eval_fp)
+    if not rows["query_id"].equals(by_task["query_id"]):  # same queries, same rewards: only the tags differ
+        raise ValueError(f"labels {labels_fp} and {eval_fp} hold other queries")
+    return with_features(s.store, rows, s.embed_fp), by_task, s.store.read_meta(labels_path(labels_fp))["experts"]
+
+
+def targets(cfg: RouterConfig, agg: AggregateConfig, fit_rows: pl.DataFrame, *rows: pl.DataFrame) -> list:
+    """bce: every frame's targets from its rewards, tag-enhanced with `fit_rows`' means (as train_router does)."""
+    return [bce_targets(fit_rows, d, agg.beta) for d in (fit_rows, *rows)] if cfg.loss == "bce" else [fit_rows, *rows]
+
+
+def fold_cfg(router: RouterConfig, seed: int) -> RouterConfig:
+    # one thread: on 2 shared cores, 2 OpenMP threads fitted 3.5x slower (measured); not in a router's fingerprint
+    return router.model_copy(update={"seed": seed, "cpus_per_worker": 1})
+
+
+def report_seed(s: Setup, router: RouterConfig, agg: AggregateConfig, seed: int) -> dict:
+    """The router `zooter train` would train (its seed's 15 % validation slice, the labels' own targets), fitted in
+    this process; its validation and test averages (percent, per task). Report only: nothing is chosen on it."""
+    rows, by_task, experts = labels(s, agg)
+    fit_mask, val_mask = (rows["query_id"].is_in(d["query_id"].implode()) for d in train_val(rows, seed))
+    test_mask = rows["split"] == "test"
+    fit_rows, val, test = targets(router, agg, *(rows.filter(m) for m in (fit_mask, val_mask, test_mask)))
+    pv, pt = fit_probs(fold_cfg(router, seed), fit_rows, val, experts, test)
+    fit_t = by_task.filter(fit_mask)
+    return {"seed": seed, "val_avg": 100 * validate(by_task.filter(val_mask), fit_t, pv, seed).tag_average,
+            "test_avg": 100 * validate(by_task.filter(test_mask), fit_t, pt, seed).tag_average}
+
+
+def cv_seed(s: Setup, router: RouterConfig, agg: AggregateConfig, seed: int, k: int) -> list[float]:
+    """The validation average (percent) of each of the k folds of the training split, for one seed."""
+    rows, by_task, experts = labels(s, agg)
+    train = rows["split"] == "train"
+    rows, by_task = rows.filter(train), by_task.filter(train)
+    fold = folds(rows["query_id"], by_task["tags"].list.first(), k, seed)
+    out = []
+    for f in range(k):
+        held = fold == f
+        fit_rows, val = targets(router, agg, *(refit_targets(rows, ~held, agg).filter(m) for m in (~held, held)))
+        probs, = fit_probs(fold_cfg(router, seed), fit_rows, val, experts)
+        out.append(100 * validate(by_task.filter(held), by_task.filter(~held), probs, seed).tag_average)
+    return out
+
+
+# name -> (config, tagger changes, router changes, aggregate changes, reference point for the paired difference)
+Point = tuple[Path, dict, dict, dict, str]
+BASE, CBASE = "task tags: config (examples/routerdc.yaml)", "cluster k 16: config (examples/routerdc-cluster.yaml)"
+POINTS: dict[str, Point] = {
+    BASE: (CONFIG, {}, {}, {}, BASE),
+    "task tags: tag temperature 0.1": (CONFIG, {}, {}, {"tag_temperature": 0.1}, BASE),
+    "task tags: 5 heads": (CONFIG, {}, {"heads": 5}, {}, BASE),
+    "task tags: label temperature 0.5": (CONFIG, {}, {}, {"temperature": 0.5}, BASE),
+    "task tags: bce + 5 heads": (CONFIG, {}, {"loss": "bce", "heads": 5}, {}, BASE),
+    "task tags: label temperature 2": (CONFIG, {}, {}, {"temperature": 2.0}, BASE),
+    CBASE: (CLUSTER, {}, {}, {}, BASE),  # paired against the task tags: the tagger's gap on CV
+    "cluster k 8": (CLUSTER, {"k": 8}, {}, {}, CBASE),
+    "cluster k 32": (CLUSTER, {"k": 32}, {}, {}, CBASE),
+    "cluster k 48": (CLUSTER, {"k": 48}, {}, {}, CBASE),
+    "cluster k 16: tag temperature 0.1": (CLUSTER, {}, {}, {"tag_temperature": 0.1}, CBASE),
+    "cluster k 16: 5 heads": (CLUSTER, {}, {"heads": 5}, {}, CBASE),
+}
+
+
+def paired(scores: list[float], ref: list[float]) -> dict[str, float]:
+    """The point minus its reference, fold by fold (same seeds, same folds): mean, sd (ddof 1) and the mean's
+    standard error."""
+    d = np.array(scores) - np.array(ref)
+    sd = float(np.std(d, ddof=1)) if len(d) > 1 else 0.0
+    return {"mean": float(d.mean()), "sd": sd, "se": sd / np.sqrt(len(d))}
+
+
+def ms(xs: list[float]) -> dict[str, float]:
+    return {"mean": float(np.mean(xs)), "sd": float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
+    ap.add_argument("--folds", type=int, default=FOLDS, help="K: folds of the training split per seed")
+    ap.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1: each draws its folds and its heads' init")
+    ap.add_argument("--only", nargs="*", help="run only the points whose name contains one of these")
+    ap.add_argument("--test", nargs="*", default=[], help="points (name substrings) whose test average to report")
+    args = ap.parse_args()
+    old = json.loads(OUT.read_text()) if OUT.exists() else {}
+    same = old.get("folds") == args.folds and old.get("seeds") == args.seeds
+    done: dict[str, dict] = {p["name"]: p for p in old.get("points", [])} if same else {}  # earlier runs are kept
+    setups: dict[tuple[str, str], Setup] = {}
+    mine: set[str] = set()  # the points this run computes: for the others, the file (other runs) wins
+
+    def setup_for(name: str) -> Setup:
+        config, tagger = POINTS[name][:2]
+        key = (str(config), json.dumps(tagger))
+        if key not in setups:
+            setups[key] = setup(config, tagger or None)
+        return setups[key]
+
+    def save() -> None:
+        if OUT.exists() and (now := json.loads(OUT.read_text())).get("folds") == args.folds and \
+                now.get("seeds") == args.seeds:  # points another run wrote meanwhile are kept
+            done.update({p["name"]: p for p in now["points"] if p["name"] not in mine})
+        points = [done[n] for n in POINTS if n in done]  # config order
+        for p in points:
+            ref = done.get(POINTS[p["name"]][4])
+            p["vs_reference"] = paired(p["cv"], ref["cv"]) if ref and p["name"] != ref["name"] else None
+        tmp = OUT.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"folds": args.folds, "seeds": args.seeds, "points": points}, indent=2) + "\n")
+        tmp.replace(OUT)
+
+    for name, (_, tagger, r, a, ref) in POINTS.items():
+        if name in done or (args.only and not any(o in name for o in args.only)):
+            continue
+        s, t = setup_for(name), time.perf_counter()
+        mine.add(name)
+        router, agg = s.cfg.router.model_copy(update=r), s.cfg.aggregate.model_copy(update=a)
+        per_seed = [cv_seed(s, router, agg, seed, args.folds) for seed in range(args.seeds)]
+        cv = [v for fs in per_seed for v in fs]
+        done[name] = {"name": name, "tagger": tagger, "router": r, "aggregate": a, "reference": ref,
+                      "cv_avg": ms(cv), "cv_per_seed": [float(np.mean(fs)) for fs in per_seed], "cv": cv,
+                      "seconds": round(time.perf_counter() - t, 1)}
+        save()
+        print(json.dumps({k: done[name][k] for k in ("name", "cv_avg", "seconds")}), flush=True)
+    for name in POINTS:
+        if name in done and any(o in name for o in args.test) and "test_avg" not in done[name]:
+            s, _, _, r, a, _ = setup_for(name), *POINTS[name]
+            mine.add(name)
+            runs = [report_seed(s, s.cfg.router.model_copy(update=r), s.cfg.aggregate.model_copy(update=a), seed)
+                    for seed in range(args.seeds)]
+            done[name] |= {"test_avg": ms([x["test_avg"] for x in runs]), "test_runs": runs}
+            save()
+            print(json.dumps({k: done[name][k] for k in ("name", "test_avg")}), flush=True)
+    save()
+    points = json.loads(OUT.read_text())["points"]
+    f = lambda m: f"{m['mean']:+.2f} ± {m['sd']:.2f} (se {m['se']:.2f})" if m else "reference"  # noqa: E731
+    print(f"| point | CV avg ({args.folds} folds x {args.seeds} seeds) | vs reference, paired | test avg |\n"
+          "|---|---|---|---|")
+    for p in points:
+        c, test = p["cv_avg"], p.get("test_avg")
+        print(f"| {p['name']} | {c['mean']:.2f} ± {c['sd']:.2f} | {f(p['vs_reference'])} | "
+              + (f"{test['mean']:.2f} ± {test['sd']:.2f} |" if test else "|"))
+
+
+if __name__ == "__main__":
+    main()
