@@ -124,3 +124,14 @@ def test_fit_trains_an_ensemble_of_bce_heads_and_selects_the_epoch_by_validation
     best = max(history, key=lambda h: h["val_reward"])
     assert payload["epoch"] == best["epoch"] and best["val_reward"] > 0.8  # a separable task is learnt
     assert {"heads.0.weight", "heads.2.bias"} <= set(payload["model"])  # three linear heads
+
+
+def test_ray_train_workers_import_no_transformers_for_a_head_only_fit():
+    """Ray Train's controller and every worker import cluster.train per fit: transformers (~3 s on 2 cores) must
+    not come with it; it is imported where an encoder loads."""
+    import subprocess
+    import sys
+
+    code = "import sys, cluster.train; print('transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
