@@ -48,7 +48,7 @@ from tasks.evaluate import validate
 from tasks.train_router import bce_targets, with_features
 
 sys.path.insert(0, str(Path(__file__).parent))
-from routerdc_seeds import CONFIG, ROOT, Setup, setup  # noqa: E402
+from routerdc_seeds import CONFIG, ROOT, Setup, ms, setup  # noqa: E402
 
 FOLDS = 5
 CLUSTER = ROOT / "examples/routerdc-cluster.yaml"
@@ -114,7 +114,10 @@ def fit_probs(cfg: RouterConfig, fit_rows: pl.DataFrame, val: pl.DataFrame, expe
                               -1).numpy() for d in (val, *others)]
 
 
-def labels(s: Setup, agg: AggregateConfig) -> tuple[pl.DataFrame, pl.DataFrame, list[str]]:
+Labels = tuple[pl.DataFrame, pl.DataFrame, list[str]]  # what `labels` returns
+
+
+def labels(s: Setup, agg: AggregateConfig) -> Labels:
     """(labels with the setup's tags and the embed step's `vector`, the same rows with task tags, the experts),
     sorted by query id: the router trains on the first, is measured per task on the second."""
     labels_fp, _ = run_aggregate(s.store, s.experts, s.sources, s.tagger_fp, s.shards, agg, s.cfg.test_fraction)
@@ -137,10 +140,11 @@ def fold_cfg(router: RouterConfig, seed: int) -> RouterConfig:
     return router.model_copy(update={"seed": seed, "cpus_per_worker": 1})
 
 
-def report_seed(s: Setup, router: RouterConfig, agg: AggregateConfig, seed: int) -> dict:
+def report_seed(data: Labels, router: RouterConfig, agg: AggregateConfig, seed: int) -> dict:
     """The router `zooter train` would train (its seed's 15 % validation slice, the labels' own targets), fitted in
-    this process; its validation and test averages (percent, per task). Report only: nothing is chosen on it."""
-    rows, by_task, experts = labels(s, agg)
+    this process, on `data` (`labels`); its validation and test averages (percent, per task). Report only: nothing
+    is chosen on it."""
+    rows, by_task, experts = data
     fit_mask, val_mask = (rows["query_id"].is_in(d["query_id"].implode()) for d in train_val(rows, seed))
     test_mask = rows["split"] == "test"
     fit_rows, val, test = targets(router, agg, *(rows.filter(m) for m in (fit_mask, val_mask, test_mask)))
@@ -150,9 +154,9 @@ def report_seed(s: Setup, router: RouterConfig, agg: AggregateConfig, seed: int)
             "test_avg": 100 * validate(by_task.filter(test_mask), fit_t, pt, seed).tag_average}
 
 
-def cv_seed(s: Setup, router: RouterConfig, agg: AggregateConfig, seed: int, k: int) -> list[float]:
-    """The validation average (percent) of each of the k folds of the training split, for one seed."""
-    rows, by_task, experts = labels(s, agg)
+def cv_seed(data: Labels, router: RouterConfig, agg: AggregateConfig, seed: int, k: int) -> list[float]:
+    """The validation average (percent) of each of the k folds of `data`'s training split (`labels`), one seed."""
+    rows, by_task, experts = data
     train = rows["split"] == "train"
     rows, by_task = rows.filter(train), by_task.filter(train)
     fold = folds(rows["query_id"], by_task["tags"].list.first(), k, seed)
@@ -190,10 +194,6 @@ def paired(scores: list[float], ref: list[float]) -> dict[str, float]:
     d = np.array(scores) - np.array(ref)
     sd = float(np.std(d, ddof=1)) if len(d) > 1 else 0.0
     return {"mean": float(d.mean()), "sd": sd, "se": sd / np.sqrt(len(d))}
-
-
-def ms(xs: list[float]) -> dict[str, float]:
-    return {"mean": float(np.mean(xs)), "sd": float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0}
 
 
 def main() -> None:
@@ -234,7 +234,8 @@ def main() -> None:
         s, t = setup_for(name), time.perf_counter()
         mine.add(name)
         router, agg = s.cfg.router.model_copy(update=r), s.cfg.aggregate.model_copy(update=a)
-        per_seed = [cv_seed(s, router, agg, seed, args.folds) for seed in range(args.seeds)]
+        data = labels(s, agg)  # read once: every seed and fold reuses them
+        per_seed = [cv_seed(data, router, agg, seed, args.folds) for seed in range(args.seeds)]
         cv = [v for fs in per_seed for v in fs]
         done[name] = {"name": name, "tagger": tagger, "router": r, "aggregate": a, "reference": ref,
                       "cv_avg": ms(cv), "cv_per_seed": [float(np.mean(fs)) for fs in per_seed], "cv": cv,
@@ -245,8 +246,9 @@ def main() -> None:
         if name in done and any(o in name for o in args.test) and "test_avg" not in done[name]:
             s, _, _, r, a, _ = setup_for(name), *POINTS[name]
             mine.add(name)
-            runs = [report_seed(s, s.cfg.router.model_copy(update=r), s.cfg.aggregate.model_copy(update=a), seed)
-                    for seed in range(args.seeds)]
+            router, agg = s.cfg.router.model_copy(update=r), s.cfg.aggregate.model_copy(update=a)
+            data = labels(s, agg)
+            runs = [report_seed(data, router, agg, seed) for seed in range(args.seeds)]
             done[name] |= {"test_avg": ms([x["test_avg"] for x in runs]), "test_runs": runs}
             save()
             print(json.dumps({k: done[name][k] for k in ("name", "test_avg")}), flush=True)

@@ -96,11 +96,13 @@ def one_seed(s: Setup, router: RouterConfig, agg: AggregateConfig, seed: int) ->
             "seconds": round(time.perf_counter() - t, 1), "report": rep}
 
 
+def ms(xs: list[float]) -> dict[str, float]:
+    """mean and sd (ddof 1; 0 for a single value)."""
+    return {"mean": float(np.mean(xs)), "sd": float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0}
+
+
 def summarise(runs: list[dict]) -> dict:
     """mean and sd (ddof 1) of every number across seeds: per task on test, test average, validation average."""
-    def ms(xs: list[float]) -> dict[str, float]:
-        return {"mean": float(np.mean(xs)), "sd": float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0}
-
     tasks = list(runs[0]["test"])
     return {"seeds": [r["seed"] for r in runs], "val_avg": ms([r["val_avg"] for r in runs]),
             "test_avg": ms([r["test_avg"] for r in runs]),
