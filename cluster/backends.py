@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -22,6 +23,17 @@ from cluster import models
 from schemas.config import ExpertSpec, RewardSpec, RouterConfig
 
 log = logging.getLogger("zooter.backends")
+
+
+@dataclass
+class Generation:
+    """One expert answer, whatever the backend. Defined here, not in cluster/hf.py, so that the endpoint and
+    synthetic backends (and `zooter validate`, which checks endpoints) never import torch."""
+
+    response: str
+    prompt_tokens: int
+    new_tokens: int
+    finish_reason: str
 
 
 class Fallback:

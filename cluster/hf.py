@@ -8,8 +8,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from transformers import (
     AutoModelForCausalLM,
@@ -21,6 +19,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from cluster import models
+from cluster.backends import Generation
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -65,14 +64,6 @@ class _StopStrings(StoppingCriteria):
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kw) -> torch.Tensor:
         texts = self.tok.batch_decode(input_ids[:, self.prompt_len:], skip_special_tokens=True)
         return torch.tensor([any(s in t for s in self.stop) for t in texts], device=input_ids.device)
-
-
-@dataclass
-class Generation:
-    response: str
-    prompt_tokens: int
-    new_tokens: int
-    finish_reason: str
 
 
 class HFGenerator:

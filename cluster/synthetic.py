@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from dataclasses import dataclass
+
+from cluster.backends import Generation
 
 # Words of the made-up answers: enough variety that answers differ in text and length.
 WORDS = ("the", "answer", "is", "a", "model", "query", "because", "first", "then", "result", "value", "so",
@@ -23,14 +24,6 @@ def _digest(*parts: str) -> bytes:
         h.update(p.encode("utf-8", "surrogatepass"))
         h.update(b"\0")
     return h.digest()
-
-
-@dataclass
-class Generation:  # the fields of cluster/hf.py's Generation, without importing torch into the actor
-    response: str
-    prompt_tokens: int
-    new_tokens: int
-    finish_reason: str
 
 
 class SyntheticGenerator:

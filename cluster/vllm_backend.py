@@ -12,7 +12,8 @@ import os
 import torch
 
 from cluster import models
-from cluster.hf import Generation, render_chat
+from cluster.backends import Generation
+from cluster.hf import render_chat
 
 # The CPU build's default KV cache takes a fraction of RAM that does not fit beside other actors; 1 GiB also
 # cuts engine start from ~11 s to ~2 s. A user's own setting wins.

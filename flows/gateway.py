@@ -63,7 +63,7 @@ from tasks.records import visible
 from tasks.route import Fallback, Routes, choose
 
 if TYPE_CHECKING:
-    from cluster.hf import Generation
+    from cluster.backends import Generation
 
 log = logging.getLogger("zooter.gateway")
 MODEL = "zooter"  # the model name clients send

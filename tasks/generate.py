@@ -25,7 +25,7 @@ from schemas.leases import Leases
 from schemas.store import Store
 
 if TYPE_CHECKING:
-    from cluster.hf import Generation
+    from cluster.backends import Generation
 
 CODE_VERSION = 1  # bump when a change here alters generated text
 # ExpertSpec fields outside a local (hf/vllm) expert's fingerprint: identity is hashed as `weights`; the rest

@@ -68,6 +68,15 @@ def test_validate_result_on_stdout(config):
                    "store": str(config.parent / "store")}
 
 
+def test_commands_that_load_no_model_import_no_torch():
+    """`zooter validate` (preflight checks endpoints too), `experts` and the CLI itself load no model: importing
+    torch and transformers would cost them ~8 s of start-up on 2 cores."""
+    code = ("import sys, flows.cli, tasks.preflight, tasks.experts\n"
+            "print(sorted({'torch', 'transformers'} & set(sys.modules)))")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "[]", res.stdout + res.stderr
+
+
 def test_bad_input_exits_2_with_one_error_line_and_a_json_error(config):
     (config.parent / "q.jsonl").unlink()
     res = zooter("validate", str(config), "--json")
