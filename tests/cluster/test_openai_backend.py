@@ -19,17 +19,17 @@ import time
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import polars as pl
 import pytest
 
 from cluster.backends import generator_builder
 from cluster.openai_backend import EndpointUnavailable, OpenAIGenerator
-from schemas.artifacts import GENERATIONS, generation_path
+from schemas.artifacts import generation_path
 from schemas.config import ConfigError, DataConfig, ExpertSpec, load_config
 from schemas.store import Store
 from tasks.generate import expert_fingerprint, generate_cell, run_generate
 from tasks.ingest import read_queries, write_shards
 from tasks.preflight import preflight
+from tests.cluster.conftest import generate_cells
 from tests.conftest import write_jsonl
 from tests.tasks.test_preflight import config
 
@@ -303,24 +303,10 @@ def vllm_server(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed (make install)")
-def test_greedy_cells_equal_the_in_process_vllm_backend(tmp_path, vllm_server, ray_session):
-    from tests.conftest import QUERIES as ROWS
-
-    store = Store(str(tmp_path / "store"))
-    data = DataConfig(path=str(write_jsonl(tmp_path / "q.jsonl", ROWS)), id_field="id", limit=6)
-    write_shards(store, read_queries(data), shard_size=3)
-    sampling = {"max_new_tokens": 16}
-    local = ExpertSpec(name="smol-vllm", model="packaged:smollm2-135m-instruct", backend="vllm", dtype="float32",
-                       max_model_len=512, sampling=sampling, resources=RES)
+def test_greedy_cells_equal_the_in_process_vllm_backend(vllm_server, vllm_store, smol_vllm, ray_session):
+    local, want = smol_vllm  # the in-process vllm backend's cells of the same model (tests/cluster/conftest.py)
     remote = ExpertSpec(name="smol-remote", model=SERVED, backend="openai", base_url=vllm_server,
-                        sampling=sampling, resources=RES)
-
-    def cells(expert: ExpertSpec) -> pl.DataFrame:
-        res = run_generate(store, expert, [0, 1])
-        assert len(res.computed) == 2
-        return pl.concat([pl.from_arrow(store.read_table(generation_path(expert.name, res.fingerprint, s),
-                                                         GENERATIONS)) for s in (0, 1)]).sort("query_id")
-
-    got, want = cells(remote), cells(local)
-    assert got.height == 6 and (got["new_tokens"] > 0).all()
+                        sampling=local.sampling, resources=RES)
+    got = generate_cells(vllm_store, remote)
+    assert got.height == 8 and (got["new_tokens"] > 0).all()
     assert got.to_dicts() == want.to_dicts()

