@@ -45,6 +45,7 @@ from schemas.artifacts import LABELS, labels_path
 from schemas.config import AggregateConfig, RouterConfig
 from tasks.aggregate import run_aggregate, tag_enhance, train_val
 from tasks.evaluate import validate
+from tasks.route import choose
 from tasks.train_router import bce_targets, with_features
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -140,18 +141,41 @@ def fold_cfg(router: RouterConfig, seed: int) -> RouterConfig:
     return router.model_copy(update={"seed": seed, "cpus_per_worker": 1})
 
 
-def report_seed(data: Labels, router: RouterConfig, agg: AggregateConfig, seed: int) -> dict:
+def report_seed(data: Labels, router: RouterConfig, agg: AggregateConfig, seed: int,
+                credits: list[np.ndarray] | None = None) -> dict:
     """The router `zooter train` would train (its seed's 15 % validation slice, the labels' own targets), fitted in
     this process, on `data` (`labels`); its validation and test averages (percent, per task). Report only: nothing
-    is chosen on it."""
+    is chosen on it. `credits` (if given) receives each test query's credit under the router's pick, by query id."""
     rows, by_task, experts = data
     fit_mask, val_mask = (rows["query_id"].is_in(d["query_id"].implode()) for d in train_val(rows, seed))
     test_mask = rows["split"] == "test"
     fit_rows, val, test = targets(router, agg, *(rows.filter(m) for m in (fit_mask, val_mask, test_mask)))
     pv, pt = fit_probs(fold_cfg(router, seed), fit_rows, val, experts, test)
-    fit_t = by_task.filter(fit_mask)
+    fit_t, test_t = by_task.filter(fit_mask), by_task.filter(test_mask)
+    if credits is not None:
+        rewards = np.array(test_t["rewards"].to_list(), dtype=float)
+        credits.append(rewards[np.arange(len(pt)), choose(pt, None, 0.0)])  # validate's pick: the plain argmax
     return {"seed": seed, "val_avg": 100 * validate(by_task.filter(val_mask), fit_t, pv, seed).tag_average,
-            "test_avg": 100 * validate(by_task.filter(test_mask), fit_t, pt, seed).tag_average}
+            "test_avg": 100 * validate(test_t, fit_t, pt, seed).tag_average}
+
+
+def paired_test_gap(a: list[np.ndarray], b: list[np.ndarray], tasks: pl.Series, boot: int = 2000) -> dict:
+    """Point a minus point b on the test split (percent), paired query by query and averaged over seeds (`a`, `b`:
+    one credit array per seed, the same queries in the same order), with the spread the test split's own sampling
+    adds: a bootstrap that redraws each task's test queries (with replacement, the same draw for both points) and
+    recomputes the difference of the task averages. The seeds' sd leaves that spread out."""
+    d = np.mean(a, axis=0) - np.mean(b, axis=0)
+    rng = np.random.default_rng(0)
+    per_task, draws = [], []
+    for t in tasks.unique().sort():
+        dt = d[(tasks == t).to_numpy()]
+        per_task.append(float(dt.mean()))
+        draws.append(dt[rng.integers(0, len(dt), (boot, len(dt)))].mean(axis=1))
+    dist = 100 * np.mean(draws, axis=0)
+    seeds = [100 * float(np.mean([(x - y)[(tasks == t).to_numpy()].mean() for t in tasks.unique().sort()]))
+             for x, y in zip(a, b, strict=True)]
+    return {"gap": 100 * float(np.mean(per_task)), "per_seed": seeds, "boot_sd": float(dist.std(ddof=1)),
+            "ci95": [float(np.percentile(dist, 2.5)), float(np.percentile(dist, 97.5))], "boot": boot}
 
 
 def cv_seed(data: Labels, router: RouterConfig, agg: AggregateConfig, seed: int, k: int) -> list[float]:
@@ -174,6 +198,13 @@ Point = tuple[Path, dict, dict, dict, str]
 BASE, CBASE = "task tags: config (examples/routerdc.yaml)", "cluster k 16: config (examples/routerdc-cluster.yaml)"
 POINTS: dict[str, Point] = {
     BASE: (CONFIG, {}, {}, {}, BASE),
+    # the ablation behind the defaults: what the sharp tag prior, beta and the head each buy
+    "task tags: β 0 (tag prior only)": (CONFIG, {}, {}, {"beta": 0.0}, BASE),
+    "task tags: β 1 (no tag prior)": (CONFIG, {}, {}, {"beta": 1.0}, BASE),
+    "task tags: the paper's prior (mean of s(q))": (CONFIG, {}, {}, {"tag_temperature": None}, BASE),
+    "task tags: linear head": (CONFIG, {}, {"head_hidden": 0}, {}, BASE),
+    "task tags: hard loss": (CONFIG, {}, {"loss": "hard"}, {}, BASE),
+    "task tags: kl_reverse": (CONFIG, {}, {"loss": "kl_reverse"}, {}, BASE),
     "task tags: tag temperature 0.1": (CONFIG, {}, {}, {"tag_temperature": 0.1}, BASE),
     "task tags: 5 heads": (CONFIG, {}, {"heads": 5}, {}, BASE),
     "task tags: label temperature 0.5": (CONFIG, {}, {}, {"temperature": 0.5}, BASE),
@@ -202,10 +233,15 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1: each draws its folds and its heads' init")
     ap.add_argument("--only", nargs="*", help="run only the points whose name contains one of these")
     ap.add_argument("--test", nargs="*", default=[], help="points (name substrings) whose test average to report")
+    ap.add_argument("--gap", nargs=2, metavar=("A", "B"), help="two points (exact names): A minus B on the test "
+                    "split, paired per query, with a bootstrap over the test queries (test_gaps in the results)")
     args = ap.parse_args()
+    if args.gap and (unknown := [n for n in args.gap if n not in POINTS]):  # before any work
+        ap.error(f"--gap: no point named {unknown} (names: {list(POINTS)})")
     old = json.loads(OUT.read_text()) if OUT.exists() else {}
     same = old.get("folds") == args.folds and old.get("seeds") == args.seeds
     done: dict[str, dict] = {p["name"]: p for p in old.get("points", [])} if same else {}  # earlier runs are kept
+    gaps: dict[str, dict] = {g["name"]: g for g in old.get("test_gaps", [])} if same else {}
     setups: dict[tuple[str, str], Setup] = {}
     mine: set[str] = set()  # the points this run computes: for the others, the file (other runs) wins
 
@@ -220,12 +256,14 @@ def main() -> None:
         if OUT.exists() and (now := json.loads(OUT.read_text())).get("folds") == args.folds and \
                 now.get("seeds") == args.seeds:  # points another run wrote meanwhile are kept
             done.update({p["name"]: p for p in now["points"] if p["name"] not in mine})
+            gaps.update({g["name"]: g for g in now.get("test_gaps", []) if g["name"] not in mine})
         points = [done[n] for n in POINTS if n in done]  # config order
         for p in points:
             ref = done.get(POINTS[p["name"]][4])
             p["vs_reference"] = paired(p["cv"], ref["cv"]) if ref and p["name"] != ref["name"] else None
         tmp = OUT.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"folds": args.folds, "seeds": args.seeds, "points": points}, indent=2) + "\n")
+        tmp.write_text(json.dumps({"folds": args.folds, "seeds": args.seeds, "points": points,
+                                   "test_gaps": list(gaps.values())}, indent=2) + "\n")
         tmp.replace(OUT)
 
     for name, (_, tagger, r, a, ref) in POINTS.items():
@@ -252,6 +290,24 @@ def main() -> None:
             done[name] |= {"test_avg": ms([x["test_avg"] for x in runs]), "test_runs": runs}
             save()
             print(json.dumps({k: done[name][k] for k in ("name", "test_avg")}), flush=True)
+    gap_name = f"{args.gap[0]} minus {args.gap[1]}" if args.gap else None
+    if args.gap and gap_name not in gaps:  # like the points: a rerun computes it only when it is missing
+        credits: dict[str, list[np.ndarray]] = {}
+        ids: pl.Series | None = None
+        for name in args.gap:
+            s, _, _, r, a, _ = setup_for(name), *POINTS[name]
+            router, agg = s.cfg.router.model_copy(update=r), s.cfg.aggregate.model_copy(update=a)
+            data = labels(s, agg)
+            credits[name] = []
+            for seed in range(args.seeds):
+                report_seed(data, router, agg, seed, credits[name])
+            test = data[1].filter(data[1]["split"] == "test")
+            if ids is not None and not test["query_id"].equals(ids):
+                raise SystemExit(f"--gap: {args.gap} route different test queries")
+            ids, tasks = test["query_id"], test["tags"].list.first()
+        mine.add(gap_name)
+        gaps[gap_name] = {"name": gap_name, **paired_test_gap(*credits.values(), tasks)}
+        print(json.dumps(gaps[gap_name]), flush=True)
     save()
     points = json.loads(OUT.read_text())["points"]
     f = lambda m: f"{m['mean']:+.2f} ± {m['sd']:.2f} (se {m['se']:.2f})" if m else "reference"  # noqa: E731
@@ -261,6 +317,10 @@ def main() -> None:
         c, test = p["cv_avg"], p.get("test_avg")
         print(f"| {p['name']} | {c['mean']:.2f} ± {c['sd']:.2f} | {f(p['vs_reference'])} | "
               + (f"{test['mean']:.2f} ± {test['sd']:.2f} |" if test else "|"))
+    for g in json.loads(OUT.read_text()).get("test_gaps", []):
+        print(f"\n{g['name']} on test: {g['gap']:+.2f} (bootstrap over the test queries: sd {g['boot_sd']:.2f}, "
+              f"95 % interval [{g['ci95'][0]:+.2f}, {g['ci95'][1]:+.2f}]; per seed "
+              + ", ".join(f"{x:+.2f}" for x in g["per_seed"]) + ")")
 
 
 if __name__ == "__main__":

@@ -66,6 +66,22 @@ def test_refit_targets_take_the_tag_prior_from_the_fit_rows_only() -> None:
     np.testing.assert_allclose(refit_targets(moved, fit, agg)["target"].to_list()[:2], want[:2])  # no leak
 
 
+def test_paired_test_gap_averages_tasks_and_seeds_and_resamples_within_tasks() -> None:
+    from routerdc_cv import paired_test_gap
+
+    tasks = pl.Series(["x", "x", "y", "y", "y", "y"])
+    a = [np.array([1, 0, 1, 1, 0, 0.0]), np.array([1, 1, 1, 0, 0, 0.0])]
+    b = [np.array([0, 0, 1, 1, 0, 0.0]), np.array([0, 0, 1, 1, 0, 0.0])]
+    got = paired_test_gap(a, b, tasks, boot=500)
+    # seed 0: x +0.5, y 0 -> +25; seed 1: x +1.0, y -0.25 -> +37.5; the gap is their mean, task by task
+    assert got["per_seed"] == pytest.approx([25.0, 37.5]) and got["gap"] == pytest.approx(31.25)
+    lo, hi = got["ci95"]
+    assert lo <= got["gap"] <= hi and got["boot_sd"] > 0
+    same = paired_test_gap(a, a, tasks)  # a point against itself: no gap and no spread
+    assert same["gap"] == 0 and same["boot_sd"] == 0 and same["ci95"] == [0, 0]
+    assert paired_test_gap(a, b, tasks, boot=500) == got  # the bootstrap's draw is fixed
+
+
 def test_in_process_fit_is_ray_trains_fit(tmp_path, ray_session) -> None:
     """The CV's in-process head training is cluster.train.fit's loop: the same best checkpoint, then Ray's
     session API is back (the patch does not outlive the fit)."""
