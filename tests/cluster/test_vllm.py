@@ -20,7 +20,6 @@ pytestmark = [
 
 # Documented threshold: at least 3 of 4 prompts agree on the first 8 greedy tokens (fp32). Measured: see README.
 PARITY_TOKENS, PARITY_SHARE = 8, 0.75
-RES = VLLM_RES
 
 
 def test_vllm_cells_validate_like_hf_cells(vllm_store, smol_vllm):
@@ -56,7 +55,7 @@ def test_greedy_parity_with_hf(vllm_store, smol_vllm):
 
 def test_tiny_random_model_through_the_pool(vllm_store, tiny_models):
     spec = ExpertSpec(name="tiny-vllm", model=str(tiny_models["lm_a"]), backend="vllm", dtype="float32",
-                      max_model_len=256, sampling={"max_new_tokens": 6}, resources=RES)
+                      max_model_len=256, sampling={"max_new_tokens": 6}, resources=VLLM_RES)
     cells = generate_cells(vllm_store, spec)
     assert cells.height == 8 and (cells["new_tokens"] > 0).all()
 
@@ -66,10 +65,10 @@ def test_reward_parity_with_hf(vllm_store, tiny_models):
 
     store = vllm_store
     expert = ExpertSpec(name="tiny-hf", model=str(tiny_models["lm_b"]), dtype="float32",
-                        sampling={"max_new_tokens": 6}, resources=RES)
+                        sampling={"max_new_tokens": 6}, resources=VLLM_RES)
     run_generate(store, expert, [0])
     rm = RewardSpec(name="rm-vllm", kind="classifier", backend="vllm", model=str(tiny_models["rm_llama"]),
-                    dtype="float32", max_length=256, resources=RES)
+                    dtype="float32", max_length=256, resources=VLLM_RES)
     res = run_score(store, rm, [expert], [0])
     assert len(res.computed) == 1
     rel = score_path(rm.name, rm_fingerprint(rm), expert.name, expert_fingerprint(expert), 0)
