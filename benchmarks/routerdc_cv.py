@@ -280,33 +280,34 @@ def main() -> None:
                       "seconds": round(time.perf_counter() - t, 1)}
         save()
         print(json.dumps({k: done[name][k] for k in ("name", "cv_avg", "seconds")}), flush=True)
+    # per point: its seeds' test-query credits and the test rows (task, id), from the test report's fits
+    credits: dict[str, tuple[list[np.ndarray], pl.DataFrame]] = {}
+
+    def test_runs(name: str) -> list[dict]:
+        """The point's routers as `zooter train` trains them, one per seed; their reports (credits kept)."""
+        s, _, _, r, a, _ = setup_for(name), *POINTS[name]
+        router, agg = s.cfg.router.model_copy(update=r), s.cfg.aggregate.model_copy(update=a)
+        data = labels(s, agg)
+        credits[name] = [], data[1].filter(data[1]["split"] == "test")
+        return [report_seed(data, router, agg, seed, credits[name][0]) for seed in range(args.seeds)]
+
     for name in POINTS:
         if name in done and any(o in name for o in args.test) and "test_avg" not in done[name]:
-            s, _, _, r, a, _ = setup_for(name), *POINTS[name]
             mine.add(name)
-            router, agg = s.cfg.router.model_copy(update=r), s.cfg.aggregate.model_copy(update=a)
-            data = labels(s, agg)
-            runs = [report_seed(data, router, agg, seed) for seed in range(args.seeds)]
+            runs = test_runs(name)
             done[name] |= {"test_avg": ms([x["test_avg"] for x in runs]), "test_runs": runs}
             save()
             print(json.dumps({k: done[name][k] for k in ("name", "test_avg")}), flush=True)
     gap_name = f"{args.gap[0]} minus {args.gap[1]}" if args.gap else None
     if args.gap and gap_name not in gaps:  # like the points: a rerun computes it only when it is missing
-        credits: dict[str, list[np.ndarray]] = {}
-        ids: pl.Series | None = None
         for name in args.gap:
-            s, _, _, r, a, _ = setup_for(name), *POINTS[name]
-            router, agg = s.cfg.router.model_copy(update=r), s.cfg.aggregate.model_copy(update=a)
-            data = labels(s, agg)
-            credits[name] = []
-            for seed in range(args.seeds):
-                report_seed(data, router, agg, seed, credits[name])
-            test = data[1].filter(data[1]["split"] == "test")
-            if ids is not None and not test["query_id"].equals(ids):
-                raise SystemExit(f"--gap: {args.gap} route different test queries")
-            ids, tasks = test["query_id"], test["tags"].list.first()
+            if name not in credits:  # not fitted by the test reports above
+                test_runs(name)
+        (a, test_a), (b, test_b) = (credits[n] for n in args.gap)
+        if not test_a["query_id"].equals(test_b["query_id"]):
+            raise SystemExit(f"--gap: {args.gap} route different test queries")
         mine.add(gap_name)
-        gaps[gap_name] = {"name": gap_name, **paired_test_gap(*credits.values(), tasks)}
+        gaps[gap_name] = {"name": gap_name, **paired_test_gap(a, b, test_a["tags"].list.first())}
         print(json.dumps(gaps[gap_name]), flush=True)
     save()
     points = json.loads(OUT.read_text())["points"]
