@@ -41,13 +41,13 @@ def gen_job(model, key: int, *, store: Store, log: list, hold: Callable[[int], N
     return {"rows": 1, "seconds": time.perf_counter() - t0}
 
 
-def score_job(model, key: int, *, store: Store, log: list, started: threading.Event | None = None) -> dict:
+def score_job(model, key: int, *, store: Store, log: list, scored: threading.Event | None = None) -> dict:
     t0 = time.perf_counter()
-    if started is not None:
-        started.set()
     assert store.valid_cell(gen_path(key), SCHEMA, "fp-g"), f"scored {key} before its generation cell existed"
     write(store, score_path(key), "fp-s", key)
     log.append(("score", key))
+    if scored is not None:  # set once the key is logged: whatever it releases is logged after it
+        scored.set()
     return {"rows": 1, "seconds": time.perf_counter() - t0}
 
 
@@ -90,11 +90,11 @@ def run_together(pipe: Pipeline, calls: dict[str, Callable[[], object]], produce
 def test_scoring_starts_before_the_last_generation_ends_and_each_key_after_its_cell(tmp_path):
     store, log, scoring = Store(str(tmp_path)), [], threading.Event()
 
-    def hold(key: int) -> None:  # the last generation job ends only once scoring has started
+    def hold(key: int) -> None:  # the last generation job ends only once a score job has ended
         if key == 3:
-            assert scoring.wait(60), "no score job started while generation was still going"
+            assert scoring.wait(60), "no score job ran while generation was still going"
 
-    gen, score = stages(store, log, gen_kw={"hold": hold}, score_kw={"started": scoring})
+    gen, score = stages(store, log, gen_kw={"hold": hold}, score_kw={"scored": scoring})
     out, errors = run_together(Pipeline(), {"gen": partial(run_stage, store, gen),
                                             "score": partial(run_stage, store, score)})
     assert not errors, errors

@@ -140,11 +140,12 @@ def test_s3_writes_retry_while_the_endpoint_is_down(outage, caplog):
     s = Store("s3://faults/run", fast, retries=6, backoff_s=0.5)
     s.write_bytes("before", b"x")
     outage.stop()
-    threading.Timer(3.0, outage.start).start()  # back after 3 s
+    # back after 6 s: longer than s3fs's own retries of one call (~2 s, more on a busy machine), so Store's run out
+    threading.Timer(6.0, outage.start).start()
     t0 = time.monotonic()
     with caplog.at_level(logging.WARNING, logger="zooter.store"):
         s.write_bytes("during", b"y" * 1000)  # retried until it is
-    assert time.monotonic() - t0 >= 2.5 and outage.dropped > 0  # it really was called during the outage
+    assert time.monotonic() - t0 >= 5.5 and outage.dropped > 0  # it really was called during the outage
     assert "write" in caplog.text and "retry 1/6" in caplog.text  # by Store's own backoff
     assert outage.keys("faults", "run/") == ["run/before", "run/during"]
     assert s.read_bytes("during") == b"y" * 1000
