@@ -75,13 +75,15 @@ lock-gpu-check: install
 demo: install
 	$(BIN)/zooter run examples/quickstart.yaml
 
-# pytest exits 5 when it collects nothing: that is a broken setup, not a pass.
+# The suite on PYTEST_WORKERS pytest-xdist workers (0: sequentially, in one process); tests/conftest.py decides which
+# tests share a worker. pytest exits 5 when it collects nothing: that is a broken setup, not a pass.
+PYTEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest -q; rc=$$?; \
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest collected no tests: the setup is broken"; fi; exit $$rc
 
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) -m "not slow"
 
 lint: install
 	$(BIN)/ruff check .

@@ -1,10 +1,12 @@
-"""Shared fixtures: offline env, one Ray session and one Prefect harness per test run, tiny random models."""
+"""Shared fixtures: offline env, one Ray session and one Prefect harness per test run (per xdist worker), tiny
+random models; and which tests share an xdist worker."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,48 @@ os.environ.setdefault("ZOOTER_CACHE", str(Path(__file__).resolve().parents[1] / 
 
 import pytest  # noqa: E402
 import yaml  # noqa: E402
+
+# `make test` runs the suite on two pytest-xdist workers (`-n 2`): most tests wait on one busy core (a tiny model in
+# one actor, a subprocess starting), so two at a time use the machine's second core. A work unit is a test file,
+# except that the files sharing an expensive session fixture go to one worker together, so that it is built once:
+# the session's labelled store (`labeled`) and the packaged SmolLM2's vLLM run (`smol_vllm`). The biggest units
+# are scheduled first (longest first keeps the two workers' ends close); the rest follow in collection order.
+# (xdist's own `--dist loadgroup` marks do not group under pytest 9, whose node ids xdist cannot rename.)
+GROUPS = {"labeled-store": [*(f"tests/flows/test_{n}.py" for n in ("deploy", "faults", "label_flow", "pipeline",
+                                                                    "pool_change", "relabel", "s3")),
+                            "tests/tasks/test_export.py"],
+          "vllm": ["tests/cluster/test_vllm.py", "tests/cluster/test_openai_backend.py"]}
+SHARED = {"labeled": "labeled-store", "smol_vllm": "vllm"}  # the session fixture each group shares
+FIRST = ["labeled-store", "vllm", "tests/flows/test_cluster_job.py", "tests/flows/test_cluster.py"]
+
+
+def work_unit(nodeid: str) -> str:
+    """The work unit of a test: its group, else its file."""
+    path = nodeid.split("::")[0]
+    return next((g for g, files in GROUPS.items() if path in files), path)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:  # a new user of a shared fixture joins its group, or that fixture is built twice
+        for fixture, group in SHARED.items():
+            if fixture in item.fixturenames and work_unit(item.nodeid) != group:
+                raise pytest.UsageError(f"{item.nodeid} uses `{fixture}`: add its file to GROUPS[{group!r}] in "
+                                        "tests/conftest.py")
+    rank = {g: i for i, g in enumerate(FIRST)}
+    items.sort(key=lambda item: rank.get(work_unit(item.nodeid), len(FIRST)))  # stable: collection order within
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """Whole work units (above) to each worker, in the order collected."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByGroup(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    config.option.loadscopereorder = False  # keep FIRST's order, not "most tests first"
+    return ByGroup(config, log)
 
 
 def minilm_dir() -> Path:
@@ -89,15 +133,17 @@ def tiny_router(tiny_models: dict[str, Path], **changes) -> dict:
 
 
 @pytest.fixture(scope="session")
-def ray_session(tmp_path_factory):
-    """One local Ray for the whole run; its temp dir lives under pytest's tmp dir."""
+def ray_session():
+    """One local Ray for the whole run (per xdist worker), in a temp dir of its own: Ray's unix socket paths
+    (at most 107 bytes) live under it, and pytest's per-worker tmp dirs are too deep for them."""
     import ray
 
-    tmp = tmp_path_factory.mktemp("ray")
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=str(tmp), object_store_memory=256 * 1024**2,
+    tmp = tempfile.mkdtemp(prefix="zray-")
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tmp, object_store_memory=256 * 1024**2,
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "ZOOTER_CACHE": os.environ["ZOOTER_CACHE"]}})
     yield ray
     ray.shutdown()
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

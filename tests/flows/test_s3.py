@@ -62,7 +62,7 @@ def _prefect_records() -> list[str]:
 
 
 def _ray_log_files() -> list[Path]:
-    """Ray's session logs (driver, raylet, GCS, every worker and actor): under pytest's tmp dir (`ray_session`)."""
+    """Ray's session logs (driver, raylet, GCS, every worker and actor): the session's Ray (`ray_session`)."""
     import ray
 
     session = Path(ray._private.worker._global_node.get_session_dir_path())

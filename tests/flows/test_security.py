@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -192,14 +193,15 @@ ray.shutdown()
 
 
 @pytest.mark.slow
-def test_embedded_ray_listens_on_loopback_only(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("rayl")  # short: Ray's unix socket paths live under it
-    env = {**os.environ, "RAY_TMPDIR": str(tmp), "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT)}
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, "-c", RAY_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert list(tmp.glob("ray/session_*")), "Ray did not use the test's temp dir"
+def test_embedded_ray_listens_on_loopback_only():
+    # Ray's unix socket paths (at most 107 bytes) live under its temp dir: a short one, not pytest's
+    with tempfile.TemporaryDirectory(prefix="zrayl-") as tmp:
+        env = {**os.environ, "RAY_TMPDIR": tmp, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT)}
+        env.pop("RAY_ADDRESS", None)
+        proc = subprocess.run([sys.executable, "-c", RAY_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert list(Path(tmp).glob("ray/session_*")), "Ray did not use the test's temp dir"
     line = next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))
     found = json.loads(line.removeprefix("RESULT "))
     names = " ".join(found.values())
