@@ -33,7 +33,6 @@ from functools import partial
 import numpy as np
 import polars as pl
 
-from cluster.router import Router
 from schemas.artifacts import (
     HELD_OUT_SCORES,
     LABELS,
@@ -326,6 +325,8 @@ def run_evaluate(store: Store, labels_fp: str, router_fp: str, sources: list[Sco
                           "`routing.costs` in a `zooter train` config) or none")
     test = labels.filter(pl.col("split") == "test")
     train = labels.filter(pl.col("split") == "train")
+    from cluster.router import Router  # torch: imported when a router is evaluated, not by every flow import
+
     router = Router.from_store(store, router_fp)
     if router.experts != names:
         raise ArtifactError(f"{store.uri(router_dir(router_fp))}: trained for experts {router.experts}, but labels "

@@ -16,8 +16,6 @@ import numpy as np
 import polars as pl
 
 from cluster import models
-from cluster.router import build_from_config, save
-from cluster.train import fit
 from schemas.artifacts import (
     LABELS,
     ROUTER_JSON,
@@ -98,6 +96,10 @@ def run_train_router(store: Store, labels_fp: str, cfg: RouterConfig,
 
 
 def _train(store: Store, labels_fp: str, cfg: RouterConfig, embed_fp: str | None, fp: str) -> None:
+    # torch and Ray Train: imported when a router trains, not by every import of the flow (`zooter serve`)
+    from cluster.router import build_from_config, save
+    from cluster.train import fit
+
     labels = pl.from_arrow(store.read_table(labels_path(labels_fp), LABELS))
     experts = store.read_meta(labels_path(labels_fp))["experts"]
     train, val = train_val(labels, cfg.seed)

@@ -70,9 +70,10 @@ def test_validate_result_on_stdout(config):
 
 def test_commands_that_load_no_model_import_no_torch():
     """`zooter validate` (preflight checks endpoints too), `experts` and the CLI itself load no model: importing
-    torch and transformers would cost them ~8 s of start-up on 2 cores."""
-    code = ("import sys, flows.cli, tasks.preflight, tasks.experts\n"
-            "print(sorted({'torch', 'transformers'} & set(sys.modules)))")
+    torch and transformers would cost them ~8 s of start-up on 2 cores. Nor does importing the flows (`zooter
+    serve`, `prefect deploy`): torch and Ray Train load when a router trains or is evaluated."""
+    code = ("import sys, flows.cli, tasks.preflight, tasks.experts, flows.label, flows.deploy\n"
+            "print(sorted({'torch', 'transformers', 'ray.train'} & set(sys.modules)))")
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and res.stdout.strip() == "[]", res.stdout + res.stderr
 
