@@ -140,7 +140,8 @@ def test_s3_writes_retry_while_the_endpoint_is_down(outage, caplog):
     s = Store("s3://faults/run", fast, retries=6, backoff_s=0.5)
     s.write_bytes("before", b"x")
     outage.stop()
-    # back after 6 s: longer than s3fs's own retries of one call (~2 s, more on a busy machine), so Store's run out
+    # back after 6 s: longer than s3fs's own retries of one call (~2 s, more on a busy machine) last, so Store's own
+    # backoff is what rides the outage out
     threading.Timer(6.0, outage.start).start()
     t0 = time.monotonic()
     with caplog.at_level(logging.WARNING, logger="zooter.store"):
