@@ -55,8 +55,8 @@ class Leases:
     def _rel(self, rel: str) -> str:
         return f"{LEASES_DIR}/{rel}.lease"
 
-    def _body(self) -> bytes:
-        return json.dumps({"owner": self.owner, "expires": self.clock() + self.ttl_s}).encode()
+    def _body(self, token: str = "") -> bytes:
+        return json.dumps({"owner": self.owner, "expires": self.clock() + self.ttl_s, "token": token}).encode()
 
     def holder(self, rel: str) -> dict | None:
         try:
@@ -72,16 +72,22 @@ class Leases:
     def acquire(self, rel: str) -> bool:
         """Take the lease on rel if nobody holds it or its holder's lease expired."""
         for _ in range(2):
+            token = uuid.uuid4().hex  # this attempt's: a create retried after a cut connection may find it
             try:
-                self.store.create(self._rel(rel), self._body())
+                self.store.create(self._rel(rel), self._body(token))
             except FileExistsError:
                 cur = self.holder(rel)
-                if cur is not None and cur.get("expires", 0) > self.clock():
+                if cur is not None and cur.get("token") == token:
+                    # Our own create landed but its answer was lost (the store retried the call): the lease is
+                    # ours. Taken for someone else's, it would block this run until it expired (ttl_s).
+                    log.info("lease on %s: the retried create found its own first attempt", rel)
+                elif cur is not None and cur.get("expires", 0) > self.clock():
                     return False
-                if cur is not None:
-                    log.warning("lease on %s held by %s expired: taking the work over", rel, cur.get("owner"))
-                    self.store.delete(self._rel(rel))
-                continue
+                else:
+                    if cur is not None:
+                        log.warning("lease on %s held by %s expired: taking the work over", rel, cur.get("owner"))
+                        self.store.delete(self._rel(rel))
+                    continue
             with self._lock:
                 self.held.add(rel)
                 self._written[rel] = self.clock()

@@ -37,7 +37,7 @@ def test_lease_is_held_released_and_taken_over_when_expired(tmp_path, caplog):
     s, clock = Store(str(tmp_path)), FakeClock()
     a, b = Leases(s, "run-a", ttl_s=60, clock=clock), Leases(s, "run-b", ttl_s=60, clock=clock)
     assert a.acquire("cell") and not b.acquire("cell")
-    assert a.holder("cell") == {"owner": "run-a", "expires": 1_060.0}
+    assert {k: a.holder("cell")[k] for k in ("owner", "expires")} == {"owner": "run-a", "expires": 1_060.0}
     clock.t += 59  # not expired yet (the heartbeat beats every 20 s of real time: it has not run)
     assert not b.free("cell") and not b.acquire("cell")
     a.release("cell")
@@ -131,6 +131,29 @@ def test_s3_create_is_exclusive(outage):
     s.create("lease", b"1")
     with pytest.raises(FileExistsError):
         s.create("lease", b"2")
+
+
+def test_a_lease_create_whose_answer_was_lost_is_ours(outage, caplog):
+    """The connection drops after S3 stored the lease but before its answer came: Store retries the create, which
+    then finds the lease. It is this run's own (not another run's to wait out for ttl_s)."""
+    s = Store("s3://faults/run", outage.options, retries=2, backoff_s=0.01)
+    real, calls = s.fs.pipe_file, []
+
+    def answer_lost(path, data, **kw):
+        calls.append(path)
+        real(path, data, **kw)
+        if len(calls) == 1:
+            raise ConnectionError("connection reset after the request was sent")
+
+    s.fs.pipe_file = answer_lost
+    with caplog.at_level(logging.INFO, logger="zooter.leases"), Leases(s, owner="me", ttl_s=600) as leases:
+        assert leases.acquire("cell") and leases.held == {"cell"}
+        assert len(calls) == 2 and "found its own first attempt" in caplog.text
+        other = Leases(Store("s3://faults/run", outage.options), owner="other", ttl_s=600)
+        assert not other.acquire("cell")  # still exclusive
+        leases.release("cell")
+        assert other.acquire("cell")
+        other.close()
 
 
 def test_s3_writes_retry_while_the_endpoint_is_down(outage, caplog):
