@@ -14,9 +14,9 @@ Two things differ from `train_router`, on purpose:
 - the tag prior s_t of the fold's training targets is recomputed from its training folds only
   (`tasks.aggregate.tag_enhance`): the labels' prior averages over every training query, the held-out fold too,
   which leaks that fold's rewards into the targets (the more so, the smaller the tags: cluster k);
-- the head is fitted in this process (`cluster.train.train_loop`, Ray Train's session calls answered locally for
-  one worker, one thread): no trainer, worker process or checkpoint files for each of a point's 15 fits; the loop,
-  its seed and its batches are Ray Train's (tests/test_routerdc_seeds.py: the same best checkpoint).
+- the head is fitted in this process (`cluster.train.fit` in Ray Train's local mode, `num_workers: 0`, one
+  thread): no worker process or checkpoint file for each of a point's 15 fits; the same best epoch and weights as
+  one Ray Train worker (tests/cluster/test_router.py).
 
     python benchmarks/routerdc_cv.py [--folds 5] [--seeds 3] [--only NAME ...] [--test NAME ...]
     -> benchmarks/results/routerdc_cv.json and a Markdown table on stdout (after `make routerdc`)
@@ -29,18 +29,14 @@ import hashlib
 import json
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
+from tempfile import gettempdir
 
 import numpy as np
 import polars as pl
-import ray
-import ray.train
-import ray.train.torch
 import torch
 
-from cluster.train import _setup, train_loop
+from cluster.train import _setup, fit
 from schemas.artifacts import LABELS, labels_path
 from schemas.config import AggregateConfig, RouterConfig
 from tasks.aggregate import run_aggregate, tag_enhance, train_val
@@ -75,39 +71,12 @@ def refit_targets(rows: pl.DataFrame, fit: pl.Series, agg: AggregateConfig) -> p
     return rows.drop("target").join(target, on="query_id", how="left", maintain_order="left").select(rows.columns)
 
 
-@contextmanager
-def in_process(best: dict) -> Iterator[None]:
-    """Run `cluster.train.train_loop` here as Ray Train's only worker (rank 0, no data-loader or model wrapping,
-    which one worker does not get either); `best` receives the latest (= best) checkpoint's payload."""
-    class Context:
-        @staticmethod
-        def get_world_rank() -> int:
-            return 0
-
-    def report(metrics: dict, checkpoint: ray.train.Checkpoint | None = None) -> None:
-        if checkpoint is not None:  # its directory is temporary: read it now
-            best.update(torch.load(Path(checkpoint.path) / "checkpoint.pt", map_location="cpu", weights_only=False))
-
-    saved = ray.train.get_context, ray.train.report, ray.train.torch.prepare_data_loader, ray.train.torch.prepare_model
-    ray.train.get_context, ray.train.report = lambda: Context, report
-    ray.train.torch.prepare_data_loader = ray.train.torch.prepare_model = lambda x: x
-    try:
-        yield
-    finally:
-        (ray.train.get_context, ray.train.report, ray.train.torch.prepare_data_loader,
-         ray.train.torch.prepare_model) = saved
-
-
 def fit_probs(cfg: RouterConfig, fit_rows: pl.DataFrame, val: pl.DataFrame, experts: list[str],
               *others: pl.DataFrame) -> list[np.ndarray]:
     """Train a frozen-encoder head on `fit_rows` (vector, target), its epoch chosen on `val` (vector, target,
     rewards, tags) as train_router does; the best epoch's probabilities on `val` and on each of `others`."""
-    best: dict = {}
-    loop = {"router": cfg, "experts": experts, "labels_fingerprint": "cv",
-            "train": ray.put(fit_rows.select("vector", "target").to_arrow()),
-            "val": ray.put(val.select("vector", "target", "rewards", "tags").to_arrow())}
-    with in_process(best):
-        train_loop(loop)
+    best, _, _ = fit(cfg.model_copy(update={"num_workers": 0}), fit_rows.select("vector", "target").to_arrow(),
+                     val.select("vector", "target", "rewards", "tags").to_arrow(), experts, "cv", gettempdir())
     head, _, _ = _setup(cfg, len(experts), fit_rows, val)
     head.load_state_dict(best["model"])
     with torch.no_grad():

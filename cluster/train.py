@@ -5,10 +5,17 @@ in the loop config, so a worker on any node reads them through Ray, never from t
 shards the training rows by rank (DistributedSampler via `prepare_data_loader`), trains with the KL loss and
 reports validation metrics every epoch; rank 0 attaches a checkpoint (model, optimizer, epoch, config, experts,
 labels fingerprint) whenever validation loss improves, so the run's latest checkpoint is its best.
+
+With `num_workers: 0` the same loop runs in Ray Train's local mode: in the calling process, with no worker,
+controller or other actor started (for a router small enough that starting them costs more than the fit). One
+worker and local mode are the same computation (no DDP, no distributed sampler with one worker): the same best
+epoch, the same weights. Local mode keeps no checkpoint past `ray.train.report`, so there the loop hands its best
+payload back in its return value.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 from pathlib import Path
@@ -73,7 +80,7 @@ def train_loop(loop: dict) -> dict:
                                               * max(0.0, (steps - s) / steps))
     rank = ray.train.get_context().get_world_rank()
     history: list[dict] = []
-    best = float("inf")
+    best, kept = float("inf"), None
     for epoch in range(cfg.epochs):
         if hasattr(train.sampler, "set_epoch"):
             train.sampler.set_epoch(epoch)
@@ -92,17 +99,24 @@ def train_loop(loop: dict) -> dict:
         # loss.
         select = (metrics["train_loss"] if val is None else -metrics["val_reward"] if cfg.select == "reward"
                   else metrics["val_loss"])
+        payload = None
+        if rank == 0 and select < best:  # only improvements are checkpointed: the latest one is the best
+            best = select
+            inner = model.module if hasattr(model, "module") else model
+            payload = {"model": inner.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
+                       "config": cfg.model_dump(mode="json"), "experts": loop["experts"],
+                       "labels": loop["labels_fingerprint"]}
+        if loop.get("local"):  # training goes on with these tensors: keep a copy, as a checkpoint file would be
+            kept = copy.deepcopy(payload) if payload is not None else kept
+            ray.train.report(metrics)
+            continue
         with tempfile.TemporaryDirectory() as d:
             ckpt = None
-            if rank == 0 and select < best:  # only improvements are checkpointed: the latest one is the best
-                best = select
-                inner = model.module if hasattr(model, "module") else model
-                torch.save({"model": inner.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
-                            "config": cfg.model_dump(mode="json"), "experts": loop["experts"],
-                            "labels": loop["labels_fingerprint"]}, os.path.join(d, "checkpoint.pt"))
+            if payload is not None:
+                torch.save(payload, os.path.join(d, "checkpoint.pt"))
                 ckpt = Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=ckpt)
-    return {"history": history, "nodes": _worker_nodes()}
+    return {"history": history, "nodes": _worker_nodes(), **({"best": kept} if loop.get("local") else {})}
 
 
 def _worker_nodes() -> list[str]:
@@ -157,7 +171,8 @@ def fit(cfg: RouterConfig, train: pa.Table, val: pa.Table, experts: list[str], l
     # fit waited up to 2 s for its workers to be seen started and again to be seen finished. A user's setting wins
     # (Ray Train passes the driver's value on to its controller).
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    loop = {"router": cfg, "experts": experts, "labels_fingerprint": labels_fp,
+    local = cfg.num_workers == 0
+    loop = {"router": cfg, "experts": experts, "labels_fingerprint": labels_fp, "local": local,
             "train": ray.put(train), "val": ray.put(val)}  # the references keep the rows alive until fit returns
     trainer = TorchTrainer(
         train_loop, train_loop_config=loop,
@@ -166,10 +181,16 @@ def fit(cfg: RouterConfig, train: pa.Table, val: pa.Table, experts: list[str], l
         run_config=RunConfig(name="train", storage_path=storage_path, storage_filesystem=storage_filesystem,
                              checkpoint_config=CheckpointConfig(num_to_keep=1)),
     )
-    result = trainer.fit()
-    with result.checkpoint.as_directory() as d:
-        payload = torch.load(Path(d) / "checkpoint.pt", map_location="cpu", weights_only=False)
+    threads = torch.get_num_threads()
+    try:
+        result = trainer.fit()
+    finally:
+        torch.set_num_threads(threads)  # local mode's loop set this process's own
     # The history is rank 0's return value: `result.metrics` are those of the latest checkpoint, i.e. of the best
     # epoch, and would drop the epochs after it.
     out = result.return_value
+    if local:
+        return out["best"], out["history"], out["nodes"]
+    with result.checkpoint.as_directory() as d:
+        payload = torch.load(Path(d) / "checkpoint.pt", map_location="cpu", weights_only=False)
     return payload, out["history"], out["nodes"]

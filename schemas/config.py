@@ -331,7 +331,9 @@ class RouterConfig(Strict):
     weight_decay: float = Field(5e-7, ge=0, description="AdamW weight decay (paper: 5e-7).")
     batch_size: int = Field(16, ge=1, description="Queries per optimiser step (per worker).")
     seed: int = Field(0, description="Seed of the head's initialisation and the batch order.")
-    num_workers: int = Field(1, ge=1, description="Ray Train workers.")
+    num_workers: int = Field(1, ge=0, description="Ray Train workers. 0: Ray Train's local mode, the fit runs in "
+                             "the flow's own process with no actor started (a small router's fit often takes less "
+                             "than starting them); the same computation as 1 worker, so the same router.")
     use_gpu: bool = Field(False, description="Give each Ray Train worker a GPU.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per Ray Train worker.")
 

@@ -54,8 +54,8 @@ def embed_cell(model: Encoder, shard: int, *, fp: str, encoder: str, store: Stor
 
 def embed_resources(cfg: RouterConfig) -> Resources:
     """The router's training workers' share of the cluster: one encoder per worker, its CPUs as torch threads."""
-    return Resources(num_cpus=cfg.cpus_per_worker, num_gpus=1.0 if cfg.use_gpu else 0.0, pool_size=cfg.num_workers,
-                     threads=max(1, int(cfg.cpus_per_worker)))
+    return Resources(num_cpus=cfg.cpus_per_worker, num_gpus=1.0 if cfg.use_gpu else 0.0,
+                     pool_size=max(1, cfg.num_workers), threads=max(1, int(cfg.cpus_per_worker)))
 
 
 def run_embed(store: Store, cfg: RouterConfig, shards: list[int], leases: Leases | None = None) -> StageResult:

@@ -39,6 +39,7 @@ LATER_DEFAULTS = {"heads": 1, "select": "loss"}
 def router_fingerprint(cfg: RouterConfig, labels_fp: str) -> str:
     d = cfg.model_dump(mode="json", exclude={"use_gpu", "cpus_per_worker", "encoder"})
     d = {k: v for k, v in d.items() if LATER_DEFAULTS.get(k, object()) != v}
+    d["num_workers"] = max(1, d["num_workers"])  # local mode (0) is one worker's computation: the same router
     d.update(labels=labels_fp, encoder=models.identity(cfg.encoder), code=CODE_VERSION)
     return fingerprint(d)
 

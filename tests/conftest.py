@@ -127,9 +127,12 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 
 
 def tiny_router(tiny_models: dict[str, Path], **changes) -> dict:
-    """A `router` section on the tiny random encoder: for a test that needs a router fitted but checks only the
-    cells, labels or decisions around it (the session's `labeled` run fine-tunes the real MiniLM)."""
-    return {"encoder": str(tiny_models["enc"]), "epochs": 2, "batch_size": 4, "max_length": 32, **changes}
+    """A `router` section on the tiny random encoder, fitted in Ray Train's local mode (in the flow's process, no
+    actor): for a test that needs a router fitted but checks only the cells, labels or decisions around it. The
+    session's `labeled` run fine-tunes the real MiniLM on a Ray Train worker; tests/cluster/test_router.py checks
+    that local mode is one worker's computation."""
+    return {"encoder": str(tiny_models["enc"]), "epochs": 2, "batch_size": 4, "max_length": 32, "num_workers": 0,
+            **changes}
 
 
 @pytest.fixture(scope="session")

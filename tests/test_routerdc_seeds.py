@@ -80,33 +80,3 @@ def test_paired_test_gap_averages_tasks_and_seeds_and_resamples_within_tasks() -
     same = paired_test_gap(a, a, tasks)  # a point against itself: no gap and no spread
     assert same["gap"] == 0 and same["boot_sd"] == 0 and same["ci95"] == [0, 0]
     assert paired_test_gap(a, b, tasks, boot=500) == got  # the bootstrap's draw is fixed
-
-
-def test_in_process_fit_is_ray_trains_fit(tmp_path, ray_session) -> None:
-    """The CV's in-process head training is cluster.train.fit's loop: the same best checkpoint, then Ray's
-    session API is back (the patch does not outlive the fit)."""
-    import ray.train
-    import torch
-    from routerdc_cv import in_process
-
-    from cluster.train import fit, train_loop
-    from schemas.config import RouterConfig
-
-    rng = np.random.default_rng(0)
-    x, r = rng.normal(size=(48, 6)), rng.random((48, 3))
-    t = np.exp(r * 3) / np.exp(r * 3).sum(1, keepdims=True)
-    df = pl.DataFrame({"vector": x.tolist(), "target": t.tolist(), "rewards": r.tolist(), "tags": [["a"]] * 48})
-    train, val = df[:36], df[36:]
-    cfg = RouterConfig(freeze_encoder=True, head_hidden=8, epochs=4, batch_size=8, lr=0.01, cpus_per_worker=1)
-    want, _, _ = fit(cfg, train.select("vector", "target").to_arrow(), val.to_arrow(), ["e0", "e1", "e2"], "x",
-                     str(tmp_path))
-    best: dict = {}
-    loop = {"router": cfg, "experts": ["e0", "e1", "e2"], "labels_fingerprint": "x",
-            "train": ray.put(train.select("vector", "target").to_arrow()), "val": ray.put(val.to_arrow())}
-    with in_process(best):
-        train_loop(loop)
-    assert best["epoch"] == want["epoch"]
-    for k, v in want["model"].items():
-        torch.testing.assert_close(best["model"][k], v)
-    with pytest.raises(RuntimeError):
-        ray.train.get_context()

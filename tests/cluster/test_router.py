@@ -108,6 +108,22 @@ def test_fit_takes_its_rows_through_ray_and_keeps_every_epoch(ray_session, tmp_p
                                                                         cfg.model_dump(mode="json"))
     assert nodes == [ray.get_runtime_context().get_node_id()]  # the one node of the session's Ray
 
+    # Ray Train's local mode (num_workers 0): the same loop in this process, no actor started; one worker's
+    # computation, so the same best epoch, weights and history, and the same router fingerprint
+    from ray._private.state import actors
+
+    from tasks.train_router import router_fingerprint
+
+    before, threads = len(actors()), torch.get_num_threads()
+    local = cfg.model_copy(update={"num_workers": 0, "cpus_per_worker": 1})
+    got, got_history, got_nodes = fit(local, train, val, ["a", "b"], "labels-1", str(tmp_path / "local"))
+    assert before > 0 and len(actors()) == before and torch.get_num_threads() == threads  # threads undone
+    assert (got["epoch"], got_history, got_nodes) == (payload["epoch"], history, nodes)
+    for k, v in payload["model"].items():
+        torch.testing.assert_close(got["model"][k], v, rtol=0, atol=0)
+    assert router_fingerprint(local, "labels-1") == router_fingerprint(cfg, "labels-1")
+    assert not (tmp_path / "local").exists()  # nor a checkpoint written
+
 
 def test_fit_trains_an_ensemble_of_bce_heads_and_selects_the_epoch_by_validation_reward(ray_session, tmp_path):
     # Expert a succeeds when the first feature is positive, b otherwise; validation rows carry their rewards and

@@ -152,8 +152,9 @@ def test_submitted_job_on_a_cluster_without_shared_disk(tmp_path, tmp_path_facto
     assert base["ray"]["address"] == "auto"
     cluster_store, local_store = f"s3://{BUCKET}/cluster-{run}", f"s3://{BUCKET}/local-{run}"
     workdir = _working_dir(tmp_path / "src", _config(base, cluster_store, "data/tiny.jsonl", models))
-    local_cfg = {**_config(base, local_store, str(write_jsonl(tmp_path / "q.jsonl", QUERIES)), models),
-                 "ray": {"address": None, "num_cpus": 2}}
+    local_cfg = _config(base, local_store, str(write_jsonl(tmp_path / "q.jsonl", QUERIES)), models)
+    # its router fitted in this process (Ray Train's local mode): one worker's computation, the same router address
+    local_cfg.update(ray={"address": None, "num_cpus": 2}, router={**local_cfg["router"], "num_workers": 0})
 
     cache = Path(f"/tmp/zc-cache-{run}")  # node-local model caches: the worker's is hidden behind a tmpfs
     marker = tmp_path / "only-the-head-sees-this"
@@ -203,7 +204,7 @@ def test_submitted_job_on_a_cluster_without_shared_disk(tmp_path, tmp_path_facto
     assert {a.node_id for a in train_workers} == {worker}
     assert m["label_rows"] == 12 and m["champion"]["decision"] == "promoted"
     # the same run as a local one: same cells (the local run computes none: each cell the cluster computed is
-    # at the local run's own address), labels, router and evaluation
+    # at the local run's own address), labels, router and evaluation (its router fitted without Ray Train workers)
     cells = lambda x: {(s["name"], s["fingerprint"]) for s in x["generate"] + x["score"]}  # noqa: E731
     assert cells(m) == cells(expected)
     stages = lambda x, key: {s["name"]: s[key] for s in x["generate"] + x["score"]}  # noqa: E731

@@ -140,7 +140,8 @@ def test_frozen_encoder_router_reuses_every_cell_and_trains_on_embeddings(flow_r
 
     store, first, _, _ = flow_run
     path = tiny_flow_config(Path(store.url).parent, tiny_models, aggregate={"tag_temperature": 0.5},
-                            router={"freeze_encoder": True, "head_hidden": 8, "epochs": 3, "max_length": 32})
+                            router={"freeze_encoder": True, "head_hidden": 8, "epochs": 3, "max_length": 32,
+                                    "num_workers": 0})  # the head fitted in this process (Ray Train's local mode)
     out = label_flow(str(path))
     m = out.manifest
     assert sum(s.cells_computed for s in m.generate + m.score) == 0

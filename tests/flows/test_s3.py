@@ -1,9 +1,11 @@
-"""The flow against a real S3 server on loopback: the same cells as a local store, nothing recomputed on rerun,
-and no credential or token in any artifact, log, Prefect record or error message."""
+"""The flow against a real S3 server on loopback: the same cells and labels as a local store though the endpoint
+goes away in the middle of the run, nothing recomputed on rerun, and no credential or token in any artifact, log,
+Prefect record or error message."""
 
 import json
 import logging
 import socket
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -15,7 +17,8 @@ from schemas.artifacts import LABELS, generation_path, labels_path, run_manifest
 from schemas.config import load_config
 from schemas.manifest import RunManifest, new_run_id, record, redacted
 from schemas.store import Store
-from tests.conftest import tiny_flow_config
+from tests.conftest import tiny_flow_config, tiny_router
+from tests.s3util import OutageS3
 
 pytestmark = pytest.mark.slow
 
@@ -93,34 +96,68 @@ def _cells(m: dict) -> dict:
     return {(s["name"], s["fingerprint"]): s["rows"] for s in m["generate"] + m["score"]}
 
 
-def test_s3_store_matches_local_store(tmp_path, tiny_models, labeled, s3_server, monkeypatch, capfd, caplog):
+def test_s3_store_matches_local_store_through_an_outage(tmp_path, tiny_models, labeled, monkeypatch, capfd,
+                                                        caplog):
+    """The session's run again, on S3 (moto behind a proxy on 127.0.0.1) from an empty store; once the first
+    generation cell is there the endpoint goes away for 8 s (open connections cut, new ones dropped). The run
+    rides it out with the store's retries and makes the local run's cells and labels, no lease or temp object
+    left; a rerun computes nothing."""
     local = labeled.outcome.manifest.model_dump(mode="json")  # the session's run on a local store, same config
     since = time.time() - 1
     for k, v in SECRET_ENV.items():
         monkeypatch.setenv(k, v)
     caplog.set_level(logging.INFO)
-    cfg = tiny_flow_config(tmp_path, tiny_models, store={"url": "s3://zooter/runs-a", "options": s3_server})
-    remote = label_flow(str(cfg))
-    m = remote.manifest.model_dump(mode="json")
-    assert remote.manifest_uri.startswith("s3://zooter/runs-a/")
-    assert _cells(m) == _cells(local)  # same fingerprints, same row counts
-    assert (m["labels"], m["router"], m["label_rows"]) == (local["labels"], local["router"], local["label_rows"])
+    outage = OutageS3("outage")
+    try:
+        # the router (what this test does not check) on the tiny encoder: the labels do not depend on it
+        cfg = tiny_flow_config(tmp_path, tiny_models, router=tiny_router(tiny_models), store={
+            "url": "s3://outage/store", "options": outage.options, "retries": 8, "backoff_s": 0.5})
+        window: dict[str, float] = {}
 
-    store = Store("s3://zooter/runs-a", s3_server)
-    gen = m["generate"][0]
-    assert store.exists(generation_path(gen["name"], gen["fingerprint"], 0))
-    assert store.read_table(labels_path(m["labels"]), LABELS).num_rows == 12
-    assert store.exists(f"routers/{m['router']}/router.json")
+        def cut_when_writing():
+            while not any(k.startswith("store/generations/") for k in outage.keys("outage", "store/")):
+                time.sleep(0.05)
+            window["down"] = time.monotonic()
+            outage.stop()
+            time.sleep(8)
+            window["dropped"] = outage.dropped
+            outage.start()
+            window["up"] = time.monotonic()
 
-    again = label_flow(str(cfg)).manifest.model_dump(mode="json")
-    assert sum(s["cells_computed"] for s in again["generate"] + again["score"]) == 0
+        cut = threading.Thread(target=cut_when_writing, daemon=True)
+        t0 = time.monotonic()
+        cut.start()
+        remote = label_flow(str(cfg))
+        t1 = time.monotonic()
+        cut.join(timeout=60)
+        m = remote.manifest.model_dump(mode="json")
+        assert m["status"] == "completed" and remote.manifest_uri.startswith("s3://outage/store/")
+        assert t0 < window["down"] < window["up"] < t1 and window["dropped"] > 0  # the run called S3 meanwhile
+        assert "retry 1/8" in caplog.text  # the store's own backoff rode it out
+        assert _cells(m) == _cells(local)  # same fingerprints, same row counts
+        assert (m["labels"], m["label_rows"]) == (local["labels"], local["label_rows"])
+        keys = outage.keys("outage", "store/")
+        cells = [k for k in keys if k.endswith(".parquet") and ("/generations/" in k or "/scores/" in k)]
+        assert sum("/generations/" in k for k in cells) == 6 and sum("/scores/" in k for k in cells) == 18
+        assert not [k for k in keys if "/leases/" in k or ".tmp-" in k]
 
-    # credentials and tokens never land in the store (manifests, Parquet footers, reports): grep every object
-    secrets = _secrets(s3_server)
-    objects = store.fs.find(store.root)
-    assert any(p.endswith("manifest.json") for p in objects) and any(p.endswith(".parquet") for p in objects)
-    for path in objects:
-        assert not _leaks(store.fs.cat(path), secrets), path
+        store = Store("s3://outage/store", outage.options)
+        gen = m["generate"][0]
+        assert store.exists(generation_path(gen["name"], gen["fingerprint"], 0))
+        assert store.read_table(labels_path(m["labels"]), LABELS).num_rows == 12
+        assert store.exists(f"routers/{m['router']}/router.json")
+
+        again = label_flow(str(cfg)).manifest.model_dump(mode="json")
+        assert sum(s["cells_computed"] for s in again["generate"] + again["score"]) == 0
+
+        # credentials and tokens never land in the store (manifests, Parquet footers, reports): grep every object
+        secrets = _secrets(outage.options)
+        objects = store.fs.find(store.root)
+        assert any(p.endswith("manifest.json") for p in objects) and any(p.endswith(".parquet") for p in objects)
+        for path in objects:
+            assert not _leaks(store.fs.cat(path), secrets), path
+    finally:
+        outage.close()
     # nor in what the runs printed or logged, Prefect's logs/artifacts/run records, or Ray's session logs
     _assert_nothing_leaked(secrets, capfd, caplog, since, ray_logs=True)
 
