@@ -133,7 +133,6 @@ def test_s3_store_matches_local_store_through_an_outage(tmp_path, tiny_models, l
         m = remote.manifest.model_dump(mode="json")
         assert m["status"] == "completed" and remote.manifest_uri.startswith("s3://outage/store/")
         assert t0 < window["down"] < window["up"] < t1 and window["dropped"] > 0  # the run called S3 meanwhile
-        assert "retry 1/8" in caplog.text  # the store's own backoff rode it out
         assert _cells(m) == _cells(local)  # same fingerprints, same row counts
         assert (m["labels"], m["label_rows"]) == (local["labels"], local["label_rows"])
         keys = outage.keys("outage", "store/")
