@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -21,6 +22,8 @@ import os
 import shutil
 import struct
 import tempfile
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -254,8 +257,9 @@ def _convert_gguf(pk: Packaged, files: list[Path], out: Path) -> Path:
                 for p in files:
                     with open(p, "rb") as src:
                         shutil.copyfileobj(src, dst, 1 << 22)
-        tok = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf.name)
+        with _gguf_parsed_once():
+            tok = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf.name)
         # The dequantised copy is plain fp weights: drop GGUF quantisation settings so it does not claim otherwise.
         model.hf_quantizer = None
         for attr in ("quantization_config", "gguf_file"):
@@ -266,6 +270,45 @@ def _convert_gguf(pk: Packaged, files: list[Path], out: Path) -> Path:
         tok.save_pretrained(stage)
         _finish(stage, out, _provenance(pk))
     return out
+
+
+_GGUF_PATCH = threading.Lock()
+
+
+@contextlib.contextmanager
+def _gguf_parsed_once() -> Iterator[None]:
+    """transformers parses a GGUF file's header three times (config, tokenizer, weights), and gguf's reader parses
+    it in Python element by element through a memmap, whose per-slice overhead dominates: ~11 s per parse for
+    Gemma-3's 262k-token vocabulary. Inside this block each file is parsed once, over a plain ndarray view of the
+    same mapping (~3 s), and that reader is what transformers gets each time (it only reads from it)."""
+    import gguf
+
+    class MappedReader(gguf.GGUFReader):
+        @property
+        def data(self) -> np.ndarray:
+            return self._plain
+
+        @data.setter
+        def data(self, mapped: np.ndarray) -> None:  # the base class assigns its np.memmap here
+            self._plain = mapped.view(np.ndarray)  # no copy: the view keeps the mapping alive
+
+    readers: dict[str, gguf.GGUFReader] = {}
+
+    def reader(path: str | os.PathLike[str], mode: Literal["r", "r+", "c"] = "r") -> gguf.GGUFReader:
+        key = os.path.realpath(path)
+        if mode != "r":
+            return gguf.GGUFReader(path, mode)
+        if key not in readers:
+            readers[key] = MappedReader(path)
+        return readers[key]
+
+    with _GGUF_PATCH:  # one conversion at a time in a process swaps the name (and restores the real one)
+        original = gguf.GGUFReader
+        gguf.GGUFReader = reader  # transformers imports it from `gguf` at each call
+        try:
+            yield
+        finally:
+            gguf.GGUFReader = original
 
 
 def _provenance(pk: Packaged) -> dict:

@@ -23,6 +23,28 @@ def test_generator_loads_offline_and_answers(name, template):
     assert (resolve(f"packaged:{name}") / "zooter-source.json").is_file()
 
 
+def test_conversion_parses_each_gguf_once_and_reads_what_gguf_reads():
+    """transformers asks for a GGUF reader three times per conversion: inside the block it gets one, parsed over a
+    plain array view of the file, with the same fields and tensors as gguf's own reader; outside, gguf's own."""
+    import gguf
+    import numpy as np
+
+    from cluster.models import _gguf_parsed_once
+
+    path = PACKAGED["smollm2-135m-instruct"].files()[0]
+    real = gguf.GGUFReader
+    with _gguf_parsed_once():
+        ours = gguf.GGUFReader(path)
+        assert gguf.GGUFReader(str(path)) is ours and type(ours.data) is np.ndarray
+    assert gguf.GGUFReader is real
+    theirs = real(path)
+    parts = lambda r: {k: [bytes(p) for p in f.parts] for k, f in r.fields.items()}  # noqa: E731
+    assert parts(ours) == parts(theirs)
+    assert [(t.name, t.tensor_type, list(t.shape)) for t in ours.tensors] == [
+        (t.name, t.tensor_type, list(t.shape)) for t in theirs.tensors]
+    assert all(np.array_equal(a.data, b.data) for a, b in zip(ours.tensors, theirs.tensors, strict=True))
+
+
 def test_router_encoder_embeds():
     from cluster.router import build
 
