@@ -5,13 +5,10 @@ cells, labels, router and evaluation as a local run of the same config: that run
 finds every cell the cluster computed at the address it computes itself, so it computes none.
 """
 
-import contextlib
 import json
 import logging
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import time
 import uuid
@@ -23,7 +20,7 @@ import yaml
 
 from schemas.store import Store
 from tests.clusterutil import AUTH, ROOT, NoSharedDiskCluster
-from tests.conftest import QUERIES, json_doc, write_jsonl
+from tests.conftest import QUERIES, write_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -101,19 +98,16 @@ def _working_dir(dest: Path, cfg: dict) -> Path:
     return dest
 
 
-def _local_run(tmp: Path, cfg: dict, s3: dict) -> subprocess.Popen:
-    """`zooter run` of the same config on embedded Ray in a subprocess (this process has its own Ray), on the
-    session's Prefect API."""
-    from prefect.settings import PREFECT_API_URL
+def _local_run(tmp: Path, cfg: dict, s3: dict, monkeypatch) -> dict:
+    """The same config run by this process's label flow, on the session's Ray and Prefect API (it computes no cell:
+    each is in the copied store), with the model sources' S3 environment the nodes have; its manifest."""
+    from flows.label import label_flow
 
     path = tmp / "local.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, **_node_env(s3), "ZOOTER_CACHE": str(tmp / "cache"), "PYTHONPATH": str(ROOT),
-           "PREFECT_API_URL": PREFECT_API_URL.value()}
-    env.pop("RAY_ADDRESS", None)  # its own embedded Ray
-    return subprocess.Popen([str(Path(sys.prefix) / "bin" / "zooter"), "run", str(path), "--json"], cwd=tmp,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)  # its own process group: ended with its embedded Ray
+    for k, v in _node_env(s3).items():
+        monkeypatch.setenv(k, v)
+    return label_flow(str(path)).manifest.model_dump(mode="json")
 
 
 def _submit_and_wait(cluster: NoSharedDiskCluster, workdir: Path, cache: Path) -> str:
@@ -141,7 +135,7 @@ def _submit_and_wait(cluster: NoSharedDiskCluster, workdir: Path, cache: Path) -
 
 
 def test_submitted_job_on_a_cluster_without_shared_disk(tmp_path, tmp_path_factory, tiny_models, s3_server,
-                                                        prefect_harness, monkeypatch, caplog):
+                                                        ray_session, prefect_harness, monkeypatch, caplog):
     t0 = time.monotonic()
     caplog.set_level(logging.WARNING, logger="werkzeug")  # moto logs every request
     for k, v in AUTH.items():  # this process's job and state clients send the cluster's token
@@ -180,14 +174,7 @@ def test_submitted_job_on_a_cluster_without_shared_disk(tmp_path, tmp_path_facto
     finally:
         shutil.rmtree(cache, ignore_errors=True)
     _copy_store(s3_server, f"cluster-{run}", f"local-{run}")
-    local = _local_run(tmp_path, local_cfg, s3_server)
-    try:
-        out, _ = local.communicate(timeout=JOB_TIMEOUT_S)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(local.pid, signal.SIGKILL)  # a failed test leaves no local run behind
-    assert local.returncode == 0, out[-6000:]
-    expected = json_doc(out)["manifest"]
+    expected = _local_run(tmp_path, local_cfg, s3_server, monkeypatch)
 
     store = Store(cluster_store, s3_server)
     (path,) = store.fs.glob(f"{store.root}/runs/*/manifest.json")
