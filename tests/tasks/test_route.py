@@ -10,6 +10,7 @@ import signal
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -226,8 +227,9 @@ def test_new_files_follow_the_umask_and_replaced_files_keep_their_mode(tmp_path)
 
 
 SLOW_ROUTE = """
-import sys, time
+import faulthandler, signal, sys, time
 import numpy as np
+faulthandler.register(signal.SIGUSR1)  # the test asks for every thread's stack when the process outlives a signal
 from tasks.route import route_file
 
 class Slow:
@@ -253,7 +255,13 @@ def test_a_signal_while_routing_leaves_no_temp_file(tmp_path, sig):
         assert proc.stdout.readline() == "routing\n", proc.stderr.read()
         assert [p.name for p in out.iterdir()][0].startswith(".routed.parquet.")  # the temp file is there
         proc.send_signal(sig)
-        proc.wait(timeout=30)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGUSR1)
+            time.sleep(2)
+            proc.kill()
+            pytest.fail(f"still running 30 s after {sig.name}; its stacks and output:\n{proc.communicate()[1][-6000:]}")
     finally:
         proc.kill()
     assert proc.returncode in (128 + sig, -sig)  # SystemExit(128 + n), or Python's re-raised SIGINT
