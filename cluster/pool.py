@@ -85,7 +85,7 @@ def connect(cfg: RayConfig) -> None:
         cluster, ray_constants.ENABLE_RAY_CLUSTER = ray_constants.ENABLE_RAY_CLUSTER, False
         try:
             ray.init(address="local", num_cpus=cfg.num_cpus, _node_ip_address=LOOPBACK,
-                     object_store_memory=512 * 1024**2, **kw)
+                     object_store_memory=512 * 1024**2, include_dashboard=cfg.dashboard, **kw)
         finally:
             ray_constants.ENABLE_RAY_CLUSTER = cluster
             if saved_port is None:

@@ -359,6 +359,9 @@ class RayConfig(Strict):
         None, description="None = embedded local Ray: a private instance of this process, never one already running "
         "on the machine (cluster/pool.py `connect`); `auto` or ray://... to join a cluster.")
     num_cpus: int | None = Field(None, ge=1, description="CPUs of the embedded local Ray (default: all).")
+    dashboard: bool = Field(False, description="Start Ray's dashboard with the embedded local Ray (on 127.0.0.1, "
+                            "port 8265 or the next free one, for the run's length): ~2 s and a dozen processes more "
+                            "at start-up. A joined cluster has its own.")
 
 
 class StoreConfig(Strict):

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # Runs in a fresh process: connect, then report which Ray it got and which Ray its workers would look up.
 PROBE = """
-import json, os, ray
+import json, os, psutil, ray
 from ray._private.services import canonicalize_bootstrap_address_or_die
 from cluster.pool import connect
 from schemas.config import RayConfig
@@ -30,8 +30,10 @@ from schemas.config import RayConfig
 connect(RayConfig(num_cpus=1))
 ctx = ray.get_runtime_context()
 seen = ray.get(ray.remote(lambda: canonicalize_bootstrap_address_or_die(None)).options(num_cpus=0).remote())
+# the dashboard's module processes (ray-dashboard-JobHead-0, ...); without the dashboard Ray keeps a minimal head
+dashboard = any(p.name().startswith("ray-dashboard-") for p in psutil.Process().children(recursive=True))
 print(json.dumps({"gcs": ctx.gcs_address, "node": ctx.get_node_id(), "nodes": len(ray.nodes()),
-                  "workers_see": seen}))
+                  "workers_see": seen, "dashboard": dashboard}))
 """
 
 
@@ -99,6 +101,7 @@ def test_embedded_ray_is_private_when_another_ray_runs(other_ray):
     assert got["gcs"] != other_ray and got["gcs"].startswith("127.0.0.1:")
     assert got["nodes"] == 1  # its own single node, not a node joined to the other Ray
     assert got["workers_see"] == got["gcs"]  # Ray Train's helpers look up this Ray, not "multiple instances"
+    assert got["dashboard"] is False  # `ray.dashboard` is off by default (tests/flows/test_security.py turns it on)
 
 
 def test_a_submitted_job_joins_with_its_own_runtime_env_and_the_clusters_resources(other_ray):

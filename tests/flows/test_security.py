@@ -165,7 +165,7 @@ import ray
 from cluster.pool import connect
 from schemas.config import RayConfig
 
-connect(RayConfig(num_cpus=1))
+connect(RayConfig(num_cpus=1, dashboard=True))  # with everything it can start: the dashboard too
 
 @ray.remote
 def one():
@@ -184,7 +184,7 @@ while True:
         except psutil.Error:
             pass
     names = " ".join(found.values())
-    if ("DashboardAgent" in names and "RuntimeEnvAgent" in names) or time.monotonic() > deadline:
+    if all(n in names for n in ("DashboardAgent", "RuntimeEnvAgent", "dashboard.py")) or time.monotonic() > deadline:
         break
     time.sleep(1)
 print("RESULT " + json.dumps(found))
@@ -205,7 +205,7 @@ def test_embedded_ray_listens_on_loopback_only():
     line = next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))
     found = json.loads(line.removeprefix("RESULT "))
     names = " ".join(found.values())
-    assert "gcs_server" in names and "raylet" in names, found  # the sockets really were seen
+    assert "gcs_server" in names and "raylet" in names and "dashboard.py" in names, found  # seen, not missed
     exposed = {addr: who for addr, who in found.items() if not _loopback(addr.split()[0])}
     assert not exposed, f"embedded Ray listens beyond loopback: {exposed}"
 
