@@ -134,7 +134,9 @@ def test_fit_trains_an_ensemble_of_bce_heads_and_selects_the_epoch_by_validation
     train = pa.table({"vector": list(x[:60]), "target": list(success[:60])})
     val = pa.table({"vector": list(x[60:]), "target": list(success[60:]), "rewards": list(success[60:]),
                     "tags": [["t1"] if i % 2 else ["t2"] for i in range(20)]})
-    cfg = RouterConfig(freeze_encoder=True, epochs=3, lr=0.05, batch_size=8, heads=3, loss="bce", select="reward")
+    # in Ray Train's local mode: one worker's computation (the test above), without its actors' start-up
+    cfg = RouterConfig(freeze_encoder=True, epochs=3, lr=0.05, batch_size=8, heads=3, loss="bce", select="reward",
+                       num_workers=0)
     payload, history, _ = fit(cfg, train, val, ["a", "b"], "labels-1", str(tmp_path / "train"))
     assert all(0 <= h["val_reward"] <= 1 for h in history)
     best = max(history, key=lambda h: h["val_reward"])
