@@ -228,6 +228,10 @@ def test_new_files_follow_the_umask_and_replaced_files_keep_their_mode(tmp_path)
 
 SLOW_ROUTE = """
 import faulthandler, signal, sys, time
+# As a shell starts it: nothing blocked, SIGINT not ignored. Both are inherited across exec, and late in a full run a
+# pytest-xdist worker twice started this process with SIGINT lost (it routed on; SIGTERM still worked).
+signal.pthread_sigmask(signal.SIG_SETMASK, set())
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import numpy as np
 faulthandler.register(signal.SIGUSR1)  # the test asks for every thread's stack when the process outlives a signal
 from tasks.route import route_file
@@ -261,7 +265,8 @@ def test_a_signal_while_routing_leaves_no_temp_file(tmp_path, sig):
             proc.send_signal(signal.SIGUSR1)
             time.sleep(2)
             proc.kill()
-            pytest.fail(f"still running 30 s after {sig.name}; its stacks and output:\n{proc.communicate()[1][-6000:]}")
+            pytest.fail(f"still running 30 s after {sig.name}; its stacks and output:\n"
+                        f"{proc.communicate()[1][-6000:]}")
     finally:
         proc.kill()
     assert proc.returncode in (128 + sig, -sig)  # SystemExit(128 + n), or Python's re-raised SIGINT
