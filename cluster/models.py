@@ -283,7 +283,9 @@ def _gguf_parsed_once() -> Iterator[None]:
     same mapping (~3 s), and that reader is what transformers gets each time (it only reads from it)."""
     import gguf
 
-    class MappedReader(gguf.GGUFReader):
+    original = gguf.GGUFReader
+
+    class MappedReader(original):
         @property
         def data(self) -> np.ndarray:
             return self._plain
@@ -292,18 +294,17 @@ def _gguf_parsed_once() -> Iterator[None]:
         def data(self, mapped: np.ndarray) -> None:  # the base class assigns its np.memmap here
             self._plain = mapped.view(np.ndarray)  # no copy: the view keeps the mapping alive
 
-    readers: dict[str, gguf.GGUFReader] = {}
+    readers: dict[str, MappedReader] = {}
 
     def reader(path: str | os.PathLike[str], mode: Literal["r", "r+", "c"] = "r") -> gguf.GGUFReader:
+        if mode != "r":  # a writable mapping is nobody's to share
+            return original(path, mode)
         key = os.path.realpath(path)
-        if mode != "r":
-            return gguf.GGUFReader(path, mode)
         if key not in readers:
             readers[key] = MappedReader(path)
         return readers[key]
 
     with _GGUF_PATCH:  # one conversion at a time in a process swaps the name (and restores the real one)
-        original = gguf.GGUFReader
         gguf.GGUFReader = reader  # transformers imports it from `gguf` at each call
         try:
             yield

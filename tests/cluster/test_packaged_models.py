@@ -36,6 +36,7 @@ def test_conversion_parses_each_gguf_once_and_reads_what_gguf_reads():
     with _gguf_parsed_once():
         ours = gguf.GGUFReader(path)
         assert gguf.GGUFReader(str(path)) is ours and type(ours.data) is np.ndarray
+        assert type(gguf.GGUFReader(path, "c").data) is np.memmap  # a writable (copy-on-write) mapping: gguf's own
     assert gguf.GGUFReader is real
     theirs = real(path)
     parts = lambda r: {k: [bytes(p) for p in f.parts] for k, f in r.fields.items()}  # noqa: E731
