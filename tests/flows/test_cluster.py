@@ -18,9 +18,9 @@ from tests.conftest import tiny_flow_config, tiny_router
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# Head and worker node with one CPU each. Experts a (pool of 2, SPREAD) and b generate at the same time: between them
-# they use both nodes; a's second actor gets cells only once placed, so a never waits for b (the pools cannot
-# deadlock on the two CPUs).
+# Head and worker node with one CPU each. Experts a (pool of 2, SPREAD) and b generate at the same time and the reward
+# models score what is generated: between them they use both nodes; a's second actor gets cells only once placed, so
+# a never waits for b (the pools cannot deadlock on the two CPUs).
 SCRIPT = r"""
 import json, sys
 import yaml
@@ -87,7 +87,10 @@ def test_label_flow_on_a_two_node_cluster(tmp_path, tiny_models, s3_server, pref
     assert len(out["nodes"]) == 2 and m["status"] == "completed"
     gen = {g["name"]: g for g in m["generate"]}
     assert (gen["a"]["cells_computed"], gen["b"]["cells_computed"]) == (3, 3)
-    assert set(gen["a"]["nodes"]) | set(gen["b"]["nodes"]) == set(out["nodes"])  # work on both nodes
+    # model work on both nodes: usually the two experts' pools side by side; when a reward model takes the second
+    # CPU as soon as a's first cell exists (pipelined), b waits and then runs where a ran (seen once in a full run)
+    worked = {n for st in m["generate"] + m["score"] for n in st.get("nodes") or []}
+    assert worked == set(out["nodes"])
     assert len(gen["b"]["nodes"]) == 1 and set(gen["a"]["nodes"]) <= set(out["nodes"])
     assert {s["name"]: s["cells_computed"] for s in m["score"]} == {"judge": 6, "rm": 6, "exact": 6}
     assert m["champion"]["decision"] == "promoted" and m["label_rows"] == 12
