@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import copy
 import errno
 import functools
 import io
@@ -75,6 +76,17 @@ def _retryable() -> tuple[type[BaseException], ...]:
     return tuple(errs)
 
 
+def _botocore_config(options: dict[str, Any]) -> dict[str, Any]:
+    """The S3 client's botocore config: the options' `config_kwargs`, with one quick retry of its own unless they
+    set `retries`. The store's `retries`/`backoff_s` are the budget for an unreachable endpoint; botocore's default
+    (legacy mode: 4 more attempts per call, backing off ~7 s on average, 15 s at worst) would run inside every one
+    of those attempts. One retry (standard mode, under 1 s) still covers a dropped connection or a 5xx; s3fs retries
+    S3's throttling (SlowDown) itself."""
+    cfg = copy.deepcopy(options.get("config_kwargs") or {})  # botocore edits the dicts it is given
+    cfg.setdefault("retries", {"mode": "standard", "total_max_attempts": 2})
+    return cfg
+
+
 class Store:
     def __init__(self, url: str, options: dict[str, Any] | None = None, retries: int = 5, backoff_s: float = 1.0,
                  lease_ttl_s: float = 120.0):
@@ -86,8 +98,10 @@ class Store:
         self.retries, self.backoff_s, self.lease_ttl_s = retries, backoff_s, lease_ttl_s
         remote = "://" in self.url and not self.url.startswith("file://")
         # Other processes (actors) write cells: a remote store must not answer from a stale listing cache.
-        extra = {"use_listings_cache": False, "skip_instance_cache": True} if remote else {}
-        self.fs, self.root = fsspec.core.url_to_fs(self.url, **extra, **self.options)
+        extra: dict[str, Any] = {"use_listings_cache": False, "skip_instance_cache": True} if remote else {}
+        if self.url.startswith("s3://"):
+            extra["config_kwargs"] = _botocore_config(self.options)
+        self.fs, self.root = fsspec.core.url_to_fs(self.url, **{**self.options, **extra})
         self.local = not remote
         if self.local:
             self._not_a_file()

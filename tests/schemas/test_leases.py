@@ -156,11 +156,20 @@ def test_a_lease_create_whose_answer_was_lost_is_ours(outage, caplog):
         other.close()
 
 
+def test_s3_client_retries_once_and_leaves_the_budget_to_the_store(outage):
+    # botocore's default (legacy mode, 4 backed-off retries: ~7 s per call on average) would run inside each of the
+    # store's attempts; a retry setting of the user's own is kept, and their options are not edited
+    s = Store("s3://faults/run", outage.options)
+    assert s.fs.config_kwargs["retries"] == {"mode": "standard", "total_max_attempts": 2}
+    own = {**outage.options, "config_kwargs": {"retries": {"mode": "adaptive", "max_attempts": 7}}}
+    assert Store("s3://faults/run", own).fs.config_kwargs["retries"] == {"mode": "adaptive", "max_attempts": 7}
+    assert not Store("s3://faults/run", own).exists("x")  # a client made: botocore edits the dict it is given
+    assert own["config_kwargs"] == {"retries": {"mode": "adaptive", "max_attempts": 7}}
+
+
 def test_s3_writes_retry_while_the_endpoint_is_down(outage, caplog):
-    # botocore's own retries (~20 s per call by default) turned down: Store's backoff (0.5, 1, 2, 4 s) rides the
-    # outage out, as it does under botocore's on a longer one
-    fast = {**outage.options, "config_kwargs": {"retries": {"max_attempts": 1}}}
-    s = Store("s3://faults/run", fast, retries=6, backoff_s=0.5)
+    # Store's backoff (0.5, 1, 2, 4 s) rides the outage out
+    s = Store("s3://faults/run", outage.options, retries=6, backoff_s=0.5)
     s.write_bytes("before", b"x")
     outage.stop()
     # back after 6 s: longer than s3fs's own retries of one call (~2 s, more on a busy machine) last, so Store's own
@@ -176,9 +185,7 @@ def test_s3_writes_retry_while_the_endpoint_is_down(outage, caplog):
 
 
 def test_s3_outage_past_the_retry_budget_fails_clearly_and_a_rerun_completes(outage):
-    # s3fs and botocore retry underneath Store (~20 s per call by default): turned down here to keep the test short
-    fast = {**outage.options, "config_kwargs": {"retries": {"max_attempts": 1}}}
-    s = Store("s3://faults/run", fast, retries=1, backoff_s=0.2)
+    s = Store("s3://faults/run", outage.options, retries=1, backoff_s=0.2)
     outage.stop()
     with pytest.raises(StoreUnavailable, match=r"s3://faults/run: write cell failed 2 times .* unreachable"):
         s.write_bytes("cell", b"z" * 1000)
