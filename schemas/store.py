@@ -98,10 +98,11 @@ class Store:
         self.retries, self.backoff_s, self.lease_ttl_s = retries, backoff_s, lease_ttl_s
         remote = "://" in self.url and not self.url.startswith("file://")
         # Other processes (actors) write cells: a remote store must not answer from a stale listing cache.
-        extra: dict[str, Any] = {"use_listings_cache": False, "skip_instance_cache": True} if remote else {}
+        extra = {"use_listings_cache": False, "skip_instance_cache": True} if remote else {}
+        options = dict(self.options)
         if self.url.startswith("s3://"):
-            extra["config_kwargs"] = _botocore_config(self.options)
-        self.fs, self.root = fsspec.core.url_to_fs(self.url, **{**self.options, **extra})
+            options["config_kwargs"] = _botocore_config(self.options)
+        self.fs, self.root = fsspec.core.url_to_fs(self.url, **extra, **options)
         self.local = not remote
         if self.local:
             self._not_a_file()
