@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -356,11 +357,23 @@ def _snapshot(ref: str, revision: str | None) -> Path:
 Listing = dict[str, tuple[int, str]]  # key relative to the prefix -> (size, ETag without quotes)
 
 
+# What the model sources' S3 client is made from: the standard AWS environment of this process.
+_AWS_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+            "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE", "AWS_CONFIG_FILE",
+            "AWS_SHARED_CREDENTIALS_FILE")
+
+
 def _s3fs():
+    return _s3fs_for(tuple(os.environ.get(k) for k in _AWS_ENV))
+
+
+@functools.lru_cache(maxsize=4)
+def _s3fs_for(env: tuple[str | None, ...]):
+    """One client per process and AWS environment: each new one parses botocore's endpoint and service data
+    again (~0.2 s of CPU), and a run asks for a model's listing many times (preflight, fingerprints, copies).
+    No listing cache: the listing is the identity and must be current."""
     import s3fs
 
-    # fresh instance, no listing cache: the listing is the identity and must be current; endpoint and
-    # credentials come from the standard AWS environment of this process (AWS_ENDPOINT_URL, ...)
     return s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
 
 

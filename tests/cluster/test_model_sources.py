@@ -49,6 +49,15 @@ def test_s3_identity_is_the_listing_and_follows_a_changed_object(s3, tiny_models
     assert identity(url) != first
 
 
+def test_s3_client_is_made_once_per_aws_environment(s3, monkeypatch):
+    # a new client parses botocore's data again (~0.2 s of CPU) and a run lists each model many times; the
+    # listing stays current (the test above), and a changed environment gets a client of its own
+    client = models._s3fs()
+    assert models._s3fs() is client
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    assert models._s3fs() is not client
+
+
 def test_s3_copy_once_per_node_loads_like_the_local_directory(s3, tiny_models):
     url, prefix = upload(s3, tiny_models["lm_a"])
     expect = identity(url)

@@ -157,6 +157,8 @@ def test_experts_add_event_triggers_served_relabel(tmp_path, tiny_models, labele
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_API_URL": api,
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false", "DO_NOT_TRACK": "1",
            "PREFECT_LOGGING_LEVEL": "INFO",
+           # the served process looks for runs to start every 10 s by default: the triggered run starts sooner
+           "PREFECT_RUNNER_POLL_FREQUENCY": "1",
            "RAY_TMPDIR": tempfile.mkdtemp(prefix="zray-")}  # the served run's Ray: short socket paths, not /tmp/ray
     logs = {n: open(tmp_path / f"{n}.log", "w") for n in ("server", "serve", "add")}  # noqa: SIM115
     procs: list[subprocess.Popen] = []
