@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,38 @@ def pytest_xdist_make_scheduler(config, log):
 
     config.option.loadscopereorder = False  # keep FIRST's order, not "most tests first"
     return ByGroup(config, log)
+
+
+# --- what a run cost: busy core-seconds beside the wall time, and the machine's speed at the time -------------
+# The machine's speed varies between runs (the same work took 1,019 and 1,294 busy core-seconds on different
+# days): `make test` prints both, so two runs' times can be compared.
+_START = pytest.StashKey[tuple[float, float | None]]()
+
+
+def _busy_core_s() -> float | None:
+    """Seconds the machine's CPUs have been busy since boot, summed over cores (Linux /proc/stat), or None."""
+    try:
+        user, nice, system, _idle, _iowait, irq, softirq = map(int, Path("/proc/stat").read_text().split()[1:8])
+    except (OSError, ValueError):
+        return None
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def pytest_sessionstart(session):
+    session.config.stash[_START] = (time.monotonic(), _busy_core_s())
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    t0, busy0 = config.stash.get(_START, (None, None))
+    busy1 = _busy_core_s()
+    if t0 is None or busy0 is None or busy1 is None:
+        return
+    wall, busy, cores = time.monotonic() - t0, busy1 - busy0, os.cpu_count() or 1
+    c0 = time.process_time()
+    sum(range(30_000_000))  # a fixed piece of work: its CPU time is the machine's speed now
+    terminalreporter.write_line(
+        f"machine: {busy:,.0f} busy core-seconds in {wall:.0f} s ({busy / (wall * cores):.0%} of {cores} cores); "
+        f"a reference loop took {time.process_time() - c0:.2f} s of CPU")
 
 
 def minilm_dir() -> Path:
