@@ -68,9 +68,8 @@ def pytest_xdist_make_scheduler(config, log):
     return ByGroup(config, log)
 
 
-# --- what a run cost: busy core-seconds beside the wall time, and the machine's speed at the time -------------
-# The machine's speed varies between runs (the same work took 1,019 and 1,294 busy core-seconds on different
-# days): `make test` prints both, so two runs' times can be compared.
+# --- what a run cost: the machine's busy core-seconds beside the wall time ------------------------------------
+# Whether a run was slow because the suite needs more CPU or because the cores were idle (waiting), or shared.
 _START = pytest.StashKey[tuple[float, float | None]]()
 
 
@@ -93,11 +92,8 @@ def pytest_terminal_summary(terminalreporter, config):
     if t0 is None or busy0 is None or busy1 is None:
         return
     wall, busy, cores = time.monotonic() - t0, busy1 - busy0, os.cpu_count() or 1
-    c0 = time.process_time()
-    sum(range(30_000_000))  # a fixed piece of work: its CPU time is the machine's speed now
     terminalreporter.write_line(
-        f"machine: {busy:,.0f} busy core-seconds in {wall:.0f} s ({busy / (wall * cores):.0%} of {cores} cores); "
-        f"a reference loop took {time.process_time() - c0:.2f} s of CPU")
+        f"machine: {busy:,.0f} busy core-seconds in {wall:.0f} s ({busy / (wall * cores):.0%} of {cores} cores)")
 
 
 def minilm_dir() -> Path:
