@@ -5,6 +5,9 @@ one) goes through vLLM in the reward test (a tiny random Llama reward model), so
 model is started as well (~50 s on 2 cores)."""
 
 import importlib.util
+import os
+import sys
+import types
 
 import polars as pl
 import pytest
@@ -36,6 +39,22 @@ def test_vllm_cells_validate_like_hf_cells(vllm_store, smol_vllm):
 def test_backend_is_part_of_the_fingerprint(smol_vllm):
     spec, _ = smol_vllm
     assert expert_fingerprint(spec) != expert_fingerprint(spec.model_copy(update={"backend": "hf"}))
+
+
+def test_on_cpu_the_engine_runs_in_the_actors_process_unless_the_user_says_otherwise(monkeypatch):
+    """vLLM's engine core process on CPU doubles an engine's CPU time (cluster/vllm_backend.py): off by default,
+    a user's own setting kept. (A stand-in `vllm.LLM` records the environment it was built in.)"""
+    from cluster import vllm_backend
+
+    var, seen = "VLLM_ENABLE_V1_MULTIPROCESSING", []
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=lambda **kw: seen.append((kw, os.environ[var]))))
+    monkeypatch.setattr(vllm_backend.models, "resolve", lambda ref, *a: ref)
+    monkeypatch.setattr(vllm_backend, "_on_gpu", lambda: False)
+    monkeypatch.delenv(var, raising=False)
+    vllm_backend._engine("m", "float32", False, 512, 1)
+    monkeypatch.setenv(var, "1")
+    vllm_backend._engine("m", "float32", False, 512, 1)
+    assert [env for _, env in seen] == ["0", "1"] and all(kw["enforce_eager"] for kw, _ in seen)
 
 
 def test_greedy_parity_with_hf(vllm_store, smol_vllm):
