@@ -257,6 +257,18 @@ def tiny_flow_config(tmp: Path, tiny_models: dict[str, Path], **changes) -> Path
     return path
 
 
+def synthetic_models(cfg: dict) -> None:
+    """The tiny config's experts and model reward models on the synthetic backend (cluster/synthetic.py: answers
+    and scores from a hash, nothing loaded), in place: for a test of orchestration (leases, resumption, placement)
+    that counts cells and compares labels but does not check what a model computes. Their actors skip ~4 s of
+    torch and transformers imports each. Where such a config is loaded, ZOOTER_ALLOW_SYNTHETIC=1 must be set."""
+    for spec in cfg["experts"]:
+        spec["backend"] = "synthetic"
+    for spec in cfg["reward_models"]:
+        if spec["kind"] != "verifiable":
+            spec.update(backend="synthetic", model=None)
+
+
 @dataclass(frozen=True)
 class Labeled:
     """The session's labelled store: its directory, the config that labelled it, and that run's outcome."""

@@ -1,6 +1,6 @@
 """Faults cost time, never data: a killed actor, a SIGKILLed run, two concurrent relabels, corrupted cells, NaN
 rewards and empty answers (an S3 outage mid-run is tests/flows/test_s3.py's). Real Ray, Prefect, Parquet, tiny
-models; each test counts cells and rows exactly."""
+models (synthetic ones where two runs' leases are the point); each test counts cells and rows exactly."""
 
 from __future__ import annotations
 
@@ -26,10 +26,10 @@ from typer.testing import CliRunner
 from flows.cli import app
 from flows.label import label_flow
 from schemas.artifacts import GENERATIONS, LABELS, SCORES, labels_path
-from schemas.config import load_config
+from schemas.config import ALLOW_SYNTHETIC, load_config
 from schemas.store import Store
 from tests.conftest import QUERIES as TINY_QUERIES
-from tests.conftest import Labeled, copy_labeled, json_doc, tiny_flow_config, tiny_router
+from tests.conftest import Labeled, copy_labeled, json_doc, synthetic_models, tiny_flow_config, tiny_router
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -188,13 +188,18 @@ def test_sigkilled_run_resumes_without_recomputing_a_finished_cell(tmp_path, tin
 
 # --- 3. two relabels on the same store at the same time; 4. corrupted cells ---------------------------------------
 @pytest.fixture(scope="module")
-def two_relabels(tmp_path_factory, tiny_models, prefect_harness, labeled):
+def two_relabels(tmp_path_factory, tiny_models, prefect_harness):
+    """Two `zooter relabel` processes on one empty store at once, on synthetic models (the leases are the point;
+    what a real model computes in this flow is the session run's test)."""
+    def edit(cfg: dict) -> None:
+        synthetic_models(cfg)
+        cfg["router"] = tiny_router(tiny_models)  # fitted by both runs, in their own processes
+
     tmp = tmp_path_factory.mktemp("concurrent")
-    path = _config(tmp, tiny_models, lease_ttl_s=30)
-    _with_routers(labeled, tmp / "store")
+    path = _config(tmp, tiny_models, edit, lease_ttl_s=30)
     with tempfile.TemporaryDirectory(prefix="zray-") as r1, tempfile.TemporaryDirectory(prefix="zray-") as r2:
-        procs = [_cli(["relabel", str(path), "--json"], _env(tmp, r), tmp / f"relabel{i}.log")
-                 for i, r in enumerate((r1, r2))]
+        procs = [_cli(["relabel", str(path), "--json"], {**_env(tmp, r), ALLOW_SYNTHETIC: "1"},
+                      tmp / f"relabel{i}.log") for i, r in enumerate((r1, r2))]
         try:
             codes = [p.wait(timeout=1200) for p in procs]
         finally:
@@ -224,7 +229,9 @@ def test_concurrent_relabels_compute_each_cell_once(two_relabels):
     assert not list(root.rglob("*.lease")) and not list(root.rglob(".tmp-*"))
 
 
-def test_corrupted_cells_are_detected_logged_and_recomputed(two_relabels, tmp_path, ray_session, caplog):
+def test_corrupted_cells_are_detected_logged_and_recomputed(two_relabels, tmp_path, ray_session, caplog,
+                                                            monkeypatch):
+    monkeypatch.setenv(ALLOW_SYNTHETIC, "1")  # the relabels' config
     src, path = two_relabels
     shutil.copytree(src / "store", tmp_path / "store")
     cfg = yaml.safe_load(path.read_text())
