@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import tiny_flow_config, tiny_router
+from schemas.config import ALLOW_SYNTHETIC
+from tests.conftest import synthetic_models, tiny_flow_config, tiny_router
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -68,9 +69,10 @@ def test_label_flow_on_a_two_node_cluster(tmp_path, tiny_models, s3_server, pref
                             router=tiny_router(tiny_models))
     cfg = yaml.safe_load(path.read_text())
     cfg["experts"][0]["resources"] = {**res, "pool_size": 2}
+    synthetic_models(cfg)  # placement is the point; real models on a cluster are tests/flows/test_cluster_job.py's
     path.write_text(yaml.safe_dump(cfg))
     # the session's Prefect API (a temporary one per process costs a server start-up; the job test keeps that)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PREFECT_API_URL": PREFECT_API_URL.value()}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PREFECT_API_URL": PREFECT_API_URL.value(), ALLOW_SYNTHETIC: "1"}
     # Ray's socket paths must stay under 107 bytes: a short temp dir, not pytest's
     with tempfile.TemporaryDirectory(prefix="zray-") as ray_tmp:
         # Ray's Cluster util records its address under $RAY_TMPDIR/ray: keep that in the temp dir too
