@@ -94,10 +94,18 @@ def _kill_tree(ray_tmp: str) -> None:
                 p.kill()
 
 
-def _with_routers(labeled: Labeled, root: Path) -> None:
-    """Only the session run's routers (hard links) in the empty store at `root`: a run of the tiny config makes the
-    same labels, so it reuses that router instead of fitting one; its cells and labels are still all computed."""
-    shutil.copytree(labeled.root / "routers", root / "routers", copy_function=os.link)
+def _with_routers(src: Path, root: Path) -> None:
+    """Only the routers (hard links) of the store at `src` in the empty store at `root`: a run that makes the same
+    labels reuses that router instead of fitting one; its cells and labels are still all computed."""
+    shutil.copytree(src / "routers", root / "routers", copy_function=os.link)
+
+
+def _synthetic(tiny_models):
+    """A config edit: synthetic experts and reward models, the router on the tiny encoder."""
+    def edit(cfg: dict) -> None:
+        synthetic_models(cfg)
+        cfg["router"] = tiny_router(tiny_models)
+    return edit
 
 
 def _cli(args: list[str], env: dict, log: Path) -> subprocess.Popen:
@@ -147,16 +155,17 @@ def test_killed_actor_is_replaced_and_its_shard_redone(tmp_path, tiny_models, ra
 
 
 # --- 2. the flow's process is SIGKILLed mid-run; the same command again ------------------------------------------
-def test_sigkilled_run_resumes_without_recomputing_a_finished_cell(tmp_path, tiny_models, labeled):
-    # the reference: the session's uninterrupted run of the same config (greedy decoding)
-    path = _config(tmp_path / "run", tiny_models, lease_ttl_s=5)
+def test_sigkilled_run_resumes_without_recomputing_a_finished_cell(tmp_path, tiny_models, two_relabels):
+    # the reference: the relabels' uninterrupted runs of the same config (synthetic models: resumption is the point)
+    path = _config(tmp_path / "run", tiny_models, _synthetic(tiny_models), lease_ttl_s=5)
     total = 6 + 18  # 3 shards: 6 generation + 18 score cells
-    ref = labeled.outcome.manifest.model_dump(mode="json")
+    ref_root = two_relabels[0] / "store"
+    ref = _manifests(ref_root)[0]
     root = tmp_path / "run" / "store"
-    _with_routers(labeled, root)
+    _with_routers(ref_root, root)
 
     with tempfile.TemporaryDirectory(prefix="zray-") as ray_tmp:  # Ray's socket paths must stay short
-        env = _env(tmp_path, ray_tmp)
+        env = {**_env(tmp_path, ray_tmp), ALLOW_SYNTHETIC: "1"}
         proc = _cli(["run", str(path)], env, tmp_path / "killed.log")
         t0 = time.monotonic()
         while len(list(root.glob("generations/*/shard-*.parquet"))) < 4:  # of 6
@@ -180,7 +189,7 @@ def test_sigkilled_run_resumes_without_recomputing_a_finished_cell(tmp_path, tin
     assert len(_cells(root)) == total
     _no_duplicate_ids(root)
     assert m["labels"] == ref["labels"]
-    store, ref_store = Store(str(root)), Store(str(labeled.root))
+    store, ref_store = Store(str(root)), Store(str(ref_root))
     assert _labels(store, m["labels"]).equals(_labels(ref_store, ref["labels"]))  # identical labels
     statuses = sorted(x["status"] for x in _manifests(root))
     assert statuses == ["completed"]  # the killed run never got to write its manifest; the rerun did
@@ -190,13 +199,10 @@ def test_sigkilled_run_resumes_without_recomputing_a_finished_cell(tmp_path, tin
 @pytest.fixture(scope="module")
 def two_relabels(tmp_path_factory, tiny_models, prefect_harness):
     """Two `zooter relabel` processes on one empty store at once, on synthetic models (the leases are the point;
-    what a real model computes in this flow is the session run's test)."""
-    def edit(cfg: dict) -> None:
-        synthetic_models(cfg)
-        cfg["router"] = tiny_router(tiny_models)  # fitted by both runs, in their own processes
-
+    what a real model computes in this flow is the session run's test). The router, on the tiny encoder, is fitted
+    by both runs, in their own processes."""
     tmp = tmp_path_factory.mktemp("concurrent")
-    path = _config(tmp, tiny_models, edit, lease_ttl_s=30)
+    path = _config(tmp, tiny_models, _synthetic(tiny_models), lease_ttl_s=30)
     with tempfile.TemporaryDirectory(prefix="zray-") as r1, tempfile.TemporaryDirectory(prefix="zray-") as r2:
         procs = [_cli(["relabel", str(path), "--json"], {**_env(tmp, r), ALLOW_SYNTHETIC: "1"},
                       tmp / f"relabel{i}.log") for i, r in enumerate((r1, r2))]
