@@ -135,7 +135,8 @@ def test_killed_actor_is_replaced_and_its_shard_redone(tmp_path, tiny_models, ra
     import tasks.generate as generate
     from tasks.ingest import read_queries, write_shards
 
-    cfg = load_config(_config(tmp_path, tiny_models))
+    monkeypatch.setenv(ALLOW_SYNTHETIC, "1")  # the actor's death is the point, not what its model computes
+    cfg = load_config(_config(tmp_path, tiny_models, synthetic_models))
     store = Store(cfg.store.url)
     shards = write_shards(store, read_queries(cfg.data), 2).shards  # 6 shards of 2 queries
     marker = str(tmp_path / "killed")
