@@ -1,6 +1,7 @@
 """Faults cost time, never data: a killed actor, a SIGKILLed run, two concurrent relabels, corrupted cells, NaN
 rewards and empty answers (an S3 outage mid-run is tests/flows/test_s3.py's). Real Ray, Prefect, Parquet, tiny
-models (synthetic ones where two runs' leases are the point); each test counts cells and rows exactly."""
+models (synthetic ones where leases, resumption or a dead actor are the point, not a model's output); each test
+counts cells and rows exactly."""
 
 from __future__ import annotations
 
@@ -201,7 +202,7 @@ def test_sigkilled_run_resumes_without_recomputing_a_finished_cell(tmp_path, tin
 def two_relabels(tmp_path_factory, tiny_models, prefect_harness):
     """Two `zooter relabel` processes on one empty store at once, on synthetic models (the leases are the point;
     what a real model computes in this flow is the session run's test). The router, on the tiny encoder, is fitted
-    by both runs, in their own processes."""
+    by the runs themselves."""
     tmp = tmp_path_factory.mktemp("concurrent")
     path = _config(tmp, tiny_models, _synthetic(tiny_models), lease_ttl_s=30)
     with tempfile.TemporaryDirectory(prefix="zray-") as r1, tempfile.TemporaryDirectory(prefix="zray-") as r2:
