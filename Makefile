@@ -14,7 +14,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export ZOOTER_CACHE ?= $(CURDIR)/.zooter/cache
 
 .PHONY: install install-gpu lock-gpu lock-gpu-check demo test test-fast lint bench bench-table bench-serving bench-scale routerdc \
-	routerdc-sweep clean clean-cache
+	routerdc-sweep routerdc-shift clean clean-cache
 
 install: $(STAMP)
 
@@ -119,8 +119,16 @@ routerdc: install
 	$(BIN)/python benchmarks/routerdc_seeds.py --config examples/routerdc-cluster.yaml
 
 # The ablation behind examples/routerdc.yaml's defaults: every point of the cross-validation below (the earlier
-# validation-slice sweep through the whole train step stays runnable: python benchmarks/routerdc_sweep.py).
-routerdc-sweep: routerdc-cv
+# validation-slice sweep through the whole train step stays runnable: python benchmarks/routerdc_sweep.py), then
+# why it finds nothing past ~59 (routerdc-shift).
+routerdc-sweep: routerdc-cv routerdc-shift
+
+# Does the training split's structure below the task hold on the test split, and how much per-query signal do the
+# test files hold at all (a router cross-validated inside them)? How much does the validation slice's share in the
+# tag prior inflate validation? Diagnostics only, ~12 min
+# (benchmarks/results/routerdc_shift.json; after `make routerdc`).
+routerdc-shift: routerdc
+	$(BIN)/python benchmarks/routerdc_shift.py
 
 # Leave one task out: a router trained on four RouterDC tasks routes the fifth, with and without the fallback to the
 # best single expert (benchmarks/results/routerdc_loto.json; after `make routerdc`).

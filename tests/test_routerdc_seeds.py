@@ -1,5 +1,6 @@
 """benchmarks/routerdc_seeds.py: where each config's results go, and the seeds summary (mean, sd with ddof 1);
-benchmarks/routerdc_cv.py: its folds, its fold-only tag prior and its in-process fit (= Ray Train's)."""
+benchmarks/routerdc_cv.py: its folds, its fold-only tag prior and its in-process fit (= Ray Train's);
+benchmarks/routerdc_shift.py: within-task clusters and their routing gain."""
 
 from __future__ import annotations
 
@@ -80,3 +81,37 @@ def test_paired_test_gap_averages_tasks_and_seeds_and_resamples_within_tasks() -
     same = paired_test_gap(a, a, tasks)  # a point against itself: no gap and no spread
     assert same["gap"] == 0 and same["boot_sd"] == 0 and same["ci95"] == [0, 0]
     assert paired_test_gap(a, b, tasks, boot=500) == got  # the bootstrap's draw is fixed
+
+
+# --- benchmarks/routerdc_shift.py: does the training split's sub-task structure hold on test? -----------------
+
+def test_route_gain_routes_each_cluster_to_its_fit_best_against_the_tasks_fit_best() -> None:
+    from routerdc_shift import route_gain
+
+    # one task, two clusters; expert 0 is the task's best on the fit rows (3/4 vs 2/4), expert 1 leads cluster 1
+    r = np.array([[1, 0], [1, 0], [1, 1], [0, 1],    # fit: cluster 0, 0, 1, 1
+                  [0, 1], [1, 0], [0, 1], [0, 0]],   # scored: cluster 0, 0, 1, 2 (2: no fit rows -> task best)
+                 dtype=float)
+    task = np.array(["t"] * 8)
+    cluster = np.array([0, 0, 1, 1, 0, 0, 1, 2])
+    fit = np.arange(8) < 4
+    # clusters: picks 0, 0, 1, 0 -> credits 0, 1, 1, 0 (mean 0.5); task best (0) everywhere: 0, 1, 0, 0 (0.25)
+    assert route_gain(r, task, cluster, fit, ~fit) == pytest.approx(25.0)
+    two = np.concatenate([task, np.array(["u"] * 8)])  # a second task, the same rows: the gain is averaged per task
+    assert route_gain(np.vstack([r, r[:, ::-1]]), two, np.tile(cluster, 2), np.tile(fit, 2),
+                      ~np.tile(fit, 2)) == pytest.approx(25.0)
+
+
+def test_task_clusters_stay_inside_their_task_and_take_centroids_from_the_fit_rows() -> None:
+    from routerdc_shift import task_clusters
+
+    rng = np.random.default_rng(0)
+    x = np.vstack([rng.normal([5, 0], 0.1, (6, 2)), rng.normal([-5, 0], 0.1, (6, 2))])
+    x = np.vstack([x, x])  # task a, then the same points as task b
+    task = np.array(["a"] * 12 + ["b"] * 12)
+    fit = np.tile(np.arange(12) % 2 == 0, 2)  # half of each task fits the centroids; all rows get a cluster
+    got = task_clusters(x, task, fit, 2, seed=0)
+    for t in ("a", "b"):
+        c = got[task == t]
+        assert len(set(c[:6])) == 1 and len(set(c[6:])) == 1 and c[0] != c[6]  # the two blobs, every row
+    np.testing.assert_array_equal(got, task_clusters(x, task, fit, 2, seed=0))  # deterministic
