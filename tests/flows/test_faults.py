@@ -22,6 +22,7 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from polars.testing import assert_frame_equal
 from typer.testing import CliRunner
 
 from flows.cli import app
@@ -192,7 +193,8 @@ def test_sigkilled_run_resumes_without_recomputing_a_finished_cell(tmp_path, tin
     _no_duplicate_ids(root)
     assert m["labels"] == ref["labels"]
     store, ref_store = Store(str(root)), Store(str(ref_root))
-    assert _labels(store, m["labels"]).equals(_labels(ref_store, ref["labels"]))  # identical labels
+    # the same labels, to rounding (Polars' streaming sums may run in another order: tasks.aggregate.build_labels)
+    assert_frame_equal(_labels(store, m["labels"]), _labels(ref_store, ref["labels"]), check_exact=False)
     statuses = sorted(x["status"] for x in _manifests(root))
     assert statuses == ["completed"]  # the killed run never got to write its manifest; the rerun did
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import polars as pl
 import pyarrow.parquet as pq
 import pytest
+from polars.testing import assert_frame_equal
 
 from flows.label import label_flow
 from schemas.artifacts import LABELS, generation_path, labels_path
@@ -71,7 +72,8 @@ def test_pipelined_flow_makes_the_staged_orders_cells_and_scoring_overlaps_gener
     assert m.labels == labels_fp
     a, b = (pl.from_arrow(Store(str(root)).read_table(labels_path(labels_fp), LABELS))
             for root in (labeled.root, tmp_path / "staged" / "store"))
-    assert a.equals(b)
+    # equal to rounding: Polars' streaming engine may sum the rewards in another order (tasks.aggregate.build_labels)
+    assert_frame_equal(a, b, check_exact=False)
 
     # Recorded job times: some reward model started scoring before the last generation job ended.
     assert min(s.jobs_from for s in m.score) < max(g.jobs_until for g in m.generate)
