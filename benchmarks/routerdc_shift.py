@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from schemas.config import AggregateConfig
+from schemas.config import AggregateConfig, RouterConfig
 from tasks.aggregate import train_val
 from tasks.tag import kmeans, nearest, unit_rows
 
@@ -119,23 +119,21 @@ def inside_test(data: Labels, agg: AggregateConfig) -> Labels:
     return refit_targets(rows, rows["split"] == "train", agg), swap(by_task), experts
 
 
-def prior_leak(config: Path) -> dict:
-    """4.: validation and test averages of the config's routers (seeds 0..SEEDS-1) as trained, and with the tag
-    prior of their targets taken from their fit rows only; their differences (fit-only minus as trained)."""
-    s = setup(config)
-    agg, router = s.cfg.aggregate, s.cfg.router
-    data = labels(s, agg)
+def prior_leak(name: str, data: Labels, router: RouterConfig, agg: AggregateConfig,
+               as_trained: list[dict] | None = None) -> dict:
+    """4.: validation and test averages of a config's routers (seeds 0..SEEDS-1) as trained (`as_trained`: their
+    `report_seed`s where already fitted), and with the tag prior of their targets taken from their fit rows only;
+    the differences (fit-only minus as trained)."""
     rows = data[0]
-    runs = {"as_trained": [], "fit_only_prior": []}
+    runs = {"as_trained": as_trained or [report_seed(data, router, agg, seed) for seed in range(SEEDS)],
+            "fit_only_prior": []}
     for seed in range(SEEDS):
         fit = rows["query_id"].is_in(train_val(rows, seed)[0]["query_id"].implode())
-        runs["as_trained"].append(report_seed(data, router, agg, seed))
         runs["fit_only_prior"].append(report_seed((refit_targets(rows, fit, agg), *data[1:]), router, agg, seed))
     diff = {k: [b[k] - a[k] for a, b in zip(runs["as_trained"], runs["fit_only_prior"], strict=True)]
             for k in ("val_avg", "test_avg")}
-    out = {"config": config.name, **runs, "fit_only_minus_as_trained": {k: ms(v) | {"per_seed": v}
-                                                                         for k, v in diff.items()}}
-    print(json.dumps({"config": config.name, **out["fit_only_minus_as_trained"]}), flush=True)
+    out = {"config": name, **runs, "fit_only_minus_as_trained": {k: ms(v) | {"per_seed": v} for k, v in diff.items()}}
+    print(json.dumps({"config": name, **out["fit_only_minus_as_trained"]}), flush=True)
     return out
 
 
@@ -151,8 +149,9 @@ def main() -> None:
     base = [v for seed in range(SEEDS) for v in cv_seed(data, router, agg, seed, FOLDS)]
     clustered = with_task_clusters(data, k, agg)
     cv = [v for seed in range(SEEDS) for v in cv_seed(clustered, router, agg, seed, FOLDS)]
-    test = {name: [report_seed(d, router, agg, seed)["test_avg"] for seed in range(SEEDS)]
-            for name, d in (("config", data), ("task_clusters", clustered))}
+    reports = {name: [report_seed(d, router, agg, seed) for seed in range(SEEDS)]
+               for name, d in (("config", data), ("task_clusters", clustered))}
+    test = {name: [r["test_avg"] for r in runs] for name, runs in reports.items()}
     result["router_task_clusters"] = {"k": k, "cv_config": ms(base), "cv": ms(cv), "cv_vs_config": paired(cv, base),
                                       "test_config": ms(test["config"]), "test": ms(test["task_clusters"])}
     print(json.dumps(result["router_task_clusters"]), flush=True)
@@ -172,7 +171,9 @@ def main() -> None:
     result["ceiling"] = {"router": ms(ceiling), "task_best": ms(task_best), "router_vs_task_best":
                          paired(ceiling, task_best), "router_folds": ceiling, "task_best_folds": task_best}
     print(json.dumps({k: v for k, v in result["ceiling"].items() if not k.endswith("folds")}), flush=True)
-    result["prior_leak"] = [prior_leak(c) for c in (CONFIG, CLUSTER)]
+    c = setup(CLUSTER)
+    result["prior_leak"] = [prior_leak(CONFIG.name, data, router, agg, reports["config"]),
+                            prior_leak(CLUSTER.name, labels(c, c.cfg.aggregate), c.cfg.router, c.cfg.aggregate)]
     result["seconds"] = round(time.perf_counter() - t0, 1)
     tmp = OUT.with_suffix(".tmp")  # atomic: a reader never sees half a file
     tmp.write_text(json.dumps(result, indent=2) + "\n")
