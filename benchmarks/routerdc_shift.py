@@ -59,17 +59,27 @@ def task_clusters(x: np.ndarray, task: np.ndarray, fit: np.ndarray, k: int, seed
     return out
 
 
-def route_gain(r: np.ndarray, task: np.ndarray, cluster: np.ndarray, fit: np.ndarray, ev: np.ndarray) -> float:
-    """Task average on `ev` (percent) of routing each cluster to its best expert on `fit`, minus routing each task
-    to its best expert on `fit`."""
-    gain = []
+def routed_avg(r: np.ndarray, task: np.ndarray, fit: np.ndarray, ev: np.ndarray,
+               cluster: np.ndarray | None = None) -> float:
+    """Task average on `ev` (percent) of routing each task, or with `cluster` each cluster of it, to its best expert
+    on `fit` (a cluster without fit rows: its task's)."""
+    avg = []
     for t in np.unique(task):
         f, e = fit & (task == t), ev & (task == t)
         best = r[f].mean(0).argmax()
-        per_cluster = {c: r[f & (cluster == c)].mean(0).argmax() for c in np.unique(cluster[f])}
-        pick = np.array([per_cluster.get(c, best) for c in cluster[e]])
-        gain.append(r[e][np.arange(e.sum()), pick].mean() - r[e][:, best].mean())
-    return 100 * float(np.mean(gain))
+        if cluster is None:
+            pick = np.full(e.sum(), best)
+        else:
+            per_cluster = {c: r[f & (cluster == c)].mean(0).argmax() for c in np.unique(cluster[f])}
+            pick = np.array([per_cluster.get(c, best) for c in cluster[e]])
+        avg.append(r[e][np.arange(e.sum()), pick].mean())
+    return 100 * float(np.mean(avg))
+
+
+def route_gain(r: np.ndarray, task: np.ndarray, cluster: np.ndarray, fit: np.ndarray, ev: np.ndarray) -> float:
+    """Routing each cluster to its best expert on `fit` minus routing each task to its best expert on `fit`:
+    the task averages on `ev`, in points."""
+    return routed_avg(r, task, fit, ev, cluster) - routed_avg(r, task, fit, ev)
 
 
 def no_head(data: Labels) -> list[dict]:
@@ -164,10 +174,7 @@ def main() -> None:
     for seed in range(SEEDS):
         ceiling += cv_seed(inside, router, agg, seed, FOLDS)
         fold = folds(by_task["query_id"], task, FOLDS, seed).to_numpy()
-        for f in range(FOLDS):
-            task_best.append(100 * float(np.mean([
-                r[(task == t).to_numpy() & (fold == f)][:, r[(task == t).to_numpy() & (fold != f)].mean(0).argmax()]
-                .mean() for t in task.unique().sort()])))
+        task_best += [routed_avg(r, task.to_numpy(), fold != f, fold == f) for f in range(FOLDS)]
     result["ceiling"] = {"router": ms(ceiling), "task_best": ms(task_best), "router_vs_task_best":
                          paired(ceiling, task_best), "router_folds": ceiling, "task_best_folds": task_best}
     print(json.dumps({k: v for k, v in result["ceiling"].items() if not k.endswith("folds")}), flush=True)
