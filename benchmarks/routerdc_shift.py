@@ -38,11 +38,11 @@ import numpy as np
 import polars as pl
 
 from schemas.config import AggregateConfig, RouterConfig
-from tasks.aggregate import train_val
+from tasks.aggregate import refit_targets
 from tasks.tag import kmeans, nearest, unit_rows
 
 sys.path.insert(0, str(Path(__file__).parent))
-from routerdc_cv import CLUSTER, FOLDS, Labels, cv_seed, folds, labels, paired, refit_targets, report_seed  # noqa: E402
+from routerdc_cv import CLUSTER, FOLDS, Labels, cv_seed, folds, labels, paired, report_seed  # noqa: E402
 from routerdc_seeds import CONFIG, ROOT, ms, setup  # noqa: E402
 
 KS = (2, 4, 8)
@@ -131,19 +131,16 @@ def inside_test(data: Labels, agg: AggregateConfig) -> Labels:
 
 def prior_leak(name: str, data: Labels, router: RouterConfig, agg: AggregateConfig,
                as_trained: list[dict] | None = None) -> dict:
-    """4.: validation and test averages of a config's routers (seeds 0..SEEDS-1) as trained (`as_trained`: their
-    `report_seed`s where already fitted), and with the tag prior of their targets taken from their fit rows only;
-    the differences (fit-only minus as trained)."""
-    rows = data[0]
-    runs = {"as_trained": as_trained or [report_seed(data, router, agg, seed) for seed in range(SEEDS)],
-            "fit_only_prior": []}
-    for seed in range(SEEDS):
-        fit = rows["query_id"].is_in(train_val(rows, seed)[0]["query_id"].implode())
-        runs["fit_only_prior"].append(report_seed((refit_targets(rows, fit, agg), *data[1:]), router, agg, seed))
-    diff = {k: [b[k] - a[k] for a, b in zip(runs["as_trained"], runs["fit_only_prior"], strict=True)]
+    """4.: validation and test averages of a config's routers (seeds 0..SEEDS-1) as `zooter train` trains them, the
+    tag prior of their targets from their fit rows only (`as_trained`: their `report_seed`s where already fitted),
+    and with the labels' own targets, whose prior holds the validation slice's rewards (train_router before its
+    CODE_VERSION 3); the differences (fit-only minus the labels' prior)."""
+    runs = {"labels_prior": [report_seed(data, router, agg, seed, prior="labels") for seed in range(SEEDS)],
+            "fit_only_prior": as_trained or [report_seed(data, router, agg, seed) for seed in range(SEEDS)]}
+    diff = {k: [b[k] - a[k] for a, b in zip(runs["labels_prior"], runs["fit_only_prior"], strict=True)]
             for k in ("val_avg", "test_avg")}
-    out = {"config": name, **runs, "fit_only_minus_as_trained": {k: ms(v) | {"per_seed": v} for k, v in diff.items()}}
-    print(json.dumps({"config": name, **out["fit_only_minus_as_trained"]}), flush=True)
+    out = {"config": name, **runs, "fit_only_minus_labels_prior": {k: ms(v) | {"per_seed": v} for k, v in diff.items()}}
+    print(json.dumps({"config": name, **out["fit_only_minus_labels_prior"]}), flush=True)
     return out
 
 

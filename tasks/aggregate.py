@@ -111,6 +111,20 @@ def tag_enhance(soft: pl.LazyFrame, queries: pl.LazyFrame, beta: float,
                           .otherwise(beta * pl.col("soft") + (1 - beta) * pl.col("s_tags")).alias("target")))
 
 
+def refit_targets(rows: pl.DataFrame, fit: pl.Series, agg: AggregateConfig) -> pl.DataFrame:
+    """`rows` (labels) with `target` recomputed with the tag prior taken from the rows where `fit` is true only.
+    The labels' own targets take it from every training query, the router's validation slice included: a router
+    trained on those is measured on queries whose rewards shaped its targets (validation ~0.5 points optimistic on
+    RouterDC, benchmarks/routerdc_shift.py), so train_router calls this with its fitted rows."""
+    long = (rows.select("query_id", "rewards", "soft", pl.int_ranges(pl.col("rewards").list.len()).alias("expert"))
+            .explode("rewards", "soft", "expert").rename({"rewards": "reward"}))
+    split = pl.when(fit).then(pl.lit("train")).otherwise(pl.lit("held")).alias("split")
+    queries = rows.select("query_id", "tags", split)
+    target = (tag_enhance(long.lazy(), queries.lazy(), agg.beta, agg.tag_temperature)
+              .sort("query_id", "expert").group_by("query_id", maintain_order=True).agg("target").collect())
+    return rows.drop("target").join(target, on="query_id", how="left", maintain_order="left").select(rows.columns)
+
+
 def labels_fingerprint(experts: list[tuple[str, str]], sources: list[ScoreSource], tagger_fp: str,
                        shards: list[int], agg: AggregateConfig, test_fraction: float) -> str:
     d = {"experts": experts, "scores": [s.__dict__ for s in sources], "tagger": tagger_fp, "shards": shards,

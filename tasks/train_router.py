@@ -1,9 +1,10 @@
 """train_router: fit encoder + linear head on the tag-enhanced targets with Ray Train; save the router in the store.
 
 Training rows are the labels' `train` split; a slice of them (by a hash of the id) is held out for validation
-and picks the best epoch. The rows reach the Ray Train workers through Ray's object store (cluster/train.py).
-The router directory is written file by file with its metadata file (ROUTER_JSON) last, so a router exists
-exactly when that file does.
+and picks the best epoch. The targets' tag prior is taken from the fitted rows alone (`refit_targets`), so the
+slice's rewards never reach the router it measures. The rows reach the Ray Train workers through Ray's object
+store (cluster/train.py). The router directory is written file by file with its metadata file (ROUTER_JSON)
+last, so a router exists exactly when that file does.
 """
 
 from __future__ import annotations
@@ -25,13 +26,14 @@ from schemas.artifacts import (
     router_file,
     router_train_dir,
 )
-from schemas.config import RouterConfig
+from schemas.config import AggregateConfig, RouterConfig
 from schemas.errors import ArtifactError, ConfigError
 from schemas.leases import compute_once
 from schemas.store import Store
-from tasks.aggregate import train_val
+from tasks.aggregate import refit_targets, train_val
 
-CODE_VERSION = 2  # 2: frozen-encoder routers store only their head
+# 2: frozen-encoder routers store only their head; 3: the tag prior from the fitted rows only (refit_targets)
+CODE_VERSION = 3
 # Options added later enter the fingerprint only when set, so routers trained before them keep their fingerprints.
 LATER_DEFAULTS = {"heads": 1, "select": "loss"}
 
@@ -79,6 +81,14 @@ def bce_targets(fit_rows: pl.DataFrame, rows: pl.DataFrame, beta: float) -> pl.D
     return rows.with_columns(pl.Series("target", mixed.to_numpy().tolist(), dtype=rows.schema["target"]))
 
 
+def fit_targets(labels: pl.DataFrame, seed: int, agg: AggregateConfig) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(fitted, validation) rows (`train_val`) with targets whose tag prior comes from the fitted rows only."""
+    train, val = train_val(labels, seed)
+    fitted = pl.Series([True] * train.height + [False] * val.height, dtype=pl.Boolean)
+    both = refit_targets(pl.concat([train, val]), fitted, agg)
+    return both.head(train.height), both.tail(val.height)
+
+
 def run_train_router(store: Store, labels_fp: str, cfg: RouterConfig,
                      embed_fp: str | None = None) -> tuple[str, dict]:
     """Train unless this exact router exists; returns (router fingerprint, the router's metadata file).
@@ -102,13 +112,14 @@ def _train(store: Store, labels_fp: str, cfg: RouterConfig, embed_fp: str | None
     from cluster.train import fit
 
     labels = pl.from_arrow(store.read_table(labels_path(labels_fp), LABELS))
-    experts = store.read_meta(labels_path(labels_fp))["experts"]
-    train, val = train_val(labels, cfg.seed)
+    meta = store.read_meta(labels_path(labels_fp))
+    experts = meta["experts"]
+    train, val = fit_targets(labels, cfg.seed, AggregateConfig.model_validate(
+        {k: meta[k] for k in AggregateConfig.model_fields if k in meta}))
     if train.height == 0:
         raise ConfigError(f"labels {labels_fp}: no training rows (data.test_fraction leaves none)")
     if cfg.loss == "bce":
-        beta = store.read_meta(labels_path(labels_fp)).get("beta", 1.0)
-        train, val = (bce_targets(train, d, beta) for d in (train, val))
+        train, val = (bce_targets(train, d, meta.get("beta", 1.0)) for d in (train, val))
     cols = ["text", "target"]
     if cfg.freeze_encoder:
         if embed_fp is None:

@@ -1,5 +1,5 @@
 """benchmarks/routerdc_seeds.py: where each config's results go, and the seeds summary (mean, sd with ddof 1);
-benchmarks/routerdc_cv.py: its folds, its fold-only tag prior and its in-process fit (= Ray Train's);
+benchmarks/routerdc_cv.py: its folds and its in-process fit (= Ray Train's);
 benchmarks/routerdc_shift.py: within-task clusters and their routing gain."""
 
 from __future__ import annotations
@@ -10,8 +10,6 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-
-from schemas.config import AggregateConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from routerdc_seeds import CONFIG, ROOT, results_path, summarise  # noqa: E402
@@ -47,24 +45,6 @@ def test_folds_cover_every_query_once_balanced_per_stratum_and_drawn_by_the_seed
     assert sizes.group_by("s").agg((pl.col("len").max() - pl.col("len").min()).alias("d"))["d"].max() <= 1
     assert f.equals(folds(ids, strata, 5, seed=0))  # deterministic
     assert not f.equals(folds(ids, strata, 5, seed=1))  # another seed deals other folds
-
-
-def test_refit_targets_take_the_tag_prior_from_the_fit_rows_only() -> None:
-    from routerdc_cv import refit_targets
-
-    rows = pl.DataFrame({"query_id": ["a", "b", "c", "d"], "tags": [["t"], ["t"], ["t"], []],
-                         "rewards": [[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [1.0, 0.0]],
-                         "soft": [[0.8, 0.2], [0.4, 0.6], [0.0, 1.0], [0.7, 0.3]], "target": [[0.0, 0.0]] * 4})
-    agg = AggregateConfig(beta=0.3, temperature=1.0, tag_temperature=None)
-    fit = pl.Series([True, True, False, True])
-    got = refit_targets(rows, fit, agg)
-    assert got.columns == rows.columns and got["query_id"].to_list() == ["a", "b", "c", "d"]
-    prior = [0.6, 0.4]  # mean soft of the fit rows tagged t (a, b): c is held out
-    want = [[0.3 * s + 0.7 * p for s, p in zip(soft, prior, strict=True)] for soft in rows["soft"].to_list()[:3]]
-    np.testing.assert_allclose(got["target"].to_list()[:3], want)
-    assert got["target"].to_list()[3] == pytest.approx([0.7, 0.3])  # untagged: its own soft label
-    moved = rows.with_columns(pl.Series("soft", [[0.8, 0.2], [0.4, 0.6], [1.0, 0.0], [0.7, 0.3]]))
-    np.testing.assert_allclose(refit_targets(moved, fit, agg)["target"].to_list()[:2], want[:2])  # no leak
 
 
 def test_paired_test_gap_averages_tasks_and_seeds_and_resamples_within_tasks() -> None:
