@@ -172,6 +172,10 @@ class Champion(_Model):
                                      "the number promotion compared (None: a record from before validation-only "
                                      "promotion; it is re-measured).")
     val_seed: int | None = Field(None, description="router.seed, which drew that validation slice.")
+    val_unseen: bool = Field(False, description="Its router's targets took their tag prior from the rows it fitted "
+                             "(train_router since its CODE_VERSION 3), so no validation query's reward reached it. "
+                             "False (records from before): the prior averaged over its labels' whole training split, "
+                             "so a re-measurement counts every query there as seen.")
     run_id: str = Field(description="The run that promoted it.")
     published: str = Field(description="When it was promoted (UTC, ISO 8601).")
     replaced: str | None = Field(None, description="Fingerprint of the router it replaced.")

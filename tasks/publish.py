@@ -6,9 +6,11 @@ choosing on the split that is reported would inflate the reported number.
 The comparison is the mean combined reward of the routed answers:
 - same labels and the same validation slice (same seed): both routers' evaluations already hold that number
   (`EvalReport.validation`, `Champion.val_reward`);
-- otherwise (the pool, the data or the seed changed, or a champion record from before validation-only promotion):
-  both routers are run again on the challenger's validation queries that the champion did not train on either
-  (queries of its own labels' train split outside its own validation slice are left out), and each query is charged
+- otherwise (the pool, the data or the seed changed, or a champion record from before validation-only promotion,
+  or from before train_router took the tag prior from the fitted rows: `Champion.val_unseen`): both routers are run
+  again on the challenger's validation queries that the champion did not train on either (queries of its own
+  labels' train split outside its own validation slice are left out; all of them for a champion whose targets'
+  prior averaged over that whole split, which then cannot be measured on a slice of it), and each query is charged
   the reward of the expert it picks in the challenger's labels. The champion can only pick experts that are still
   in the pool: where its favourite was removed, its next-best available one counts. Both routers are thus judged on
   the same queries, the same answers and the same reward scale, and neither has seen those queries.
@@ -56,12 +58,19 @@ def remeasure(store: Store, champion: Champion, challenger_fp: str, report: Eval
     labels, names = _labels(store, report.labels)
     seed = report.validation.seed if report.validation else 0
     _, val = train_val(labels, seed)
-    old = Router.from_store(store, champion.router_fp)
-    if store.exists(labels_path(champion.labels)):
+    old = None
+    if not store.exists(labels_path(champion.labels)):  # its training queries are unknown: none is known unseen
+        val = val.clear()
+    elif not champion.val_unseen:  # its targets' tag prior averaged over its labels' whole training split
+        seen = _labels(store, champion.labels)[0].filter(pl.col("split") == "train")
+        val = val.join(seen.select("query_id"), on="query_id", how="anti")
+    else:
+        old = Router.from_store(store, champion.router_fp)
         fitted, _ = train_val(_labels(store, champion.labels)[0], old.config.seed)
         val = val.join(fitted.select("query_id"), on="query_id", how="anti")
-    else:  # its training queries are unknown: no query is known to be unseen
-        val = val.clear()
+    if val.height == 0:
+        return None, None, 0
+    old = old or Router.from_store(store, champion.router_fp)
     new = Router.from_store(store, challenger_fp)
     return reward_on(new, val, names), reward_on(old, val, names), val.height
 
@@ -103,7 +112,8 @@ def _publish(store: Store, router_fp: str, eval_fp: str, report: EvalReport, run
                                 champion_reward=old.val_reward, compared_on=old.labels, queries=queries, **common)
     champ = None
     if old is not None:
-        if old.labels == report.labels and old.val_reward is not None and val and old.val_seed == val.seed:
+        if (old.labels == report.labels and old.val_reward is not None and val and old.val_seed == val.seed
+                and old.val_unseen):
             champ = old.val_reward
         else:
             challenger, champ, queries = remeasure(store, old, router_fp, report)
@@ -111,8 +121,8 @@ def _publish(store: Store, router_fp: str, eval_fp: str, report: EvalReport, run
     if decision == "promoted":
         new = Champion(router=router_dir(router_fp), evaluation=evaluation_dir(eval_fp), labels=report.labels,
                        experts=report.experts, reward=test, val_reward=report.val_reward,
-                       val_seed=val.seed if val else None, run_id=run_id, published=datetime.now(UTC).isoformat(),
-                       replaced=old.router_fp if old else None)
+                       val_seed=val.seed if val else None, val_unseen=True, run_id=run_id,
+                       published=datetime.now(UTC).isoformat(), replaced=old.router_fp if old else None)
         store.write_json(CHAMPION_PATH, new.model_dump(mode="json"))
     return ChampionDecision(decision=decision, reason=reason, challenger_reward=challenger,
                             champion=old.router_fp if old else None, champion_reward=champ,

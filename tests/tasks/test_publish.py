@@ -4,9 +4,10 @@ its lease, old records, and corrupted records."""
 import threading
 import time
 
+import pyarrow as pa
 import pytest
 
-from schemas.artifacts import CHAMPION_PATH
+from schemas.artifacts import CHAMPION_PATH, LABELS, labels_path
 from schemas.errors import ArtifactError
 from schemas.evaluation import EvalReport, StrategyRow, Validation, read_champion
 from schemas.leases import Leases
@@ -108,3 +109,23 @@ def test_a_champion_record_from_before_validation_promotion_still_loads(tmp_path
                                      "published": "2026-01-01T00:00:00+00:00", "replaced": None})
     champ = read_champion(store)
     assert (champ.router_fp, champ.reward, champ.val_reward, champ.val_seed) == ("r0", 0.6, None, None)
+
+
+def test_a_champion_whose_targets_saw_the_validation_queries_is_not_measured_on_them(tmp_path):
+    store = Store(str(tmp_path))
+    n = 40  # every query in the train split: the challenger's validation slice lies inside the champion's
+    store.write_table(labels_path("l1"), pa.table({
+        "query_id": [f"q{i}" for i in range(n)], "text": ["t"] * n, "split": ["train"] * n, "tags": [[]] * n,
+        "rewards": [[1.0, 0.0]] * n, "soft": [[0.7, 0.3]] * n, "target": [[0.7, 0.3]] * n}, schema=LABELS),
+        LABELS, {"experts": ["a", "b"]})
+    _publish(store, report("r1", val=0.9))
+    assert read_champion(store).val_unseen  # a record written now: its router's prior came from its fitted rows
+    d = _publish(store, report("r2", val=0.5))  # same labels, same slice: compared on the record's number
+    assert (d.decision, d.champion_reward) == ("kept", 0.9)
+    record = store.read_json(CHAMPION_PATH)
+    store.write_json(CHAMPION_PATH, {k: v for k, v in record.items() if k != "val_unseen"})  # written before
+    assert not read_champion(store).val_unseen
+    d = _publish(store, report("r2", val=0.5))  # its 0.9 was measured on queries whose rewards shaped its targets
+    assert (d.decision, d.reason, d.champion_reward, d.queries) == \
+        ("promoted", "the champion cannot be measured on this validation slice", None, 0)
+    assert read_champion(store).router_fp == "r2" and read_champion(store).val_unseen
