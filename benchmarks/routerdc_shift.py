@@ -18,10 +18,11 @@ Nothing here trains a router anyone uses or chooses anything; three measurements
    fifths. This and the inside-test protocol of (1) fit on test queries on purpose: they measure how much
    per-query signal the test files themselves hold, with no shift between fit and score; a diagnostic only.
 4. The validation slice's share in the tag prior. The labels' tag prior averages over every training query, the
-   router's validation slice too (`tasks.aggregate`: labels do not depend on the router's seed), so the router
-   has seen its validation queries' per-task mean rewards. For examples/routerdc.yaml and routerdc-cluster.yaml,
-   seeds 0-2: the routers `zooter train` trains, against the same with the prior from the rows they fit only
-   (validation and test averages of both).
+   router's validation slice too (`tasks.aggregate`: labels do not depend on the router's seed), so a router
+   trained on the labels' own targets has seen its validation queries' per-task mean rewards; train_router takes
+   the prior from the rows it fits (`tasks.aggregate.refit_targets`). For examples/routerdc.yaml and
+   routerdc-cluster.yaml, seeds 0-2: the routers `zooter train` trains, against the same on the labels' own
+   targets (train_router before its CODE_VERSION 3); validation and test averages of both.
 
     python benchmarks/routerdc_shift.py   (after `make routerdc`; ~12 min on 2 cores)
     -> benchmarks/results/routerdc_shift.json and Markdown on stdout
