@@ -114,12 +114,12 @@ def _train(store: Store, labels_fp: str, cfg: RouterConfig, embed_fp: str | None
     labels = pl.from_arrow(store.read_table(labels_path(labels_fp), LABELS))
     meta = store.read_meta(labels_path(labels_fp))
     experts = meta["experts"]
-    train, val = fit_targets(labels, cfg.seed, AggregateConfig.model_validate(
-        {k: meta[k] for k in AggregateConfig.model_fields if k in meta}))
+    agg = AggregateConfig.model_validate({k: meta[k] for k in AggregateConfig.model_fields if k in meta})
+    train, val = fit_targets(labels, cfg.seed, agg)
     if train.height == 0:
         raise ConfigError(f"labels {labels_fp}: no training rows (data.test_fraction leaves none)")
     if cfg.loss == "bce":
-        train, val = (bce_targets(train, d, meta.get("beta", 1.0)) for d in (train, val))
+        train, val = (bce_targets(train, d, agg.beta) for d in (train, val))
     cols = ["text", "target"]
     if cfg.freeze_encoder:
         if embed_fp is None:
