@@ -125,8 +125,8 @@ routerdc: install
 
 # The ablation behind examples/routerdc.yaml's defaults: every point of the cross-validation below (the earlier
 # validation-slice sweep through the whole train step stays runnable: python benchmarks/routerdc_sweep.py), then
-# why it finds nothing past ~59 (routerdc-shift).
-routerdc-sweep: routerdc-cv routerdc-shift
+# why it finds nothing past ~59 (routerdc-shift), and the encoder's top layer trained (routerdc-unfreeze).
+routerdc-sweep: routerdc-cv routerdc-shift routerdc-unfreeze
 
 # Does the training split's structure below the task hold on the test split, and how much per-query signal do the
 # test files hold at all (a router cross-validated inside them)? How much does the validation slice's share in the
@@ -140,6 +140,14 @@ routerdc-shift: routerdc
 .PHONY: routerdc-loto
 routerdc-loto: routerdc
 	$(BIN)/python benchmarks/routerdc_loto.py
+
+# The encoder's top layer trained too, from each seed's frozen-encoder router, at two learning rates, against that
+# router: the lower layers' states of every query computed once (~11 min, ~1 GB in .zooter/cache), then ~6 min a
+# seed and rate (benchmarks/results/routerdc_unfreeze.json; after `make routerdc`).
+.PHONY: routerdc-unfreeze
+routerdc-unfreeze: routerdc
+	$(BIN)/python benchmarks/routerdc_unfreeze.py --encoder-lr 2e-5
+	$(BIN)/python benchmarks/routerdc_unfreeze.py --encoder-lr 1e-4
 
 # Selection by 5-fold cross-validation over the training split (x 3 seeds, paired with the default fold by fold; the
 # test split only reported): beta, the tag prior, head, loss, label and tag temperature, heads, cluster k, and the

@@ -1,6 +1,7 @@
 """benchmarks/routerdc_seeds.py: where each config's results go, and the seeds summary (mean, sd with ddof 1);
 benchmarks/routerdc_cv.py: its folds and its in-process fit (= Ray Train's);
-benchmarks/routerdc_shift.py: within-task clusters and their routing gain."""
+benchmarks/routerdc_shift.py: within-task clusters and their routing gain;
+benchmarks/routerdc_unfreeze.py: cached lower-layer states through the trained top layer."""
 
 from __future__ import annotations
 
@@ -95,3 +96,37 @@ def test_task_clusters_stay_inside_their_task_and_take_centroids_from_the_fit_ro
         c = got[task == t]
         assert len(set(c[:6])) == 1 and len(set(c[6:])) == 1 and c[0] != c[6]  # the two blobs, every row
     np.testing.assert_array_equal(got, task_clusters(x, task, fit, 2, seed=0))  # deterministic
+
+
+# --- benchmarks/routerdc_unfreeze.py: the encoder's top layers trained on cached lower states ----------------
+
+def test_cached_lower_states_through_the_top_layer_give_the_encoders_own_features() -> None:
+    import torch
+    from routerdc_unfreeze import Top, batches, below
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from cluster.router import RouterHead, RouterModel, embed_texts
+    from tests.conftest import minilm_dir
+
+    tok = AutoTokenizer.from_pretrained(minilm_dir())
+    torch.manual_seed(0)
+    enc = BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                               num_attention_heads=2)).eval()
+    texts = ["short", "a somewhat longer query about routing", "x " * 40, "日本語の質問", "two words"]
+    cfg = type("Cfg", (), {"prefix": "query: ", "max_length": 16})
+    states = below(enc, tok, texts, cfg, layers=1, batch=2)  # length-sorted batches of 2: padding differs
+    assert [len(s) for s in states] == [len(tok("query: " + t, truncation=True, max_length=16)["input_ids"])
+                                        for t in texts]
+    top = Top(enc, 1, RouterHead(32, 3)).eval()
+    seen, got = [], np.zeros((len(texts), 32), dtype=np.float32)
+    with torch.no_grad():
+        for rows, h, mask in batches(states, np.arange(len(texts)), 3, np.random.default_rng(0)):
+            seen += rows.tolist()
+            got[rows] = top.features(h, mask).numpy()
+    assert sorted(seen) == list(range(len(texts)))  # every row once
+    want = embed_texts(RouterModel(enc, 1, "mean"), tok, texts, 16, "query: ", 8)  # as the embed step runs it
+    np.testing.assert_allclose(got, want, atol=1e-2)  # float16 cache
+    top.train()
+    top.layers[0].output.dense.weight.data.add_(1.0)  # the trained layer is a copy: the encoder is untouched
+    assert not torch.equal(top.layers[0].output.dense.weight, enc.encoder.layer[-1].output.dense.weight)
+
