@@ -146,8 +146,7 @@ routerdc-loto: routerdc
 # seed and rate (benchmarks/results/routerdc_unfreeze.json; after `make routerdc`).
 .PHONY: routerdc-unfreeze
 routerdc-unfreeze: routerdc
-	$(BIN)/python benchmarks/routerdc_unfreeze.py --encoder-lr 2e-5
-	$(BIN)/python benchmarks/routerdc_unfreeze.py --encoder-lr 1e-4
+	$(BIN)/python benchmarks/routerdc_unfreeze.py --encoder-lr 2e-5 1e-4
 
 # Selection by 5-fold cross-validation over the training split (x 3 seeds, paired with the default fold by fold; the
 # test split only reported): beta, the tag prior, head, loss, label and tag temperature, heads, cluster k, and the

@@ -99,6 +99,16 @@ def fold_cfg(router: RouterConfig, seed: int) -> RouterConfig:
     return router.model_copy(update={"seed": seed, "cpus_per_worker": 1})
 
 
+def seed_split(rows: pl.DataFrame, seed: int, agg: AggregateConfig | None) -> tuple[pl.DataFrame, list[pl.Series]]:
+    """(rows, [fit, validation, test] masks) of the router `zooter train` trains with `seed`: its 15 % validation
+    slice, and with `agg` the targets' tag prior taken from the fit rows (as `tasks.train_router.fit_targets`);
+    `agg=None` keeps the labels' own targets."""
+    fit_mask, val_mask = (rows["query_id"].is_in(d["query_id"].implode()) for d in train_val(rows, seed))
+    if agg is not None:
+        rows = refit_targets(rows, fit_mask, agg)
+    return rows, [fit_mask, val_mask, rows["split"] == "test"]
+
+
 def report_seed(data: Labels, router: RouterConfig, agg: AggregateConfig, seed: int,
                 credits: list[np.ndarray] | None = None, prior: str = "fit") -> dict:
     """The router `zooter train` would train (its seed's 15 % validation slice; the targets' tag prior from the fit
@@ -107,10 +117,7 @@ def report_seed(data: Labels, router: RouterConfig, agg: AggregateConfig, seed: 
     each test query's credit under the router's pick, by query id. `prior="labels"`: the labels' own targets, whose
     prior holds the validation slice's rewards too (train_router before its CODE_VERSION 3)."""
     rows, by_task, experts = data
-    fit_mask, val_mask = (rows["query_id"].is_in(d["query_id"].implode()) for d in train_val(rows, seed))
-    if prior == "fit":
-        rows = refit_targets(rows, fit_mask, agg)
-    test_mask = rows["split"] == "test"
+    rows, (fit_mask, val_mask, test_mask) = seed_split(rows, seed, agg if prior == "fit" else None)
     fit_rows, val, test = targets(router, agg, *(rows.filter(m) for m in (fit_mask, val_mask, test_mask)))
     pv, pt = fit_probs(fold_cfg(router, seed), fit_rows, val, experts, test)
     fit_t, test_t = by_task.filter(fit_mask), by_task.filter(test_mask)

@@ -12,7 +12,7 @@ the seed's 15 % validation slice, the targets' tag prior from the fitted rows, t
 decay, the best epoch by validation loss. A diagnostic (nothing is chosen on the test split); results in
 benchmarks/results/routerdc_unfreeze.json, paired with routerdc_seeds.json's routers seed by seed.
 
-    python benchmarks/routerdc_unfreeze.py [--layers 1] [--epochs 3] [--encoder-lr 2e-5] [--init frozen|fresh]
+    python benchmarks/routerdc_unfreeze.py [--layers 1] [--epochs 3] [--encoder-lr 2e-5 ...] [--init frozen|fresh]
                                            [--head-lr LR] [--seeds 3]
 """
 
@@ -33,11 +33,10 @@ from safetensors.torch import load
 from cluster import models
 from cluster.router import RouterHead, load_encoder, loss_fn, pool
 from schemas.artifacts import ROUTER_WEIGHTS, router_file
-from tasks.aggregate import refit_targets, train_val
 from tasks.evaluate import validate
 
 sys.path.insert(0, str(Path(__file__).parent))
-from routerdc_cv import labels  # noqa: E402
+from routerdc_cv import labels, seed_split  # noqa: E402
 from routerdc_seeds import ROOT, ms, setup  # noqa: E402
 
 OUT = ROOT / "benchmarks/results/routerdc_unfreeze.json"
@@ -112,9 +111,7 @@ def probs(model: Top, states, idx: np.ndarray, n_experts: int) -> np.ndarray:
 def one_seed(data, states, cfg, agg, seed: int, layers: int, epochs: int, encoder_lr: float, enc,
              init: bytes | None, head_lr: float) -> dict:
     rows, by_task, experts = data
-    fit_mask, val_mask = (rows["query_id"].is_in(d["query_id"].implode()) for d in train_val(rows, seed))
-    rows = refit_targets(rows, fit_mask, agg)  # as train_router's fit_targets: the prior of the fitted rows
-    masks = (fit_mask, val_mask, rows["split"] == "test")
+    rows, masks = seed_split(rows, seed, agg)
     fit_i, val_i, test_i = (np.flatnonzero(m.to_numpy()) for m in masks)
     fit_t, val_t, test_t = (by_task.filter(m) for m in masks)
     torch.manual_seed(seed)
@@ -149,10 +146,9 @@ def one_seed(data, states, cfg, agg, seed: int, layers: int, epochs: int, encode
                         "seconds": round(time.perf_counter() - t0)})
         print(json.dumps({"seed": seed, **history[-1]}), file=sys.stderr, flush=True)
         if val_loss < best:
-            best, kept = val_loss, (epoch, pv, probs(model, states, test_i, len(experts)))
-    epoch, pv, pt = kept
-    return {"seed": seed, "epoch": epoch, "history": history,
-            "val_avg": 100 * validate(val_t, fit_t, pv, seed).tag_average,
+            best, kept = val_loss, (epoch, history[-1]["val_avg"], probs(model, states, test_i, len(experts)))
+    epoch, val_avg, pt = kept
+    return {"seed": seed, "epoch": epoch, "history": history, "val_avg": val_avg,
             "test_avg": 100 * validate(test_t, fit_t, pt, seed).tag_average}
 
 
@@ -160,7 +156,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=1, help="top encoder layers trained")
     ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--encoder-lr", type=float, default=2e-5)
+    ap.add_argument("--encoder-lr", type=float, nargs="+", default=[2e-5],
+                    help="the trained layers' learning rate; several: each in turn (the states are loaded once)")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--init", choices=["fresh", "frozen"], default="frozen",
                     help="the head: freshly initialised, or the seed's frozen-encoder router (make routerdc)")
@@ -196,20 +193,19 @@ def main() -> None:
     head_lr = args.head_lr or (cfg.lr if args.init == "fresh" else cfg.lr / 10)
     init = lambda seed: (None if args.init == "fresh" else  # noqa: E731
                          s.store.read_bytes(router_file(frozen[seed]["router"], ROUTER_WEIGHTS)))
-    runs = [one_seed(data, states, cfg, agg, seed, args.layers, args.epochs, args.encoder_lr, enc, init(seed),
-                     head_lr) for seed in range(args.seeds)]
-    result = {"layers": args.layers, "epochs": args.epochs, "encoder_lr": args.encoder_lr, "init": args.init,
-              "head_lr": head_lr,
-              "val_avg": ms([r["val_avg"] for r in runs]), "test_avg": ms([r["test_avg"] for r in runs]),
-              # paired with the frozen-encoder router of the same seed (`make routerdc`'s routerdc_seeds.json)
-              "val_vs_frozen": ms([r["val_avg"] - frozen[r["seed"]]["val_avg"] for r in runs]),
-              "test_vs_frozen": ms([r["test_avg"] - frozen[r["seed"]]["test_avg"] for r in runs]), "runs": runs}
-    old = json.loads(OUT.read_text()) if OUT.exists() else {}
-    key = f"{args.init} head, layers {args.layers}, lr {args.encoder_lr}/{head_lr}, epochs {args.epochs}"
-    OUT.write_text(json.dumps(old | {key: result},
-                              indent=2) + "\n")
-    print(json.dumps({k: v for k, v in result.items() if k != "runs"}))
-
+    for encoder_lr in args.encoder_lr:
+        runs = [one_seed(data, states, cfg, agg, seed, args.layers, args.epochs, encoder_lr, enc, init(seed),
+                         head_lr) for seed in range(args.seeds)]
+        result = {"layers": args.layers, "epochs": args.epochs, "encoder_lr": encoder_lr, "init": args.init,
+                  "head_lr": head_lr,
+                  "val_avg": ms([r["val_avg"] for r in runs]), "test_avg": ms([r["test_avg"] for r in runs]),
+                  # paired with the frozen-encoder router of the same seed (`make routerdc`'s routerdc_seeds.json)
+                  "val_vs_frozen": ms([r["val_avg"] - frozen[r["seed"]]["val_avg"] for r in runs]),
+                  "test_vs_frozen": ms([r["test_avg"] - frozen[r["seed"]]["test_avg"] for r in runs]), "runs": runs}
+        old = json.loads(OUT.read_text()) if OUT.exists() else {}
+        key = f"{args.init} head, layers {args.layers}, lr {encoder_lr}/{head_lr}, epochs {args.epochs}"
+        OUT.write_text(json.dumps(old | {key: result}, indent=2) + "\n")
+        print(json.dumps({k: v for k, v in result.items() if k != "runs"}))
 
 if __name__ == "__main__":
     main()
