@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "examples" / "quickstart.yaml"
 RESULTS = Path(__file__).parent / "results"
 GOAL_S = 300.0  # first `make demo` flow time on 2 cores
+HAND_MEASURED = ("model_preparation", "install", "before")  # entries of demo.json that a run does not produce
 # what Ray and Prefect say when the machine was too busy for them to start in time (not a failure of the flow)
 STARTUP_TIMEOUTS = ("timed out during startup", "Timed out while attempting to connect to ephemeral Prefect")
 
@@ -204,7 +205,10 @@ def main() -> None:
     flow_s = runs[0]["flow_s"]
     tag = f"-{args.backend}" if args.backend else ""
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"demo{tag}.json").write_text(json.dumps(res, indent=2) + "\n")
+    out = RESULTS / f"demo{tag}.json"
+    # measured by hand, once (README says how): a rerun of the flow keeps them
+    kept = {k: v for k, v in (json.loads(out.read_text()) if out.exists() else {}).items() if k in HAND_MEASURED}
+    out.write_text(json.dumps(res | kept, indent=2) + "\n")
     print(json.dumps(res, indent=2))
     if args.limit is None and not args.backend:  # the demo as shipped: the goal's figure
         sys.path.insert(0, str(Path(__file__).parent))

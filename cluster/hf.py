@@ -19,9 +19,16 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from cluster import models
-from cluster.backends import Generation
+from cluster.backends import Generation, length_batches
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# A forward pass's fixed cost (reading every weight once) in tokens of compute, for `length_batches`. Measured on a
+# 2-core CPU, fp32: a 1-token forward of Qwen2.5-0.5B / SmolLM2-135M / Gemma-3-270M costs as much as 23-76 more
+# tokens of a long one (more with 2 threads than 1), so a scorer's batch is split where that saves more padding,
+# and a generation's (one such pass per new token) only for a prompt far longer than the rest. On a GPU compute is
+# cheap next to a weight read: batches stay full and are only sorted by length.
+STEP_TOKENS = {"cpu": 32.0}
+GPU_STEP_TOKENS = 256.0
 
 
 def _device() -> str:
@@ -74,6 +81,7 @@ class HFGenerator:
         self.tok, self.model = _load(AutoModelForCausalLM, model, dtype, threads, trust_remote_code, revision, expect)
         self.device = self.model.device
         self.max_context = int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
+        self.step_tokens = STEP_TOKENS.get(self.device.type, GPU_STEP_TOKENS)
         # The first generate in a process is 2-5x slower on CPU: pay it here, not inside the first shard.
         self.generate(["Hello"], max_new_tokens=2)
 
@@ -83,29 +91,29 @@ class HFGenerator:
     @torch.inference_mode()
     def generate(self, prompts: list[str], max_new_tokens: int = 48, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int = 0, stop: list[str] | None = None, batch_size: int = 8) -> list[Generation]:
-        out: list[Generation] = []
         stop = [s for s in (stop or []) if s]
         # Prompts longer than the context are truncated from the left (documented), never a crash.
         max_prompt = max(8, self.max_context - max_new_tokens)
         bos = self.tok.bos_token
         if bos:  # chat templates usually carry BOS already; plain templates need it (Gemma is lost without it)
             prompts = [p if p.startswith(bos) else bos + p for p in prompts]
-        for start in range(0, len(prompts), batch_size):
-            batch = prompts[start:start + batch_size]
-            enc = self.tok(batch, return_tensors="pt", padding=True, truncation=True, max_length=max_prompt,
-                           add_special_tokens=False, return_token_type_ids=False).to(self.device)
+        ids = [self.tok(p, add_special_tokens=False, truncation=True, max_length=max_prompt)["input_ids"]
+               for p in prompts]
+        out: list[Generation | None] = [None] * len(prompts)
+        for idx in length_batches([len(x) for x in ids], batch_size, max_new_tokens * self.step_tokens):
+            enc = self.tok.pad({"input_ids": [ids[i] for i in idx]}, return_tensors="pt").to(self.device)
             kw: dict = {"max_new_tokens": max_new_tokens, "pad_token_id": self.tok.pad_token_id}
             if temperature > 0:
-                torch.manual_seed(seed + start)
+                torch.manual_seed(seed + idx[0])
                 kw.update(do_sample=True, temperature=temperature, top_p=top_p)
             else:
                 kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
             if stop:
                 prompt_len = enc["input_ids"].shape[1]
                 kw["stopping_criteria"] = StoppingCriteriaList([_StopStrings(self.tok, stop, prompt_len)])
-            ids = self.model.generate(**enc, **kw)[:, enc["input_ids"].shape[1]:]
-            for row, mask in zip(ids.tolist(), enc["attention_mask"].tolist(), strict=True):
-                out.append(self._finish(row, sum(mask), max_new_tokens, stop))
+            new = self.model.generate(**enc, **kw)[:, enc["input_ids"].shape[1]:]
+            for i, row in zip(idx, new.tolist(), strict=True):
+                out[i] = self._finish(row, len(ids[i]), max_new_tokens, stop)
         return out
 
     def _finish(self, row: list[int], prompt_tokens: int, max_new: int, stop: list[str]) -> Generation:
@@ -159,9 +167,10 @@ class HFLoglikScorer:
             pre = self.tok(render_chat(self.tok, q), add_special_tokens=False)["input_ids"]
             pre = pre[-(self.max_length - len(ans)):]  # keep the end of a long prompt
             rows.append((pre, ans))
-        out: list[float | None] = []
-        for start in range(0, len(rows), batch_size):
-            batch = rows[start:start + batch_size]
+        out: list[float | None] = [None] * len(rows)
+        step = STEP_TOKENS.get(self.device.type, GPU_STEP_TOKENS)
+        for idx in length_batches([len(p) + len(a) for p, a in rows], batch_size, step):
+            batch = [rows[i] for i in idx]
             width = max(len(p) + len(a) for p, a in batch)
             keep = max(len(a) for _, a in batch) + 1
             # Left padding puts every answer at the end, so the LM head only runs on the last `keep`
@@ -176,8 +185,8 @@ class HFLoglikScorer:
             logp = torch.log_softmax(logits[:, :-1], dim=-1)  # position j predicts token width - keep + j + 1
             tgt = ids[:, width - keep + 1:].to(self.device)
             tok_logp = logp.gather(-1, tgt[..., None])[..., 0]
-            for i, (_, a) in enumerate(batch):
-                out.append(float(tok_logp[i, keep - 1 - len(a):].mean()) if a else None)
+            for i, (j, (_, a)) in enumerate(zip(idx, batch, strict=True)):
+                out[j] = float(tok_logp[i, keep - 1 - len(a):].mean()) if a else None
         return out
 
 
@@ -196,14 +205,19 @@ class HFClassifierScorer:
                 f"{model}: a reward model must have num_labels=1 (has {self.model.config.num_labels})")
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tok.pad_token_id
+        # Right padding: an encoder with absolute positions (BERT) scored a left-padded row differently from the same
+        # row alone; decoder reward models find their last non-pad token either way.
+        self.tok.padding_side = "right"
         self.max_length = max_length
 
     @torch.inference_mode()
     def score(self, queries: list[str], answers: list[str], batch_size: int = 8) -> list[float | None]:
-        texts = [render_chat(self.tok, q, a) for q, a in zip(queries, answers, strict=True)]
-        out: list[float | None] = []
-        for start in range(0, len(texts), batch_size):
-            enc = self.tok(texts[start:start + batch_size], return_tensors="pt", padding=True, truncation=True,
-                           max_length=self.max_length).to(self.device)
-            out += [float(x) for x in self.model(**enc).logits[:, 0].float().tolist()]
+        ids = [self.tok(render_chat(self.tok, q, a), truncation=True, max_length=self.max_length)["input_ids"]
+               for q, a in zip(queries, answers, strict=True)]
+        out: list[float | None] = [None] * len(ids)
+        step = STEP_TOKENS.get(self.device.type, GPU_STEP_TOKENS)
+        for idx in length_batches([len(x) for x in ids], batch_size, step):
+            enc = self.tok.pad({"input_ids": [ids[i] for i in idx]}, return_tensors="pt").to(self.device)
+            for i, x in zip(idx, self.model(**enc).logits[:, 0].float().tolist(), strict=True):
+                out[i] = float(x)
         return out

@@ -111,7 +111,8 @@ class Resources(Strict):
     num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per actor.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per actor.")
     pool_size: int = Field(1, ge=1, description="Actors in this model's pool.")
-    batch_size: int = Field(8, ge=1, description="Prompts per model call inside an actor.")
+    batch_size: int = Field(8, ge=1, description="Most prompts per model call inside an actor (hf backend: rows are "
+                                                "grouped by length, a batch split where padding would cost more).")
     threads: int = Field(1, ge=1, description="torch intra-op threads per actor (1 is fastest on a busy 2-core CPU).")
 
 

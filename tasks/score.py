@@ -29,6 +29,9 @@ from schemas.store import Store
 from tasks.generate import expert_fingerprint
 
 CODE_VERSION = 1
+# 2: rows right-padded in their batch (an encoder with absolute positions scored a left-padded row differently from
+# the same row alone, so scores depended on their batch mates); loglik judges keep version 1 (scores unchanged)
+CLASSIFIER_CODE_VERSION = 2
 
 
 class Scorer(Protocol):
@@ -73,7 +76,8 @@ def rm_fingerprint(rm: RewardSpec) -> str:
     # `normalise` only when not the default: scores made before the option keep their fingerprints
     d: dict[str, Any] = rm.model_dump(mode="json", exclude={"name", "resources", "weight", "model", "revision"}
                                       | ({"normalise"} if rm.normalise == "mean" else set()))
-    d.update(weights=models.identity(rm.model, rm.revision) if rm.model else None, code=CODE_VERSION)
+    code = CLASSIFIER_CODE_VERSION if rm.kind == "classifier" else CODE_VERSION
+    d.update(weights=models.identity(rm.model, rm.revision) if rm.model else None, code=code)
     return fingerprint(d)
 
 
