@@ -31,6 +31,10 @@ STEP_TOKENS = {"cpu": 32.0}
 GPU_STEP_TOKENS = 256.0
 
 
+def _step_tokens(device: torch.device) -> float:
+    return STEP_TOKENS.get(device.type, GPU_STEP_TOKENS)
+
+
 def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -81,7 +85,6 @@ class HFGenerator:
         self.tok, self.model = _load(AutoModelForCausalLM, model, dtype, threads, trust_remote_code, revision, expect)
         self.device = self.model.device
         self.max_context = int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
-        self.step_tokens = STEP_TOKENS.get(self.device.type, GPU_STEP_TOKENS)
         # The first generate in a process is 2-5x slower on CPU: pay it here, not inside the first shard.
         self.generate(["Hello"], max_new_tokens=2)
 
@@ -100,7 +103,7 @@ class HFGenerator:
         ids = [self.tok(p, add_special_tokens=False, truncation=True, max_length=max_prompt)["input_ids"]
                for p in prompts]
         out: list[Generation | None] = [None] * len(prompts)
-        for idx in length_batches([len(x) for x in ids], batch_size, max_new_tokens * self.step_tokens):
+        for idx in length_batches([len(x) for x in ids], batch_size, max_new_tokens * _step_tokens(self.device)):
             enc = self.tok.pad({"input_ids": [ids[i] for i in idx]}, return_tensors="pt").to(self.device)
             kw: dict = {"max_new_tokens": max_new_tokens, "pad_token_id": self.tok.pad_token_id}
             if temperature > 0:
@@ -168,8 +171,7 @@ class HFLoglikScorer:
             pre = pre[-(self.max_length - len(ans)):]  # keep the end of a long prompt
             rows.append((pre, ans))
         out: list[float | None] = [None] * len(rows)
-        step = STEP_TOKENS.get(self.device.type, GPU_STEP_TOKENS)
-        for idx in length_batches([len(p) + len(a) for p, a in rows], batch_size, step):
+        for idx in length_batches([len(p) + len(a) for p, a in rows], batch_size, _step_tokens(self.device)):
             batch = [rows[i] for i in idx]
             width = max(len(p) + len(a) for p, a in batch)
             keep = max(len(a) for _, a in batch) + 1
@@ -215,8 +217,7 @@ class HFClassifierScorer:
         ids = [self.tok(render_chat(self.tok, q, a), truncation=True, max_length=self.max_length)["input_ids"]
                for q, a in zip(queries, answers, strict=True)]
         out: list[float | None] = [None] * len(ids)
-        step = STEP_TOKENS.get(self.device.type, GPU_STEP_TOKENS)
-        for idx in length_batches([len(x) for x in ids], batch_size, step):
+        for idx in length_batches([len(x) for x in ids], batch_size, _step_tokens(self.device)):
             enc = self.tok.pad({"input_ids": [ids[i] for i in idx]}, return_tensors="pt").to(self.device)
             for i, x in zip(idx, self.model(**enc).logits[:, 0].float().tolist(), strict=True):
                 out[i] = float(x)
