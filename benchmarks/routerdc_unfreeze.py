@@ -207,5 +207,6 @@ def main() -> None:
         OUT.write_text(json.dumps(old | {key: result}, indent=2) + "\n")
         print(json.dumps({k: v for k, v in result.items() if k != "runs"}))
 
+
 if __name__ == "__main__":
     main()

@@ -65,4 +65,3 @@ def test_scores_match_their_unbatched_results(tiny_models):
         rm = HFClassifierScorer(str(tiny_models[name]), dtype="float32")
         assert rm.score(PROMPTS, ANSWERS, batch_size=4) == pytest.approx(
             [rm.score([q], [a])[0] for q, a in zip(PROMPTS, ANSWERS, strict=True)], abs=1e-4)
-
