@@ -14,7 +14,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export ZOOTER_CACHE ?= $(CURDIR)/.zooter/cache
 
 .PHONY: install install-gpu lock-gpu lock-gpu-upgrade lock-gpu-check demo test test-fast lint bench bench-table bench-serving bench-scale routerdc \
-	routerdc-sweep routerdc-shift clean clean-cache
+	routerdc-sweep routerdc-shift clean clean-cache docs
 
 install: $(STAMP)
 
@@ -156,6 +156,17 @@ routerdc-unfreeze: routerdc
 routerdc-cv: routerdc
 	$(BIN)/python benchmarks/routerdc_cv.py --test config "cluster k" \
 	  --gap "cluster k 16: config (examples/routerdc-cluster.yaml)" "task tags: config (examples/routerdc.yaml)"
+
+# The docs site: MkDocs + Material (requirements-docs.txt) into .venv once, then a strict build into site/ (a broken
+# link, anchor or missing page fails). The config and CLI reference, benchmarks and layout pages are generated from
+# the code while it builds (docs/hooks/generate.py); `.venv/bin/mkdocs serve` previews on 127.0.0.1:8000.
+DOCS_STAMP := $(VENV)/.docs-installed
+$(DOCS_STAMP): requirements-docs.txt $(STAMP)
+	@echo "docs: MkDocs and the Material theme (requirements-docs.txt) into $(VENV)"
+	@$(PIP) install -c constraints.txt -r requirements-docs.txt
+	@touch $@
+docs: install $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 clean:
 	rm -rf .zooter/quickstart .pytest_cache
