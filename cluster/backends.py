@@ -3,9 +3,9 @@
 Builders are `functools.partial` objects of backend classes (or a `Fallback` of them), so they pickle by
 reference and the model is only ever loaded inside the actor: generators (experts: hf, vllm, or an OpenAI-compatible
 endpoint), scorers (reward models) and the router's frozen encoder (`QueryEncoder`, the embed step's model). The
-hf and vllm builders carry the identity the driver fingerprints (`models.identity`, no weights read), so an actor
-refuses a source that changed since; the synthetic builders (benchmarks and tests: cluster/synthetic.py) load
-nothing.
+hf and vllm builders carry the identity the run's plan fingerprinted (`schemas.plan`; `models.identity`, no
+weights read), so an actor refuses a source that changed since; the synthetic builders (benchmarks and tests:
+cluster/synthetic.py) load nothing.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from cluster import models
-from schemas.config import ExpertSpec, RewardSpec, RouterConfig
+from schemas.config import RouterConfig
+from schemas.plan import PlannedExpert, PlannedRM
 
 log = logging.getLogger("zooter.backends")
 
@@ -70,7 +70,9 @@ class Fallback:
         return self.builders[-1]()
 
 
-def generator_builder(spec: ExpertSpec) -> Callable[[], Any]:
+def generator_builder(expert: PlannedExpert) -> Callable[[], Any]:
+    """How an actor builds the expert, carrying its weights' identity as the run's plan resolved it."""
+    spec, identity = expert.spec, expert.identity
     if spec.backend == "synthetic":  # benchmarks/tests: answers from a hash, nothing to load
         from cluster.synthetic import SyntheticGenerator
 
@@ -84,7 +86,7 @@ def generator_builder(spec: ExpertSpec) -> Callable[[], Any]:
                        timeout_s=spec.timeout_s)
     # `expect`: the identity the driver fingerprinted; the actor refuses other weights (cluster/models.py resolve)
     common = dict(dtype=spec.dtype, threads=spec.resources.threads, trust_remote_code=spec.trust_remote_code,
-                  revision=spec.revision, expect=models.identity(spec.model, spec.revision))
+                  revision=spec.revision, expect=identity)
     if spec.backend == "vllm":
         from cluster.vllm_backend import VLLMGenerator
 
@@ -95,7 +97,9 @@ def generator_builder(spec: ExpertSpec) -> Callable[[], Any]:
     return partial(HFGenerator, spec.model, **common)
 
 
-def scorer_builder(rm: RewardSpec) -> Callable[[], Any]:
+def scorer_builder(planned: PlannedRM) -> Callable[[], Any]:
+    """How an actor builds the reward model, carrying its weights' identity as the run's plan resolved it."""
+    rm, identity = planned.spec, planned.identity
     if rm.kind == "verifiable":
         raise ValueError(f"reward model {rm.name!r}: kind 'verifiable' runs without a model")
     if rm.backend == "synthetic":  # scores from a hash of what the RM's fingerprint covers (not its name)
@@ -106,7 +110,7 @@ def scorer_builder(rm: RewardSpec) -> Callable[[], Any]:
     from cluster.hf import HFClassifierScorer, HFLoglikScorer
 
     common = dict(dtype=rm.dtype, threads=rm.resources.threads, trust_remote_code=rm.trust_remote_code,
-                  max_length=rm.max_length, revision=rm.revision, expect=models.identity(rm.model, rm.revision))
+                  max_length=rm.max_length, revision=rm.revision, expect=identity)
     hf = (partial(HFLoglikScorer, rm.model, normalise=rm.normalise, **common) if rm.kind == "loglik"
           else partial(HFClassifierScorer, rm.model, **common))
     if rm.backend == "vllm":
@@ -138,6 +142,5 @@ class QueryEncoder:
         return embed_texts(self.model, self.tok, texts, self.max_length, self.prefix, self.batch_size)
 
 
-def encoder_builder(cfg: RouterConfig, threads: int = 1) -> Callable[[], QueryEncoder]:
-    return partial(QueryEncoder, cfg.encoder, cfg.pooling, cfg.max_length, cfg.prefix, threads,
-                   expect=models.identity(cfg.encoder))
+def encoder_builder(cfg: RouterConfig, identity: str, threads: int = 1) -> Callable[[], QueryEncoder]:
+    return partial(QueryEncoder, cfg.encoder, cfg.pooling, cfg.max_length, cfg.prefix, threads, expect=identity)

@@ -284,7 +284,8 @@ def _show_inspect(c: Console, info: dict, store: str) -> None:
     t = Table("run", "status", "queries", "computed", "reused", "repaired", "flagged", "seconds",
               title=f"Runs in {store}")
     for r in info["runs"]:
-        t.add_row(r["run_id"], r["status"][:40], str(r["queries"]), str(r["cells_computed"]),
+        status = r["status"] + (f": {r['error']}" if r.get("error") else "")
+        t.add_row(r["run_id"], status[:40], str(r["queries"]), str(r["cells_computed"]),
                   str(r["cells_reused"]), str(r["cells_repaired"]), str(r["flagged"]),
                   "-" if r["seconds"] is None else f"{r['seconds']:.0f}")
     c.print(t)
@@ -351,10 +352,11 @@ def validate(config: ConfigArg, json_out: JsonOpt = False) -> Result:
 @command()
 def run(config: ConfigArg, json_out: JsonOpt = False) -> Result:
     """Run the whole labeling DAG (ingest -> ... -> publish) as one Prefect flow."""
-    _preflight(config)
     from flows.label import label_flow
+    from tasks.plan import plan_run
 
-    out = label_flow(str(config.resolve()))
+    plan = plan_run(config, "label")  # bad input fails here, before Prefect and Ray start; the flow takes the plan
+    out = label_flow(str(config.resolve()), plan)
     table = stage_table(out.manifest, time.perf_counter() - _STARTED)
     if json_out:  # stdout holds the JSON document only; the table goes to stderr all the same
         messages.print(table)
@@ -370,22 +372,21 @@ def run(config: ConfigArg, json_out: JsonOpt = False) -> Result:
 def relabel(config: ConfigArg, json_out: JsonOpt = False) -> Result:
     """After an expert pool change: compute only missing cells, re-aggregate, retrain, evaluate, and promote
     the new router only if it is not worse than the champion."""
-    _preflight(config)
     from flows.relabel import relabel_flow
+    from tasks.plan import plan_run
 
-    return _outcome(relabel_flow(str(config.resolve())))
+    plan = plan_run(config, "relabel")
+    return _outcome(relabel_flow(str(config.resolve()), plan))
 
 
 @command()
 def train(config: ConfigArg, json_out: JsonOpt = False) -> Result:
     """aggregate -> train_router -> evaluate -> publish over imported scores (a `zooter-train` Prefect flow)."""
-    from schemas.config import TrainConfig
-    from tasks.preflight import preflight_train
-
-    preflight_train(load_config(config, model=TrainConfig))  # fails before the flow starts
     from flows.train import train_flow
+    from tasks.plan import plan_train
 
-    return _outcome(train_flow(str(config.resolve())))
+    plan = plan_train(config)  # fails before the flow starts
+    return _outcome(train_flow(str(config.resolve()), plan))
 
 
 @command()

@@ -57,8 +57,9 @@ from schemas.errors import ArtifactError, StoreUnavailable, ZooterError
 from schemas.evaluation import read_champion, read_report
 from schemas.store import Store
 from tasks.experts import CURRENT
-from tasks.generate import Generator, answer
-from tasks.inspect import read_manifest, runs
+from tasks.generate import Generator, answer, plan_expert
+from tasks.inspect import runs
+from tasks.plan import run_config
 from tasks.records import visible
 from tasks.route import Fallback, Routes, choose
 
@@ -151,7 +152,7 @@ class LocalExpert:
 
         with self._lock:
             if self._model is None:
-                self._model = generator_builder(self.spec)()
+                self._model = generator_builder(plan_expert(self.spec))()
             return answer(self._model, self.spec, [query], self.spec.sampling.seed, 1, max_tokens)[0]
 
 
@@ -164,7 +165,7 @@ def local_experts(store: Store) -> dict[str, LocalExpert]:
         done = [r["run_id"] for r in runs(store) if r["status"] == "completed"]
         if not done:
             return {}
-        specs = [ExpertSpec.model_validate(e) for e in read_manifest(store, done[-1]).config["experts"]]
+        specs = [ExpertSpec.model_validate(e) for e in run_config(store, done[-1])["experts"]]
     return {e.name: LocalExpert(e) for e in specs if e.backend != "openai"}
 
 

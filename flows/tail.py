@@ -19,14 +19,15 @@ from prefect.futures import PrefectFuture, wait
 
 from cluster.stage import Pipeline, StageAborted
 from schemas.artifacts import report_path, run_manifest_path
-from schemas.config import FlowConfig, TrainConfig
 from schemas.evaluation import EvalReport
 from schemas.leases import Leases
 from schemas.manifest import RunManifest, StageRecord, record
+from schemas.plan import RunPlan
 from schemas.store import Store
-from tasks.aggregate import ScoreSource, run_aggregate
+from tasks.aggregate import run_aggregate
 from tasks.embed import run_embed
-from tasks.evaluate import expert_costs, run_evaluate
+from tasks.evaluate import run_evaluate
+from tasks.plan import write_plan
 from tasks.publish import publish
 from tasks.tag import Tagger, make_tagger, run_tag
 from tasks.train_router import run_train_router
@@ -52,10 +53,11 @@ def timed(m: RunManifest, name: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def run_scope(store: Store, m: RunManifest) -> Iterator[Leases]:
-    """The run's leases (cells, champion.json) for the block; afterwards they are given back and the manifest is
-    written, also when the block fails (then with the failure as its status)."""
+def run_scope(store: Store, m: RunManifest, plan: RunPlan) -> Iterator[Leases]:
+    """The run's leases (cells, champion.json) for the block, its plan written first; afterwards the leases are
+    given back and the manifest is written, also when the block fails (then with the failure as its status)."""
     started, ok = time.perf_counter(), False
+    write_plan(store, m.run_id, plan)
     leases = Leases(store, owner=m.run_id)
     try:
         yield leases
@@ -114,24 +116,24 @@ class Inputs:
         return [self.tag] + ([self.embed] if self.embed is not None else [])
 
 
-def submit_inputs(store: Store, m: RunManifest, cfg: FlowConfig | TrainConfig, leases: Leases) -> Inputs:
+def submit_inputs(store: Store, m: RunManifest, plan: RunPlan, leases: Leases) -> Inputs:
     """Tag and (frozen encoder only) embed `m.shards`, as concurrent Prefect tasks."""
-    tagger = make_tagger(cfg.tagger, cfg)
-    embed = (step(run_embed, name="embed").submit(store, cfg.router, m.shards, leases)
+    cfg = plan.config
+    tagger = make_tagger(cfg.tagger, plan)
+    embed = (step(run_embed, name="embed").submit(store, cfg.router, m.shards, leases, plan.encoder_identity)
              if cfg.router.freeze_encoder else None)  # the head trains on cached query embeddings
     # the cluster tagger clusters the embed step's vectors: it starts once they exist (no second encoder pool)
     wait = [embed] if embed is not None and cfg.tagger.kind == "cluster" else None
     return Inputs(tagger, step(run_tag, name="tag").submit(store, tagger, m.shards, leases, wait_for=wait), embed)
 
 
-def train_tail(store: Store, m: RunManifest, cfg: FlowConfig | TrainConfig, experts: list[tuple[str, str]],
-               sources: list[ScoreSource], test_fraction: float, leases: Leases,
-               inputs: Inputs | None = None) -> EvalReport:
+def train_tail(store: Store, m: RunManifest, plan: RunPlan, leases: Leases, inputs: Inputs | None = None) -> EvalReport:
     """Aggregate, train, evaluate and publish over `m.shards` once tags (and embeddings) exist: `inputs` submitted
     earlier (the label flow submits them with generation), else submitted now. Fills the manifest and returns the
-    evaluation report. `experts`: (name, fingerprint) in the router's output order."""
+    evaluation report."""
     log = get_run_logger()
-    inputs = inputs or submit_inputs(store, m, cfg, leases)
+    cfg, experts, sources = plan.config, plan.expert_refs, plan.sources
+    inputs = inputs or submit_inputs(store, m, plan, leases)
     settle(inputs.futures)
     m.tagger = inputs.tagger.fingerprint  # final once the tagger ran (the cluster tagger's covers its fit)
     m.timings["tag_s"] = round(inputs.tag.result().seconds, 2)
@@ -141,14 +143,15 @@ def train_tail(store: Store, m: RunManifest, cfg: FlowConfig | TrainConfig, expe
         m.embed, embed_fp = StageRecord.of(emb), emb.fingerprint
     with timed(m, "aggregate"):
         m.labels, m.label_rows = step(run_aggregate, name="aggregate")(
-            store, experts, sources, m.tagger, m.shards, cfg.aggregate, test_fraction)
+            store, experts, sources, m.tagger, m.shards, cfg.aggregate, plan.test_fraction)
     with timed(m, "train_router"):
-        m.router, meta = step(run_train_router, name="train_router")(store, m.labels, cfg.router, embed_fp)
+        m.router, meta = step(run_train_router, name="train_router")(store, m.labels, cfg.router, embed_fp,
+                                                                     plan.encoder_identity)
     m.router_nodes = meta.get("nodes", [])
     with timed(m, "evaluate"):
         m.evaluation, report = step(run_evaluate, name="evaluate")(
-            store, m.labels, m.router, sources, experts, m.shards, embed_fp, expert_costs(cfg), cfg.routing.lam,
-            cfg.routing.fallback_below)
+            store, m.labels, m.router, sources, experts, m.shards, embed_fp, plan.costs, plan.routing.lam,
+            plan.routing.fallback_below)
     with timed(m, "publish"):
         m.champion = step(publish, name="publish")(store, m.router, m.evaluation, report, m.run_id, leases)
     log.info("router %s: reward %s; champion/challenger: %s (%s)", m.router, report.router_reward,

@@ -165,6 +165,10 @@ def run_manifest_path(run_id: str) -> str:
     return f"{RUNS_DIR}/{run_id}/manifest.json"
 
 
+def run_plan_path(run_id: str) -> str:
+    return f"{RUNS_DIR}/{run_id}/plan.json"
+
+
 def import_path(name: str) -> str:
     """The record of a score import (`zooter import-scores --name`)."""
     return f"imports/{name}.json"

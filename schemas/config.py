@@ -401,6 +401,15 @@ class TrainConfig(Strict):
     routing: RoutingConfig = Field(default_factory=RoutingConfig, description="Cost-aware routing when serving.")
     ray: RayConfig = Field(default_factory=RayConfig, description="Which Ray to run on.")
 
+    def expert_costs(self) -> dict[str, float] | None:
+        """expert -> cost of one call (`routing.costs`); None when none is given."""
+        return dict(self.routing.costs) or None
+
+    def with_paths(self, res) -> TrainConfig:
+        return self.model_copy(update={"store": self.store.model_copy(update={"url": res(self.store.url, "store.url")}),
+                                       "router": self.router.model_copy(
+                                           update={"encoder": res(self.router.encoder, "router.encoder")})})
+
 
 class FlowConfig(Strict):
     name: str = Field("zooter", description="Human name of this labeling job.")
@@ -437,6 +446,29 @@ class FlowConfig(Strict):
 
 def _loc(err: dict) -> str:
     return ".".join(str(p) for p in err["loc"]) or "<root>"
+
+    @property
+    def test_fraction(self) -> float:
+        """The held-out share (`data.test_fraction`), under the name a `zooter train` config gives it."""
+        return self.data.test_fraction
+
+    def expert_costs(self) -> dict[str, float] | None:
+        """expert -> cost of one call, from each expert's `cost`; None when no expert has one (completeness is
+        checked against the labels' experts)."""
+        return {e.name: e.cost for e in self.experts if e.cost is not None} or None
+
+    def with_paths(self, res) -> FlowConfig:
+        # an openai expert's `model` is the served model id, a synthetic one's a label: neither is a path
+        experts = [e if e.backend in ("openai", "synthetic")
+                   else e.model_copy(update={"model": res(e.model, f"experts.{i}.model")})
+                   for i, e in enumerate(self.experts)]
+        return self.model_copy(update={
+            "store": self.store.model_copy(update={"url": res(self.store.url, "store.url")}),
+            "data": self.data.model_copy(update={"path": res(self.data.path, "data.path")}),
+            "experts": experts,
+            "reward_models": [r.model_copy(update={"model": res(r.model, f"reward_models.{i}.model")})
+                              for i, r in enumerate(self.reward_models)],
+            "router": self.router.model_copy(update={"encoder": res(self.router.encoder, "router.encoder")})})
 
 
 class UniqueKeyLoader(yaml.SafeLoader):
@@ -543,16 +575,4 @@ def resolve_paths(cfg, base: Path | None, source: str = "config"):
     def res(p: str | None, key: str) -> str | None:
         return _resolve(p, base, key, source, model=key.endswith((".model", ".encoder")))
 
-    store = cfg.store.model_copy(update={"url": res(cfg.store.url, "store.url")})
-    router = cfg.router.model_copy(update={"encoder": res(cfg.router.encoder, "router.encoder")})
-    if isinstance(cfg, TrainConfig):
-        return cfg.model_copy(update={"store": store, "router": router})
-    data = cfg.data.model_copy(update={"path": res(cfg.data.path, "data.path")})
-    # an openai expert's `model` is the served model id, a synthetic one's a label: neither is a path
-    experts = [e if e.backend in ("openai", "synthetic")
-               else e.model_copy(update={"model": res(e.model, f"experts.{i}.model")})
-               for i, e in enumerate(cfg.experts)]
-    rms = [r.model_copy(update={"model": res(r.model, f"reward_models.{i}.model")})
-           for i, r in enumerate(cfg.reward_models)]
-    return cfg.model_copy(update={"store": store, "data": data, "experts": experts,
-                                  "reward_models": rms, "router": router})
+    return cfg.with_paths(res)

@@ -1,7 +1,7 @@
 """The run manifest: `runs/<run_id>/manifest.json`, the lineage a user inspects.
 
-Config (with store options redacted), every fingerprint, the cells each stage computed or reused, row counts,
-timings and package versions; and the helpers every flow uses to fill it, write it and return it (`Outcome`).
+Beside the run's plan (`plan.json`: the config resolved, store options redacted): every fingerprint, the cells
+each stage computed or reused, row counts, timings and package versions; and the helpers every flow uses to fill it, write it and return it (`Outcome`).
 """
 
 from __future__ import annotations
@@ -15,10 +15,9 @@ from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from schemas.artifacts import report_path, run_manifest_path
-from schemas.config import FlowConfig, TrainConfig
 from schemas.evaluation import EvalReport
 from schemas.store import Store
 
@@ -114,10 +113,11 @@ class RunManifest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     run_id: str = Field(description="UTC start time and a random suffix.")
     flow: str = Field(description="label, relabel or train.")
-    status: str = Field("running", description="running, completed, or `failed: <exception>`.")
+    status: Literal["running", "completed", "failed"] = Field("running", description="Where the run stands.")
+    error: str | None = Field(None, description="Why a failed run stopped: `<exception type>: <message>`, with the "
+                              "stage named.")
     started: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(), description="Start (UTC, ISO 8601).")
     finished: str | None = Field(None, description="End (UTC, ISO 8601).")
-    config: dict = Field(description="The run's config, store options redacted.")
     versions: dict[str, str] = Field(default_factory=package_versions, description="Python and package versions.")
     shards: list[int] = Field(default_factory=list, description="Query shards the run covered.")
     queries: int = Field(0, description="Queries in those shards.")
@@ -135,6 +135,17 @@ class RunManifest(BaseModel):
     champion: ChampionDecision | None = Field(None, description="The champion/challenger decision at publish.")
     timings: dict[str, float] = Field(default_factory=dict, description="Seconds, by step (`total_s`: the run).")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _earlier(cls, v: object) -> object:
+        """Manifests written before plan.json existed: their `config` is dropped (the run's config), and a status
+        `failed: <why>` becomes status `failed` with `error` <why>."""
+        if isinstance(v, dict) and ("config" in v or str(v.get("status", "")).startswith("failed: ")):
+            v = {k: x for k, x in v.items() if k != "config"}
+            if str(v.get("status", "")).startswith("failed: "):
+                v["status"], v["error"] = "failed", v["status"].removeprefix("failed: ")
+        return v
+
     @property
     def cells_computed(self) -> int:
         return sum(s.cells_computed for s in self.generate + self.score)
@@ -151,13 +162,6 @@ class Outcome(BaseModel):
     report_uri: str = Field(description="Where the evaluation's report.md is stored.")
 
 
-def redacted(cfg: FlowConfig | TrainConfig) -> dict:
-    """The config as the manifest records it: store options (endpoint, credentials) replaced by ***."""
-    d = cfg.model_dump(mode="json")
-    d["store"]["options"] = {k: "***" for k in d["store"]["options"]}
-    return d
-
-
 def record(store: Store, m: RunManifest, started: float, ok: bool) -> None:
     """Write the run manifest when a flow ends, in a `finally:`. A failed run still leaves its lineage: what it
     computed before the failure, and why it stopped (the exception being raised). `started`: perf_counter()."""
@@ -165,7 +169,8 @@ def record(store: Store, m: RunManifest, started: float, ok: bool) -> None:
     m.timings["total_s"] = round(time.perf_counter() - started, 2)
     # a stage's failure carries an `in stage ...` note (cluster.stage): the status names the stage
     notes = "".join(f" ({n})" for n in getattr(e, "__notes__", []))
-    m.status = "completed" if ok else f"failed: {type(e).__name__}: {e}{notes}"
+    m.status = "completed" if ok else "failed"
+    m.error = None if ok else f"{type(e).__name__}: {e}{notes}"
     m.finished = datetime.now(UTC).isoformat()
     store.write_json(run_manifest_path(m.run_id), m.model_dump(mode="json"))
 

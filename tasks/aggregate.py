@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from typing import Literal
 
 import polars as pl
@@ -26,17 +25,11 @@ from schemas.artifacts import (
     tags_path,
 )
 from schemas.config import AggregateConfig
+from schemas.plan import ScoreSource  # noqa: F401 - also imported from here
 from schemas.store import Store
 
 CODE_VERSION = 1
 Engine = Literal["auto", "in-memory", "streaming"]
-
-
-@dataclass(frozen=True)
-class ScoreSource:
-    rm: str
-    rm_fp: str
-    weight: float
 
 
 def hash_split(query_ids: list[str], test_fraction: float, salt: str = "split") -> list[str]:

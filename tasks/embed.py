@@ -35,8 +35,11 @@ class Encoder(Protocol):
         ...
 
 
-def embed_fingerprint(cfg: RouterConfig) -> str:
-    return fingerprint({"encoder": models.identity(cfg.encoder), "pooling": cfg.pooling,
+def embed_fingerprint(cfg: RouterConfig, identity: str | None = None) -> str:
+    """The embedding cells' fingerprint; `identity`: the encoder's, as the run's plan resolved it (None: resolved
+    here, for one-off calls)."""
+    identity = identity or models.identity(cfg.encoder)
+    return fingerprint({"encoder": identity, "pooling": cfg.pooling,
                         "max_length": cfg.max_length, "prefix": cfg.prefix, "code": CODE_VERSION})
 
 
@@ -58,14 +61,17 @@ def embed_resources(cfg: RouterConfig) -> Resources:
                      pool_size=max(1, cfg.num_workers), threads=max(1, int(cfg.cpus_per_worker)))
 
 
-def run_embed(store: Store, cfg: RouterConfig, shards: list[int], leases: Leases | None = None) -> StageResult:
-    """Write the missing embedding cells (leased, like generation cells); the result's fingerprint names them."""
-    fp = embed_fingerprint(cfg)
+def run_embed(store: Store, cfg: RouterConfig, shards: list[int], leases: Leases | None = None,
+              identity: str | None = None) -> StageResult:
+    """Write the missing embedding cells (leased, like generation cells); the result's fingerprint names them.
+    `identity`: the encoder's, from the run's plan (None: resolved here)."""
+    identity = identity or models.identity(cfg.encoder)
+    fp = embed_fingerprint(cfg, identity)
     res = embed_resources(cfg)
     return run_stage(store, Stage(
         step="embed", name=cfg.encoder, fingerprint=fp, schema=EMBEDDINGS, keys=shards,
         path=partial(embeddings_path, fp), job=partial(embed_cell, fp=fp, encoder=cfg.encoder, store=store),
-        build=encoder_builder(cfg, res.threads), resources=res, unit="shard"), leases)
+        build=encoder_builder(cfg, identity, res.threads), resources=res, unit="shard"), leases)
 
 
 def scan_embeddings(store: Store, embed_fp: str, shards: list[int]) -> pl.LazyFrame:

@@ -43,7 +43,6 @@ from schemas.artifacts import (
     report_path,
     router_dir,
 )
-from schemas.config import FlowConfig, TrainConfig
 from schemas.errors import ArtifactError, ConfigError
 from schemas.evaluation import CostCurve, CurvePoint, EvalReport, PerTag, StrategyRow, Validation, read_report
 from schemas.store import Store
@@ -58,15 +57,6 @@ CODE_VERSION = 3  # 2: typed report (per-RM means under `rm`, no `by_tag`); 3: v
 CURVE_STEPS = 41  # router points: lambda 0, then 40 geometric steps up to lambda_max
 
 log = logging.getLogger("zooter.evaluate")
-
-
-def expert_costs(cfg: FlowConfig | TrainConfig) -> dict[str, float] | None:
-    """expert -> cost of one call from a config: each expert's `cost` (a `zooter run` config) or `routing.costs`
-    (a `zooter train` config); None when no expert has one. Completeness is checked against the labels' experts."""
-    if isinstance(cfg, TrainConfig):
-        return dict(cfg.routing.costs) or None
-    costs = {e.name: e.cost for e in cfg.experts if e.cost is not None}
-    return costs or None
 
 
 def _matrix(long: pl.DataFrame, ids: list[str], experts: list[str]) -> np.ndarray:
@@ -310,7 +300,7 @@ def run_evaluate(store: Store, labels_fp: str, router_fp: str, sources: list[Sco
                  fallback_below: float = 0.0) -> tuple[str, EvalReport]:
     """Load labels, the router and the test scores from the store; write the report (JSON, Markdown, PNG, and
     curve.png when there is a quality-cost curve). A router with a frozen encoder is applied to the embed step's
-    cells (`embed_fp`) when given. `costs`: expert -> cost of one call, for every expert or None (`expert_costs`);
+    cells (`embed_fp`) when given. `costs`: expert -> cost of one call, for every expert or None (the plan's `costs`);
     `lam`: the config's routing lambda; `fallback_below`: routing.fallback_below."""
     key = {"labels": labels_fp, "router": router_fp, "code": CODE_VERSION}
     if fallback_below:  # off: the same fingerprint as before the option existed

@@ -8,6 +8,7 @@ never computed again.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from functools import partial
 from importlib.resources import files
 from pathlib import Path
@@ -22,6 +23,7 @@ from schemas.artifacts import GENERATIONS, QUERIES, fingerprint, generation_path
 from schemas.config import ExpertSpec
 from schemas.errors import ConfigError
 from schemas.leases import Leases
+from schemas.plan import PlannedExpert
 from schemas.store import Store
 
 if TYPE_CHECKING:
@@ -62,9 +64,20 @@ def template_text(prompt: str) -> str:
     return text
 
 
+def plan_expert(spec: ExpertSpec, identity_of: Callable[[str, str | None], str] = models.identity) -> PlannedExpert:
+    """The expert with its weights' identity and fingerprint, each computed once (`tasks.plan.plan_run` calls this
+    for every expert of a run, with one `identity_of` for the run; the steps use what it returns)."""
+    identity = None if spec.backend in ("openai", "synthetic") else identity_of(spec.model, spec.revision)
+    return PlannedExpert(spec=spec, fingerprint=_fingerprint(spec, identity), identity=identity)
+
+
 def expert_fingerprint(spec: ExpertSpec) -> str:
     """Everything that changes the answers, nothing that does not (pool size, threads, resources, cost; for an
-    endpoint: its URL, key and limits)."""
+    endpoint: its URL, key and limits). Resolves the weights' identity: a run takes it from its plan instead."""
+    return plan_expert(spec).fingerprint
+
+
+def _fingerprint(spec: ExpertSpec, identity: str | None) -> str:
     if spec.backend == "synthetic":  # benchmarks/tests: the answer is a hash of the name and the prompt
         return fingerprint({"backend": "synthetic", "name": spec.name, "sampling": spec.sampling.model_dump(
             mode="json"), "template": template_text(spec.prompt), "code": CODE_VERSION})
@@ -73,11 +86,15 @@ def expert_fingerprint(spec: ExpertSpec) -> str:
                             "sampling": spec.sampling.model_dump(mode="json"), "template": template_text(spec.prompt),
                             "code": CODE_VERSION})
     d: dict[str, Any] = spec.model_dump(mode="json", exclude=NOT_LOCAL_OUTPUT)
-    d.update(weights=models.identity(spec.model, spec.revision), template=template_text(spec.prompt),
-             code=CODE_VERSION)
+    d.update(weights=identity, template=template_text(spec.prompt), code=CODE_VERSION)
     if spec.sampling.temperature > 0:  # the random stream is drawn per batch: batch size shapes sampled output
         d["batch_size"] = spec.resources.batch_size
     return fingerprint(d)
+
+
+def planned(expert: PlannedExpert | ExpertSpec) -> PlannedExpert:
+    """A step's expert: the plan's, or a bare spec planned here (tests, benchmarks, one-off calls)."""
+    return expert if isinstance(expert, PlannedExpert) else plan_expert(expert)
 
 
 def render(model: Generator | None, template: str, texts: list[str]) -> list[str]:
@@ -118,11 +135,13 @@ def generate_cell(model: Generator, shard: int, *, spec: ExpertSpec, fp: str, st
             "seconds": time.perf_counter() - t0, "flags": {"empty_response": empty}}
 
 
-def run_generate(store: Store, spec: ExpertSpec, shards: list[int], leases: Leases | None = None) -> StageResult:
+def run_generate(store: Store, expert: PlannedExpert | ExpertSpec, shards: list[int],
+                 leases: Leases | None = None) -> StageResult:
     """Write the expert's missing cells (leased, so a concurrent run never computes the same cell)."""
-    fp = expert_fingerprint(spec)
+    expert = planned(expert)
+    spec, fp = expert.spec, expert.fingerprint
     return run_stage(store, Stage(
         step="generate", name=spec.name, fingerprint=fp, schema=GENERATIONS, keys=shards,
         path=partial(generation_path, spec.name, fp), job=partial(generate_cell, spec=spec, fp=fp, store=store),
-        build=generator_builder(spec), resources=spec.resources, tensor_parallel=spec.tensor_parallel_size,
-        unit="shard"), leases)
+        build=generator_builder(expert), resources=spec.resources,
+        tensor_parallel=spec.tensor_parallel_size, unit="shard"), leases)

@@ -42,7 +42,8 @@ def runs(store: Store) -> list[dict]:
         if store.exists(run_manifest_path(run_id)):
             m = read_manifest(store, run_id)
             stages = m.generate + m.score
-            out.append({"run_id": run_id, "status": m.status, "started": m.started, "queries": m.queries,
+            out.append({"run_id": run_id, "status": m.status, "error": m.error,
+                        "started": m.started, "queries": m.queries,
                         "cells_computed": m.cells_computed, "cells_reused": sum(s.cells_reused for s in stages),
                         "cells_repaired": sum(s.cells_repaired for s in stages),
                         "flagged": sum(sum(s.flags.values()) for s in m.score),

@@ -45,7 +45,7 @@ from tasks.generate import template_text
 from tasks.import_scores import ImportRecord, read_import
 from tasks.ingest import check_stored_ids, read_queries, store_shards
 from tasks.records import check_file, records, schema
-from tasks.tag import make_tagger
+from tasks.tag import check_tagger
 
 CAUSAL_LM = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
 COLUMN_KEYS = ("text_field", "id_field", "tags_field", "reference_field")  # DataConfig keys that name a column
@@ -53,7 +53,7 @@ COLUMN_KEYS = ("text_field", "id_field", "tags_field", "reference_field")  # Dat
 
 def preflight(cfg: FlowConfig) -> pl.DataFrame:
     _synthetic(cfg)
-    make_tagger(cfg.tagger, cfg)  # e.g. tagger.expert not in the pool
+    check_tagger(cfg.tagger, cfg)  # e.g. tagger.expert not in the pool
     for i, e in enumerate(cfg.experts):
         if e.backend == "openai":
             _endpoint(f"experts.{i}", e)
@@ -89,7 +89,7 @@ def preflight_train(cfg: TrainConfig) -> ImportRecord:
     """What `zooter train` checks before Ray starts: the encoder, S3 credentials, the store, the import record,
     its scores (missing (query, expert) pairs and NaN/inf scores are warned about as counts; none usable is an
     error) and enough scored training queries for the router's validation slice."""
-    make_tagger(cfg.tagger, cfg)  # e.g. tagger kind llm: a `zooter train` config has no experts
+    check_tagger(cfg.tagger, cfg)  # e.g. tagger kind llm: a `zooter train` config has no experts
     _source("router.encoder", cfg.router.encoder)
     _s3_credentials(cfg.store)
     store = Store.from_config(cfg.store)

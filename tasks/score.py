@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import re
 import time
+from collections.abc import Callable
 from functools import partial
 from typing import Any, Protocol
 
@@ -25,8 +26,9 @@ from cluster.stage import Stage, StageResult, run_stage
 from schemas.artifacts import GENERATIONS, QUERIES, SCORES, fingerprint, generation_path, queries_path, score_path
 from schemas.config import ExpertSpec, RewardSpec
 from schemas.leases import Leases
+from schemas.plan import PlannedExpert, PlannedRM
 from schemas.store import Store
-from tasks.generate import expert_fingerprint
+from tasks.generate import planned
 
 CODE_VERSION = 1
 # 2: rows right-padded in their batch (an encoder with absolute positions scored a left-padded row differently from
@@ -71,13 +73,24 @@ def verify(answer: str, reference: str | None) -> float | None:
     return float(norm(reference) in norm(answer))
 
 
+def plan_rm(rm: RewardSpec, identity_of: Callable[[str, str | None], str] = models.identity) -> PlannedRM:
+    """The reward model with its weights' identity and fingerprint, each computed once (`tasks.plan.plan_run`)."""
+    identity = identity_of(rm.model, rm.revision) if rm.model else None
+    return PlannedRM(spec=rm, fingerprint=_fingerprint(rm, identity), identity=identity)
+
+
 def rm_fingerprint(rm: RewardSpec) -> str:
-    """What changes a score; `weight` does not (it only matters when rewards are combined)."""
+    """What changes a score; `weight` does not (it only matters when rewards are combined). Resolves the weights'
+    identity: a run takes it from its plan instead."""
+    return plan_rm(rm).fingerprint
+
+
+def _fingerprint(rm: RewardSpec, identity: str | None) -> str:
     # `normalise` only when not the default: scores made before the option keep their fingerprints
     d: dict[str, Any] = rm.model_dump(mode="json", exclude={"name", "resources", "weight", "model", "revision"}
                                       | ({"normalise"} if rm.normalise == "mean" else set()))
     code = CLASSIFIER_CODE_VERSION if rm.kind == "classifier" else CODE_VERSION
-    d.update(weights=models.identity(rm.model, rm.revision) if rm.model else None, code=code)
+    d.update(weights=identity, code=code)
     return fingerprint(d)
 
 
@@ -126,15 +139,18 @@ def flag_scores(answers: list[str], scores: list[float | None]) -> tuple[list[fl
     return out, flags
 
 
-def run_score(store: Store, rm: RewardSpec, experts: list[ExpertSpec], shards: list[int],
-              leases: Leases | None = None) -> StageResult:
+def run_score(store: Store, rm: PlannedRM | RewardSpec, experts: list[PlannedExpert | ExpertSpec],
+              shards: list[int], leases: Leases | None = None) -> StageResult:
     """Write the RM's missing cells for every expert (leased, like run_generate); keys are (expert, shard). In the
-    label flow's pipeline a key starts as soon as its generation cell exists (cluster/stage.py `Pipeline`)."""
-    fp = rm_fingerprint(rm)
-    efps = {e.name: expert_fingerprint(e) for e in experts}
+    label flow's pipeline a key starts as soon as its generation cell exists (cluster/stage.py `Pipeline`).
+    Planned specs come from the run's plan; bare ones are planned here (tests, benchmarks)."""
+    planned_rm = rm if isinstance(rm, PlannedRM) else plan_rm(rm)
+    spec, fp = planned_rm.spec, planned_rm.fingerprint
+    efps = {e.name: e.fingerprint for e in map(planned, experts)}
     return run_stage(store, Stage(
-        step="score", name=rm.name, fingerprint=fp, schema=SCORES, keys=[(e.name, s) for e in experts for s in shards],
-        path=lambda k: score_path(rm.name, fp, k[0], efps[k[0]], k[1]),
-        job=partial(score_cell, rm=rm, rm_fp=fp, expert_fps=efps, store=store),
-        build=None if rm.kind == "verifiable" else scorer_builder(rm), resources=rm.resources,
-        tensor_parallel=rm.tensor_parallel_size, needs=lambda k: generation_path(k[0], efps[k[0]], k[1])), leases)
+        step="score", name=spec.name, fingerprint=fp, schema=SCORES, keys=[(e, s) for e in efps for s in shards],
+        path=lambda k: score_path(spec.name, fp, k[0], efps[k[0]], k[1]),
+        job=partial(score_cell, rm=spec, rm_fp=fp, expert_fps=efps, store=store),
+        build=None if spec.kind == "verifiable" else scorer_builder(planned_rm),
+        resources=spec.resources, tensor_parallel=spec.tensor_parallel_size,
+        needs=lambda k: generation_path(k[0], efps[k[0]], k[1])), leases)

@@ -23,16 +23,18 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from cluster import models
 from cluster.backends import generator_builder
 from cluster.stage import Stage, StageResult, run_stage
 from schemas.artifacts import QUERIES, TAGS, fingerprint, queries_path, tags_path
 from schemas.config import ExpertSpec, FlowConfig, RouterConfig, TaggerConfig, TrainConfig
 from schemas.errors import ConfigError
 from schemas.leases import Leases
+from schemas.plan import PlannedExpert, RunPlan
 from schemas.store import Store
 from tasks.aggregate import hash_split
 from tasks.embed import embed_fingerprint, run_embed, scan_embeddings
-from tasks.generate import expert_fingerprint, template_text
+from tasks.generate import planned, template_text
 
 CODE_VERSION = 1
 
@@ -121,8 +123,10 @@ class ClusterTagger:
     """k-means over the router encoder's features of the training queries; every query's tag is its nearest
     centroid. The fingerprint covers the encoder (the embed fingerprint), k, the seed and the training query set."""
 
-    def __init__(self, cfg: TaggerConfig, router: RouterConfig, test_fraction: float):
+    def __init__(self, cfg: TaggerConfig, router: RouterConfig, test_fraction: float,
+                 encoder_identity: str | None = None):
         self.cfg, self.router, self.test_fraction = cfg, router, test_fraction
+        self.encoder_identity = encoder_identity or models.identity(router.encoder)  # the plan's, in a run
         self.fingerprint = ""  # known once `prepare` has read which queries are training queries
         self.centroids: np.ndarray | None = None
         self._x: np.ndarray | None = None
@@ -133,7 +137,8 @@ class ClusterTagger:
         self.fingerprint = self.fit_fingerprint(split)
         if all(store.valid_cell(tags_path(self.fingerprint, s), TAGS, self.fingerprint) for s in shards):
             return  # nothing to tag: no embedding, no fit
-        embed_fp = run_embed(store, self.router, shards, leases).fingerprint  # the router's cells, computed once
+        embed_fp = run_embed(store, self.router, shards, leases,  # the router's cells, computed once
+                             self.encoder_identity).fingerprint
         e = scan_embeddings(store, embed_fp, shards).collect().join(split, on="query_id")
         self._x = unit_rows(np.array(e["vector"].to_list(), dtype=np.float32))
         self._row = {q: i for i, q in enumerate(e["query_id"].to_list())}
@@ -145,7 +150,8 @@ class ClusterTagger:
     def fit_fingerprint(self, split: pl.DataFrame) -> str:
         """The tags' fingerprint for these queries (`splits`): encoder features, k, seed, training query set."""
         return "cluster-" + fingerprint({
-            "tagger": "cluster", "embed": embed_fingerprint(self.router), "k": self.cfg.k, "seed": self.cfg.seed,
+            "tagger": "cluster", "embed": embed_fingerprint(self.router, self.encoder_identity), "k": self.cfg.k,
+            "seed": self.cfg.seed,
             "train": train_set_fingerprint(split), "code": CODE_VERSION}, 8)
 
     def tag(self, queries: pl.DataFrame) -> list[list[str]]:
@@ -228,11 +234,12 @@ class LLMTagger:
     """Open tags from one expert (raw cells, computed once per expert and prompt), merged by normalisation, rare
     ones dropped; the fingerprint covers the raw cells, `min_count` and the training query set."""
 
-    def __init__(self, cfg: TaggerConfig, expert: ExpertSpec, test_fraction: float):
-        self.cfg, self.expert, self.test_fraction = cfg, expert, test_fraction
+    def __init__(self, cfg: TaggerConfig, expert: PlannedExpert | ExpertSpec, test_fraction: float):
+        self.planned = planned(expert)
+        self.cfg, self.expert, self.test_fraction = cfg, self.planned.spec, test_fraction
         self.template = template_text(cfg.prompt)
         self.raw_fp = "llmraw-" + fingerprint({
-            "tagger": "llm", "expert": expert_fingerprint(expert), "template": self.template,
+            "tagger": "llm", "expert": self.planned.fingerprint, "template": self.template,
             "max_tags": cfg.max_tags, "max_new_tokens": cfg.max_new_tokens, "prefill": PREFILL,
             "code": CODE_VERSION}, 8)
         self.fingerprint = ""  # known once `prepare` has the raw tags of the training queries
@@ -249,7 +256,7 @@ class LLMTagger:
             path=partial(tags_path, self.raw_fp),
             job=partial(llm_tag_cell, spec=self.expert, cfg=self.cfg, template=self.template, fp=self.raw_fp,
                         store=store),
-            build=generator_builder(self.expert), resources=self.expert.resources,
+            build=generator_builder(self.planned), resources=self.expert.resources,
             tensor_parallel=self.expert.tensor_parallel_size, unit="shard"), leases)
         split = splits(store, shards, self.test_fraction)
         raw = store.scan([tags_path(self.raw_fp, s) for s in shards]).collect().join(split, on="query_id")
@@ -276,21 +283,31 @@ class LLMTagger:
 TAGGERS: dict[str, type] = {"column": ColumnTagger, "none": NoTagger, "cluster": ClusterTagger, "llm": LLMTagger}
 
 
-def make_tagger(cfg: TaggerConfig, flow: FlowConfig | TrainConfig | None = None) -> Tagger:
-    """The configured tagger. `cluster` and `llm` need the whole config (`flow`): the router's encoder, the
-    expert pool and the test fraction."""
+def make_tagger(cfg: TaggerConfig, flow: RunPlan | FlowConfig | TrainConfig | None = None) -> Tagger:
+    """The configured tagger. `cluster` and `llm` need the whole run (`flow`): the router's encoder, the expert
+    pool and the test fraction; a run passes its plan (identities and fingerprints resolved once), a bare config
+    is resolved here."""
     if cfg.kind in ("column", "none"):
         return TAGGERS[cfg.kind]()
     if flow is None:
         raise ConfigError(f"tagger.kind {cfg.kind}: needs the flow's config (router, experts, test fraction)")
-    test_fraction = flow.test_fraction if isinstance(flow, TrainConfig) else flow.data.test_fraction
+    plan = flow if isinstance(flow, RunPlan) else None
+    conf = plan.config if plan else flow
+    test_fraction = conf.test_fraction
     if cfg.kind == "cluster":
-        return ClusterTagger(cfg, flow.router, test_fraction)
-    experts = {e.name: e for e in getattr(flow, "experts", [])}
-    if cfg.expert not in experts:
-        raise ConfigError(f"tagger.expert: {cfg.expert!r} is not an expert of this config (experts: "
-                          f"{sorted(experts) or 'none: a `zooter train` config has no experts'})")
+        return ClusterTagger(cfg, conf.router, test_fraction, plan.encoder_identity if plan else None)
+    check_tagger(cfg, conf)
+    experts = ({e.name: e for e in plan.experts} if plan and plan.experts
+               else {e.name: e for e in getattr(conf, "experts", [])})
     return LLMTagger(cfg, experts[cfg.expert], test_fraction)
+
+
+def check_tagger(cfg: TaggerConfig, flow: FlowConfig | TrainConfig) -> None:
+    """What preflight checks of the tagger without building it: an llm tagger's expert is one of the pool."""
+    experts = sorted(e.name for e in getattr(flow, "experts", []))
+    if cfg.kind == "llm" and cfg.expert not in experts:
+        raise ConfigError(f"tagger.expert: {cfg.expert!r} is not an expert of this config (experts: "
+                          f"{experts or 'none: a `zooter train` config has no experts'})")
 
 
 def tag_cell(model: None, shard: int, *, tagger: Tagger, store: Store) -> dict:

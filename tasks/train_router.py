@@ -38,11 +38,12 @@ CODE_VERSION = 3
 LATER_DEFAULTS = {"heads": 1, "select": "loss"}
 
 
-def router_fingerprint(cfg: RouterConfig, labels_fp: str) -> str:
+def router_fingerprint(cfg: RouterConfig, labels_fp: str, encoder_identity: str | None = None) -> str:
+    """`encoder_identity`: the encoder's, as the run's plan resolved it (None: resolved here)."""
     d = cfg.model_dump(mode="json", exclude={"use_gpu", "cpus_per_worker", "encoder"})
     d = {k: v for k, v in d.items() if LATER_DEFAULTS.get(k, object()) != v}
     d["num_workers"] = max(1, d["num_workers"])  # local mode (0) is one worker's computation: the same router
-    d.update(labels=labels_fp, encoder=models.identity(cfg.encoder), code=CODE_VERSION)
+    d.update(labels=labels_fp, encoder=encoder_identity or models.identity(cfg.encoder), code=CODE_VERSION)
     return fingerprint(d)
 
 
@@ -89,24 +90,26 @@ def fit_targets(labels: pl.DataFrame, seed: int, agg: AggregateConfig) -> tuple[
     return both.head(train.height), both.tail(val.height)
 
 
-def run_train_router(store: Store, labels_fp: str, cfg: RouterConfig,
-                     embed_fp: str | None = None) -> tuple[str, dict]:
+def run_train_router(store: Store, labels_fp: str, cfg: RouterConfig, embed_fp: str | None = None,
+                     encoder_identity: str | None = None) -> tuple[str, dict]:
     """Train unless this exact router exists; returns (router fingerprint, the router's metadata file).
     With `cfg.freeze_encoder`, `embed_fp` names the embedding cells the head trains on. Leased: two runs that
     need the same router train it once, the other waits for it."""
-    fp = router_fingerprint(cfg, labels_fp)
+    encoder_identity = encoder_identity or models.identity(cfg.encoder)  # the plan's, in a run
+    fp = router_fingerprint(cfg, labels_fp, encoder_identity)
     done = router_file(fp, ROUTER_JSON)
 
     def compute(keys: list[str], claim: Callable[[str], bool]) -> Iterator[str]:
         if claim(fp):
-            _train(store, labels_fp, cfg, embed_fp, fp)
+            _train(store, labels_fp, cfg, embed_fp, fp, encoder_identity)
             yield fp
 
     compute_once(store, [fp], lambda _: done, lambda _: store.exists(done), compute)
     return fp, store.read_json(done)
 
 
-def _train(store: Store, labels_fp: str, cfg: RouterConfig, embed_fp: str | None, fp: str) -> None:
+def _train(store: Store, labels_fp: str, cfg: RouterConfig, embed_fp: str | None, fp: str,
+           encoder_identity: str) -> None:
     # torch and Ray Train: imported when a router trains, not by every import of the flow (`zooter serve`)
     from cluster.router import build_from_config, save
     from cluster.train import fit
@@ -139,7 +142,7 @@ def _train(store: Store, labels_fp: str, cfg: RouterConfig, embed_fp: str | None
             "encoder": cfg.encoder, "pooling": cfg.pooling, "max_length": cfg.max_length,
             "best_epoch": payload["epoch"], "history": history, "nodes": nodes, "train_rows": train.height,
             "val_rows": val.height,
-            "embeddings": embed_fp, "encoder_identity": models.identity(cfg.encoder)}
+            "embeddings": embed_fp, "encoder_identity": encoder_identity}
     with tempfile.TemporaryDirectory(prefix="zooter-router-") as tmp:
         out = Path(tmp)
         save(model, tok, cfg, out, meta)

@@ -15,6 +15,7 @@ from cluster import models
 from cluster.backends import generator_builder
 from cluster.models import ModelSourceError, check_source, etag_of, identity, resolve
 from schemas.config import ConfigError, ExpertSpec
+from tasks.generate import plan_expert
 
 BUCKET = "zooter"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -62,8 +63,8 @@ def test_s3_copy_once_per_node_loads_like_the_local_directory(s3, tiny_models):
     url, prefix = upload(s3, tiny_models["lm_a"])
     expect = identity(url)
     spec = ExpertSpec(name="a", model=url, dtype="float32")
-    local = generator_builder(spec.model_copy(update={"model": str(tiny_models["lm_a"])}))()
-    remote = generator_builder(spec)()  # the builder carries the driver's identity; the actor copies
+    local = generator_builder(plan_expert(spec.model_copy(update={"model": str(tiny_models["lm_a"])})))()
+    remote = generator_builder(plan_expert(spec))()  # the builder carries the driver's identity; the actor copies
     prompts = ["What is 2 + 2?", "Name a colour."]
     assert remote.generate(prompts, max_new_tokens=6) == local.generate(prompts, max_new_tokens=6)
     copy = resolve(url, expect=expect)

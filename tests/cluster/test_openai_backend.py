@@ -26,7 +26,7 @@ from cluster.openai_backend import EndpointUnavailable, OpenAIGenerator
 from schemas.artifacts import generation_path
 from schemas.config import ConfigError, DataConfig, ExpertSpec, load_config
 from schemas.store import Store
-from tasks.generate import expert_fingerprint, generate_cell, run_generate
+from tasks.generate import expert_fingerprint, generate_cell, plan_expert, run_generate
 from tasks.ingest import read_queries, write_shards
 from tasks.preflight import preflight
 from tests.cluster.conftest import generate_cells
@@ -117,7 +117,7 @@ def spec(base_url: str, **kw) -> ExpertSpec:
 
 @pytest.mark.parametrize("endpoint", [{"fail": [429, 429]}], indirect=True)
 def test_retries_429_then_succeeds(endpoint):
-    gen = generator_builder(spec(endpoint.url))()
+    gen = generator_builder(plan_expert(spec(endpoint.url)))()
     [out] = gen.generate([gen.render("What is 2 + 2?")], max_new_tokens=5)
     assert out.response == "echo: What is 2 + 2?"
     assert (out.prompt_tokens, out.new_tokens, out.finish_reason) == (5, 5, "length")
@@ -131,7 +131,7 @@ def test_down_endpoint_names_the_expert():
     url = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
     t0 = time.perf_counter()
     with pytest.raises(EndpointUnavailable, match=rf"expert 'remote': {url}: unreachable after 5 tries"):
-        generator_builder(spec(url))().generate(["a", "b"], max_new_tokens=4)
+        generator_builder(plan_expert(spec(url)))().generate(["a", "b"], max_new_tokens=4)
     assert time.perf_counter() - t0 < 30  # bounded: 4 backoffs of at most 8 s, both prompts at once
 
 
@@ -163,14 +163,14 @@ def test_refused_key_is_a_config_error_without_retries(endpoint):
 @pytest.mark.parametrize("endpoint", [{"delay_s": 0.2}], indirect=True)
 def test_requests_in_flight_are_bounded_per_endpoint(endpoint):
     # the pool's two actors share max_in_flight 6: three each
-    gen = generator_builder(spec(endpoint.url, max_in_flight=6, resources={"pool_size": 2}))()
+    gen = generator_builder(plan_expert(spec(endpoint.url, max_in_flight=6, resources={"pool_size": 2})))()
     outs = gen.generate([f"q{i}" for i in range(9)], max_new_tokens=4)
     assert [o.response for o in outs] == [f"echo: q{i}" for i in range(9)]  # in order
     assert endpoint.max_in_flight == 3
 
 
 def test_template_prompts_go_to_completions_with_sampling(endpoint):
-    gen = generator_builder(spec(endpoint.url, prompt="fewshot_qa"))()
+    gen = generator_builder(plan_expert(spec(endpoint.url, prompt="fewshot_qa")))()
     [out] = gen.generate(["Q: hi\nA:"], max_new_tokens=3, temperature=0.7, top_p=0.9, seed=5, stop=["\n", ""])
     assert out.response == "echo: Q: hi\nA:"
     assert endpoint.requests[0][1] == {"model": "m", "prompt": "Q: hi\nA:", "max_tokens": 3, "temperature": 0.7,
@@ -180,7 +180,7 @@ def test_template_prompts_go_to_completions_with_sampling(endpoint):
 def test_key_reaches_the_endpoint_and_nothing_written(endpoint, tmp_path, monkeypatch):
     monkeypatch.setenv("ZOOTER_TEST_KEY", KEY)
     expert = spec(endpoint.url, api_key_env="ZOOTER_TEST_KEY")
-    builder = generator_builder(expert)
+    builder = generator_builder(plan_expert(expert))
     assert KEY.encode() not in pickle.dumps(builder)  # what Ray ships to the actors
     store = Store(str(tmp_path / "store"))
     data = write_jsonl(tmp_path / "q.jsonl", [{"text": f"question {i}"} for i in range(3)])
@@ -198,7 +198,8 @@ def test_key_reaches_the_endpoint_and_nothing_written(endpoint, tmp_path, monkey
 def test_missing_key_variable_is_a_config_error(endpoint, monkeypatch):
     monkeypatch.delenv("ZOOTER_TEST_KEY", raising=False)
     with pytest.raises(ConfigError, match="expert 'remote': api_key_env ZOOTER_TEST_KEY is not set"):
-        generator_builder(spec(endpoint.url, api_key_env="ZOOTER_TEST_KEY"))().generate(["a"], max_new_tokens=2)
+        gen = generator_builder(plan_expert(spec(endpoint.url, api_key_env="ZOOTER_TEST_KEY")))()
+        gen.generate(["a"], max_new_tokens=2)
     assert not endpoint.requests
 
 

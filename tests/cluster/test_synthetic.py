@@ -13,9 +13,9 @@ from cluster.synthetic import SyntheticGenerator, SyntheticScorer
 from schemas.artifacts import GENERATIONS, SCORES, generation_path, score_path
 from schemas.config import ALLOW_SYNTHETIC, ConfigError, ExpertSpec, RewardSpec, load_config
 from schemas.store import Store
-from tasks.generate import expert_fingerprint, run_generate
+from tasks.generate import expert_fingerprint, plan_expert, run_generate
 from tasks.preflight import preflight
-from tasks.score import rm_fingerprint, run_score
+from tasks.score import plan_rm, rm_fingerprint, run_score
 from tests.conftest import QUERIES, write_jsonl
 
 
@@ -62,7 +62,7 @@ def test_accepted_with_the_opt_in(tmp_path, monkeypatch):
 
 def test_outputs_are_deterministic(monkeypatch):
     monkeypatch.setenv(ALLOW_SYNTHETIC, "1")
-    a = generator_builder(ExpertSpec(name="a", model="x", backend="synthetic"))()
+    a = generator_builder(plan_expert(ExpertSpec(name="a", model="x", backend="synthetic")))()
     prompts = [q["text"] for q in QUERIES]
     first = a.generate(prompts, max_new_tokens=20)
     assert first == a.generate(prompts, max_new_tokens=20) == SyntheticGenerator("a").generate(prompts, 20)
@@ -73,13 +73,13 @@ def test_outputs_are_deterministic(monkeypatch):
         assert g.finish_reason == ("length" if g.new_tokens == 20 else "stop")
     sampled = [a.generate(prompts, max_new_tokens=20, temperature=0.7, seed=s) for s in (1, 1, 2)]
     assert sampled[0] == sampled[1] != sampled[2]
-    rm = scorer_builder(RewardSpec(name="r", kind="classifier", backend="synthetic"))()
+    rm = scorer_builder(plan_rm(RewardSpec(name="r", kind="classifier", backend="synthetic")))()
     answers = [g.response for g in first]
     scores = rm.score(prompts, answers)
     assert scores == rm.score(prompts, answers) and len(set(scores)) == len(prompts)
     assert all(math.isfinite(s) and -4 <= s < 4 for s in scores)
     # the score depends on what the fingerprint covers, not on the RM's name
-    renamed = scorer_builder(RewardSpec(name="other", kind="classifier", backend="synthetic"))()
+    renamed = scorer_builder(plan_rm(RewardSpec(name="other", kind="classifier", backend="synthetic")))()
     assert renamed.score(prompts, answers) == scores
     assert SyntheticScorer("another seed").score(prompts, answers) != scores
 

@@ -30,7 +30,7 @@ from typer.testing import CliRunner
 
 from flows.cli import app as cli
 from flows.gateway import Endpoint, Loaded, Routers, create_app, load_endpoints, local_experts
-from schemas.artifacts import CHAMPION_PATH, report_path, run_manifest_path
+from schemas.artifacts import CHAMPION_PATH, report_path, run_manifest_path, run_plan_path
 from schemas.config import ConfigError, RouterConfig, load_config
 from schemas.evaluation import Champion, EvalReport
 from schemas.store import Store
@@ -451,7 +451,7 @@ def test_local_experts_answer_on_a_store_whose_experts_are_weights(store_dir, tm
     run's config, or from the published config when there is one."""
     from cluster.backends import generator_builder
     from schemas.manifest import RunManifest
-    from tasks.generate import render, template_text
+    from tasks.generate import plan_expert, render, template_text
 
     shutil.copytree(store_dir, tmp_path / "store")
     store = Store(str(tmp_path / "store"))
@@ -460,9 +460,9 @@ def test_local_experts_answer_on_a_store_whose_experts_are_weights(store_dir, tm
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
     cfg = load_config(tmp_path / "c.yaml")
     assert local_experts(store) == {}  # no run, no published config
-    m = RunManifest(run_id="20260101T000000Z-aaaaaa", flow="label", status="completed",
-                    config=cfg.model_dump(mode="json"))
+    m = RunManifest(run_id="20260101T000000Z-aaaaaa", flow="label", status="completed")
     store.write_json(run_manifest_path(m.run_id), m.model_dump(mode="json"))
+    store.write_json(run_plan_path(m.run_id), {"config": cfg.model_dump(mode="json")})  # the run's plan.json
     local = local_experts(store)
     assert sorted(local) == ["alpha", "beta"] and local["alpha"].spec == cfg.experts[0]
     store.write_bytes(CURRENT, published(cfg.model_copy(update={"experts": cfg.experts[1:]})))
@@ -475,7 +475,7 @@ def test_local_experts_answer_on_a_store_whose_experts_are_weights(store_dir, tm
     answer = first.parse()
     assert first.headers["x-zooter-expert"] == "alpha" and answer.model == "zooter/alpha"
     spec, s = cfg.experts[0], cfg.experts[0].sampling
-    model = generator_builder(spec)()
+    model = generator_builder(plan_expert(spec))()
     [prompt] = render(model, template_text(spec.prompt), ["the question that routes"])
     want = model.generate([prompt], max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
                           seed=s.seed, stop=s.stop, batch_size=1)[0]

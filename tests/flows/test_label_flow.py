@@ -152,3 +152,33 @@ def test_frozen_encoder_router_reuses_every_cell_and_trains_on_embeddings(flow_r
     assert router["embeddings"] == m.embed.fingerprint and len(router["history"]) == 3
     tags = out.report.per_tag.tags  # the tags of the test split's queries
     assert tags and set(tags) <= {"math", "writing", "trivia", "coding"}
+
+
+def test_a_run_resolves_each_model_source_once_and_writes_its_plan(labeled, tiny_models, tmp_path, monkeypatch):
+    """The plan resolves every expert's, reward model's and the encoder's identity once in the driver (the judge
+    shares expert a's weights: one look for both); no step fingerprints a spec again. The run writes plan.json."""
+    from collections import Counter
+
+    import cluster.models
+
+    calls: Counter = Counter()
+    real = cluster.models.identity
+
+    def counted(ref, revision=None):
+        calls[(ref, revision)] += 1
+        return real(ref, revision)
+
+    monkeypatch.setattr(cluster.models, "identity", counted)
+    path = copy_labeled(labeled, tmp_path, tiny_models)
+    out = label_flow(str(path))
+    want = {(str(tiny_models[k]), None) for k in ("lm_a", "lm_b", "rm")} | {("packaged:all-minilm-l6-v2", None)}
+    assert set(calls) == want and set(calls.values()) == {1}, calls
+    store = Store(str(tmp_path / "store"))
+    plan = store.read_json(f"runs/{out.manifest.run_id}/plan.json")
+    assert [(e["spec"]["name"], e["fingerprint"]) for e in plan["experts"]] == [
+        (g.name, g.fingerprint) for g in out.manifest.generate]
+    assert [(r["spec"]["name"], r["fingerprint"]) for r in plan["reward_models"]] == [
+        (s.name, s.fingerprint) for s in out.manifest.score]
+    assert plan["expert_refs"] == [[e["spec"]["name"], e["fingerprint"]] for e in plan["experts"]]
+    assert plan["config"]["store"]["url"] == str(tmp_path / "store") and "config" not in store.read_json(
+        f"runs/{out.manifest.run_id}/manifest.json")

@@ -4,6 +4,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from cluster import models
 from cluster.backends import QueryEncoder, encoder_builder
 from schemas.artifacts import EMBEDDINGS, QUERIES, SCHEMA_VERSION, embeddings_path, queries_path
 from schemas.config import RouterConfig
@@ -43,7 +44,7 @@ def test_embed_cell_writes_one_vector_per_query_in_shard_order(tmp_path):
 def test_query_encoder_matches_the_routers_own_features():
     from cluster.router import build, embed_texts
 
-    enc = encoder_builder(CFG)()
+    enc = encoder_builder(CFG, models.identity(CFG.encoder))()
     assert isinstance(enc, QueryEncoder)
     texts = ["What is 2 + 3?", "Write a line about rain, please."]
     model, tok = build(CFG.encoder, 1, CFG.pooling)

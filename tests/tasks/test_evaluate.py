@@ -25,7 +25,7 @@ from schemas.errors import ArtifactError
 from schemas.evaluation import EvalReport, read_report
 from schemas.store import Store
 from tasks.aggregate import ScoreSource, run_aggregate, scan_scores, scores_key
-from tasks.evaluate import aiq, cost_to_reach, evaluate, expert_costs, held_out_scores, hull, to_markdown, validate
+from tasks.evaluate import aiq, cost_to_reach, evaluate, held_out_scores, hull, to_markdown, validate
 from tasks.plots import bar_chart, plot_cost_curve
 
 EXPERTS = ["a", "b"]
@@ -164,10 +164,10 @@ def test_expert_costs_from_either_config():
     flow = FlowConfig.model_validate({"store": "s", "data": {"path": "q.jsonl"}, "reward_models": [
         {"name": "v", "kind": "verifiable"}], "experts": [{"name": "a", "model": "m", "cost": 7}, {"name": "b",
                                                                                                    "model": "m"}]})
-    assert expert_costs(flow) == {"a": 7.0}  # incomplete: run_evaluate names b
+    assert flow.expert_costs() == {"a": 7.0}  # incomplete: run_evaluate names b
     train = TrainConfig.model_validate({"store": "s", "routing": {"lambda": 0.1, "costs": {"org/x-7B": 7}}})
-    assert (expert_costs(train), train.routing.lam) == ({"org/x-7B": 7.0}, 0.1)
-    assert expert_costs(TrainConfig.model_validate({"store": "s"})) is None
+    assert (train.expert_costs(), train.routing.lam) == ({"org/x-7B": 7.0}, 0.1)
+    assert TrainConfig.model_validate({"store": "s"}).expert_costs() is None
 
 
 def test_validation_slice_numbers_by_hand_and_in_the_report():

@@ -8,6 +8,7 @@ import torch
 from cluster.hf import HFClassifierScorer, HFLoglikScorer, render_chat
 from schemas.artifacts import GENERATIONS, QUERIES, SCORES, generation_path, queries_path, score_path
 from schemas.config import ExpertSpec, RewardSpec
+from schemas.plan import PlannedExpert
 from schemas.store import Store
 from tasks.score import rm_fingerprint, run_score, score_cell, verify
 
@@ -92,12 +93,10 @@ def test_score_cell_aligns_flags_and_records_the_backend(tmp_path):
     assert (meta["backend_used"], meta["expert_fingerprint"], meta["fingerprint"]) == ("fake", "efp", "rfp")
 
 
-def test_verifiable_reward_runs_in_process_keyed_by_expert_and_shard(tmp_path, monkeypatch):
-    import tasks.score
-
+def test_verifiable_reward_runs_in_process_keyed_by_expert_and_shard(tmp_path):
     store = _cells(tmp_path)
-    expert = ExpertSpec(name="a", model="unused")
-    monkeypatch.setattr(tasks.score, "expert_fingerprint", lambda e: "efp")  # no model files needed
+    # as a run's plan has it: the fingerprint resolved already (no model files needed)
+    expert = PlannedExpert(spec=ExpertSpec(name="a", model="unused"), fingerprint="efp", identity=None)
     rm = RewardSpec(name="exact", kind="verifiable")
     res = run_score(store, rm, [expert], [0])
     assert (res.computed, res.rows, res.nodes) == ([("a", 0)], 3, [])
