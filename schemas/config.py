@@ -373,6 +373,12 @@ class StoreConfig(Strict):
     backoff_s: float = Field(1.0, gt=0, description="First retry delay; doubles per retry, at most 30 s.")
     lease_ttl_s: float = Field(120.0, gt=0, description="How long a killed run's cell leases block other runs "
                                "(live runs renew theirs every ttl/3).")
+    lease_wait_s: float = Field(1800.0, gt=0, le=7 * 86400, description="How long a run waits on cells other runs "
+                                "hold while none of them gets finished, before it gives up naming the cell and the "
+                                "run holding it.")
+    conditional_writes: bool = Field(True, description="S3 only: leases use conditional writes (If-None-Match, "
+                                     "If-Match), saving a read per cell; false for S3-compatible stores that ignore "
+                                     "If-Match (schemas/leases.py lists which honour it).")
 
     @model_validator(mode="before")
     @classmethod

@@ -37,3 +37,7 @@ class StoreUnavailable(ZooterError, OSError):
     """The store's endpoint stayed unreachable for the whole retry budget."""
 
     exit_code = 3
+
+
+class LeaseTimeout(ZooterError):
+    """A run waited `store.lease_wait_s` on cells another live run holds, and none of them got finished."""

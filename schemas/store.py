@@ -89,13 +89,16 @@ def _botocore_config(options: dict[str, Any]) -> dict[str, Any]:
 
 class Store:
     def __init__(self, url: str, options: dict[str, Any] | None = None, retries: int = 5, backoff_s: float = 1.0,
-                 lease_ttl_s: float = 120.0):
+                 lease_ttl_s: float = 120.0, lease_wait_s: float = 1800.0, conditional_writes: bool = True):
         problem = store_url_problem(url)
         if problem:
             raise ConfigError(f"store {url!r}: {problem}")
         self.url = url.rstrip("/") or "/"
         self.options = dict(options or {})
         self.retries, self.backoff_s, self.lease_ttl_s = retries, backoff_s, lease_ttl_s
+        self.lease_wait_s, self.conditional_writes = lease_wait_s, conditional_writes
+        # Leases use If-Match writes (`replace`) on S3 only, where the endpoint honours them (schemas/leases.py)
+        self.conditional = conditional_writes and self.url.startswith("s3://")
         remote = "://" in self.url and not self.url.startswith("file://")
         # Other processes (actors) write cells: a remote store must not answer from a stale listing cache.
         extra = {"use_listings_cache": False, "skip_instance_cache": True} if remote else {}
@@ -138,11 +141,13 @@ class Store:
     @classmethod
     def from_config(cls, cfg: Any) -> Store:
         """From a `schemas.config.StoreConfig`."""
-        return cls(cfg.url, cfg.options, cfg.retries, cfg.backoff_s, cfg.lease_ttl_s)
+        return cls(cfg.url, cfg.options, cfg.retries, cfg.backoff_s, cfg.lease_ttl_s, cfg.lease_wait_s,
+                   cfg.conditional_writes)
 
     def __getstate__(self) -> dict:  # picklable for Ray actors: rebuild the filesystem there
         return {"url": self.url, "options": self.options, "retries": self.retries, "backoff_s": self.backoff_s,
-                "lease_ttl_s": self.lease_ttl_s}
+                "lease_ttl_s": self.lease_ttl_s, "lease_wait_s": self.lease_wait_s,
+                "conditional_writes": self.conditional_writes}
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(**state)
@@ -224,13 +229,82 @@ class Store:
         else:
             self._io(f"write {rel}", self.fs.pipe_file, self.path(rel), data)
 
-    def create(self, rel: str, data: bytes) -> None:
+    def create(self, rel: str, data: bytes) -> str | None:
         """Write rel only if it does not exist yet (atomically: one of two racing writers wins); else
-        FileExistsError. Locally a hard link of a complete temp file; on S3 a conditional PUT (If-None-Match)."""
+        FileExistsError. Locally a hard link of a complete temp file; on S3 a conditional PUT (If-None-Match: *).
+        Returns the new object's ETag on S3 (what `replace` takes), None locally."""
         if self.local:  # link fails with FileExistsError when target exists
             self._io(f"create {rel}", self._put_local, self.path(rel), data, os.link)
-        else:
-            self._io(f"create {rel}", self.fs.pipe_file, self.path(rel), data, mode="create")
+            return None
+        out = self._io(f"create {rel}", self.fs.pipe_file, self.path(rel), data, mode="create")
+        return out.get("ETag") if isinstance(out, dict) else None
+
+    def replace(self, rel: str, data: bytes, etag: str) -> str | None:
+        """Overwrite rel only if it is still the object with this ETag (S3 `If-Match`): its new ETag, or None when
+        the object changed or went meanwhile. S3 only: what leases renew, release and take over with."""
+        try:
+            out = self._io(f"create {rel}", self.fs.pipe_file, self.path(rel), data, IfMatch=etag)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            if _precondition_failed(e):
+                return None
+            raise
+        return out.get("ETag") if isinstance(out, dict) else None
+
+    def delete_if(self, rel: str, etag: str) -> bool:
+        """Delete rel only if it is still the object with this ETag (S3 `If-Match` on DeleteObject): whether it was."""
+        bucket, key, _ = self.fs.split_path(self.path(rel))
+        try:
+            self._io(f"delete {rel}", self.fs.call_s3, "delete_object", Bucket=bucket, Key=key, IfMatch=etag)
+        except FileNotFoundError:
+            return False
+        except OSError as e:
+            if _precondition_failed(e):
+                return False
+            raise
+        return True
+
+    def read_stamped(self, rel: str) -> tuple[bytes, float, str]:
+        """(content, modification time by the store's clock in epoch seconds, ETag) of one object, in one request;
+        FileNotFoundError when missing. Locally the ETag is inode, size and mtime in ns (it changes with a
+        rewrite). On S3 the time has whole seconds (Last-Modified)."""
+        if self.local:
+            def read(path: str) -> tuple[bytes, float, str]:
+                with open(path, "rb") as f:
+                    st = os.fstat(f.fileno())
+                    return f.read(), st.st_mtime, f"{st.st_ino}-{st.st_size}-{st.st_mtime_ns}"
+            return self._io(f"read {rel}", read, self.path(rel))
+        bucket, key, _ = self.fs.split_path(self.path(rel))
+
+        async def get() -> tuple[bytes, float, str]:
+            resp = await self.fs._call_s3("get_object", Bucket=bucket, Key=key)
+            try:
+                body = await resp["Body"].read()
+            finally:
+                resp["Body"].close()
+            return body, resp["LastModified"].timestamp(), resp["ETag"]
+
+        return self._io(f"read {rel}", fsspec.asyn.sync, self.fs.loop, get)
+
+    def list_stamped(self, rel: str) -> dict[str, tuple[float, str]]:
+        """Every object under the folder rel, at any depth: path relative to rel -> (modification time, ETag).
+        On S3 one request per 1000 objects."""
+        try:
+            found = self._io(f"ls {rel}", self.fs.find, self.path(rel), detail=True)
+        except FileNotFoundError:
+            return {}
+        base = self.path(rel).rstrip("/") + "/"
+        out = {}
+        for p, info in found.items():
+            p = p if not self.local else str(p)
+            name = p[len(base):] if p.startswith(base) else p.removeprefix(base.lstrip("/"))
+            if self.local:
+                st = os.stat(p)
+                out[name] = (st.st_mtime, f"{st.st_ino}-{st.st_size}-{st.st_mtime_ns}")
+            else:
+                out[name] = (info["LastModified"].timestamp(), info.get("ETag", ""))
+        return out
 
     @staticmethod
     def _put_local(target: str, data: bytes, publish: Callable[[str, str], None]) -> None:
@@ -372,6 +446,11 @@ class Store:
         except Exception as e:  # noqa: BLE001 - any parse error means a broken cell
             raise ArtifactError(f"{self.url}: unreadable Parquet among {len(paths)} cells ({e})") from None
         return pl.from_arrow(pa.concat_tables(tables)).lazy()
+
+
+def _precondition_failed(e: OSError) -> bool:
+    """s3fs's translation of S3's 412 PreconditionFailed (an If-Match that no longer matches)."""
+    return e.errno == errno.EINVAL and "precondition" in str(e).lower()
 
 
 def _read_only(p: Path) -> bool:

@@ -1,13 +1,16 @@
 """Exclusive creates, leases and compute_once (concurrent runs compute each cell once), and retries while an
 S3 endpoint is down (moto on 127.0.0.1, stopped and restarted)."""
 
+import json
 import logging
+import os
 import threading
 import time
 
 import polars as pl
 import pytest
 
+from schemas.errors import LeaseTimeout
 from schemas.leases import Leases, compute_once
 from schemas.store import Store, StoreUnavailable
 from tasks.ingest import store_shards, write_shards
@@ -142,13 +145,13 @@ def test_a_lease_create_whose_answer_was_lost_is_ours(outage, caplog):
     def answer_lost(path, data, **kw):
         calls.append(path)
         real(path, data, **kw)
-        if len(calls) == 1:
+        if calls.count(path) == 1 and path.endswith("cell.lease"):
             raise ConnectionError("connection reset after the request was sent")
 
     s.fs.pipe_file = answer_lost
     with caplog.at_level(logging.INFO, logger="zooter.leases"), Leases(s, owner="me", ttl_s=600) as leases:
         assert leases.acquire("cell") and leases.held == {"cell"}
-        assert len(calls) == 2 and "found its own first attempt" in caplog.text
+        assert calls[-2:] == ["faults/run/leases/cell.lease"] * 2 and "found its own first attempt" in caplog.text
         other = Leases(Store("s3://faults/run", outage.options), owner="other", ttl_s=600)
         assert not other.acquire("cell")  # still exclusive
         leases.release("cell")
@@ -210,3 +213,141 @@ def test_a_released_lease_stays_released_while_the_heartbeat_runs(tmp_path):
             a.release(f"c{i % 5}")
     time.sleep(0.05)
     assert not list((tmp_path / "leases").glob("*.lease"))
+
+
+# --- leases judged by the store's clock; bounded waits; conditional writes (local and moto S3) -------------------
+@pytest.fixture(params=["local", "s3", "s3-unconditional"])
+def any_store(request, tmp_path, s3_server):
+    """A local store, an S3 store with conditional writes (the default) and one without (the fallback)."""
+    if request.param == "local":
+        return lambda: Store(str(tmp_path))
+    prefix = f"s3://zooter/{request.param}-{request.node.name}-{time.monotonic_ns()}"
+    return lambda: Store(prefix, s3_server, conditional_writes=request.param == "s3")
+
+
+BAD = {"zero-byte": b"", "future-dated": json.dumps({"owner": "wrong-clock", "expires": time.time() + 10 * 365 * 86400,
+                                                     "token": "t"}).encode(),
+       "malformed": json.dumps({"owner": "bad", "expires": "soon"}).encode(), "not-json": b"\x00\xff{"}
+
+
+@pytest.mark.parametrize("bad", list(BAD))
+def test_a_bad_lease_expires_one_ttl_after_it_was_written(any_store, bad, caplog):
+    """Whatever a lease says (nothing, an expiry ten years ahead, a string), it blocks one ttl from its
+    modification time by the store's clock, then is taken over."""
+    s, clock = any_store(), FakeClock()
+    s.write_bytes("leases/cell.lease", BAD[bad])
+    with Leases(s, "run-b", ttl_s=60, clock=clock) as b:
+        assert not b.free("cell") and not b.acquire("cell")  # just written: live
+        clock.t += 58
+        assert not b.acquire("cell")
+        clock.t += 4  # 62 s after it was written (S3 times have whole seconds)
+        with caplog.at_level(logging.WARNING, logger="zooter.leases"):
+            assert b.acquire("cell")
+        assert "expired" in caplog.text and b.holder("cell")["owner"] == "run-b"
+
+
+def test_a_lease_is_aged_by_its_modification_time_not_its_content(tmp_path):
+    """A lease rewritten with a stale `expires` is live while recent; an old file with a far `expires` is not."""
+    s, clock = Store(str(tmp_path)), FakeClock()
+    s.write_bytes("leases/old.lease", json.dumps({"owner": "x", "expires": time.time() + 1e9}).encode())
+    past = time.time() - 3600
+    os.utime(tmp_path / "leases" / "old.lease", (past, past))
+    s.write_bytes("leases/new.lease", json.dumps({"owner": "y", "expires": 0}).encode())
+    with Leases(s, "me", ttl_s=60, clock=clock) as me:
+        assert me.acquire("old") and not me.acquire("new")
+
+
+def test_a_run_waiting_on_a_live_lease_says_so_and_gives_up(any_store, caplog):
+    s = any_store()
+    with Leases(s, "run-a", ttl_s=30) as a, Leases(s, "run-b", ttl_s=30, wait_s=1.5) as b:
+        assert a.acquire("cells/0")
+        t0 = time.monotonic()
+        with caplog.at_level(logging.WARNING, logger="zooter.leases"), \
+                pytest.raises(LeaseTimeout, match=r"cells/0 is still leased by run run-a, .* 1.5 s "
+                                                  r"\(store.lease_wait_s\)"):
+            compute_once(b, [0], lambda k: f"cells/{k}", lambda k: False, lambda keys, claim: [], poll_s=0.1)
+        assert 1.5 <= time.monotonic() - t0 < 10
+        line = next(r for r in caplog.records if r.levelno == logging.WARNING and "waiting" in r.message)
+        assert "cells/0 is held by run-a until" in line.message and "giving up at" in line.message
+        with pytest.raises(LeaseTimeout, match="cells/0 is still leased by run run-a"), b.hold("cells/0", poll_s=0.1):
+            pass
+
+
+def test_store_config_carries_the_lease_knobs():
+    import pickle
+
+    from schemas.config import StoreConfig
+
+    s = Store.from_config(StoreConfig(url="s3://b/p", lease_wait_s=7, conditional_writes=False))
+    s = pickle.loads(pickle.dumps(s))
+    assert (s.lease_wait_s, s.conditional_writes, s.conditional) == (7, False, False)
+    assert Store("s3://b/p").conditional and not Store("/tmp/x").conditional
+    assert StoreConfig(url="x").lease_wait_s == 1800
+
+
+def _two_runs(s, keys, done_calls):
+    rel = lambda k: f"cells/{k}"  # noqa: E731
+    calls: list[tuple[str, int]] = []
+
+    def run(owner: str) -> None:
+        def compute(pending, claim):
+            for k in pending:
+                if claim(k):
+                    time.sleep(0.05)
+                    calls.append((owner, k))
+                    s.write_bytes(rel(k), owner.encode())
+                    yield k
+
+        def done(k):
+            done_calls.append((owner, k))
+            return s.exists(rel(k))
+
+        with Leases(s, owner, ttl_s=30) as leases:
+            compute_once(leases, keys, rel, done, compute, poll_s=0.05)
+
+    threads = [threading.Thread(target=run, args=(o,)) for o in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return calls
+
+
+def test_compute_once_on_s3_with_and_without_conditional_writes(s3_server):
+    """Both ways compute each cell once between two concurrent runs and leave no lease behind; with conditional
+    writes no cell is read back after its lease was created (what the done re-check cost: a GET per cell)."""
+    keys = list(range(8))
+    for conditional in (True, False):
+        s = Store(f"s3://zooter/two-{conditional}-{time.monotonic_ns()}", s3_server, conditional_writes=conditional)
+        done_calls: list[tuple[str, int]] = []
+        calls = _two_runs(s, keys, done_calls)
+        assert sorted(k for _, k in calls) == keys
+        rechecked = [c for c in done_calls if c in calls]  # a run reading back a cell it then computed itself
+        assert rechecked == [] if conditional else sorted(rechecked) == sorted(calls)
+        assert s.ls("leases") in ([], [".runs"]) and s.ls("leases/.runs") == [] and s.ls("leases/cells") == []
+
+
+def test_a_finished_cells_lease_stays_while_a_run_that_planned_before_is_alive(s3_server):
+    """Run A is made (and plans) before run B computes cell 0 and closes: B's lease stays, so A's create fails
+    and A finds the cell done instead of computing it again; the last run to close deletes every lease."""
+    s = Store(f"s3://zooter/plan-{time.monotonic_ns()}", s3_server)
+    rel = lambda k: f"cells/{k}"  # noqa: E731
+    computed_by: list[str] = []
+
+    def compute(owner):
+        def run(pending, claim):
+            for k in pending:
+                if claim(k):
+                    computed_by.append(owner)
+                    s.write_bytes(rel(k), owner.encode())
+                    yield k
+        return run
+
+    with Leases(s, "run-a", ttl_s=30) as a:  # announced before it plans
+        todo = [k for k in [0] if not s.exists(rel(k))]  # A's plan: cell 0 is missing
+        with Leases(s, "run-b", ttl_s=30) as b:
+            assert compute_once(b, [0], rel, lambda k: s.exists(rel(k)), compute("b")) == ([0], [])
+        assert s.exists("leases/cells/0.lease")  # B closed, A is alive: the lease stays
+        assert compute_once(a, todo, rel, lambda k: s.exists(rel(k)), compute("a"), poll_s=0.05) == ([], [0])
+    assert computed_by == ["b"]
+    assert not s.exists("leases/cells/0.lease") and s.ls("leases/.runs") == []
