@@ -14,7 +14,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export ZOOTER_CACHE ?= $(CURDIR)/.zooter/cache
 
 .PHONY: install install-gpu lock-gpu lock-gpu-upgrade lock-gpu-check demo test test-fast lint bench bench-table bench-serving bench-scale routerdc \
-	routerdc-sweep routerdc-shift clean clean-cache docs
+	routerdc-sweep routerdc-shift clean clean-cache docs gpu-check
 
 install: $(STAMP)
 
@@ -111,6 +111,13 @@ bench-serving: install
 SCALE_SIZES ?= 1000,10000,100000
 bench-scale: install
 	$(BIN)/python benchmarks/scale.py --sizes $(SCALE_SIZES)
+
+# The GPU check (benchmarks/gpu_check.py, one CUDA card, torch and transformers only, under 8 minutes): the hf
+# backend's generator and both scorers on random-weight 0.5B and 7B shapes in bf16, GPU_STEP_TOKENS measured, a router
+# fit; benchmarks/results/gpu_check.json. No install step (a lent device has no .venv): PYTHON=.venv-gpu/bin/python
+# where `make install-gpu` ran.
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py --device cuda --shapes 0.5b,7b --budget-s 420 --output benchmarks/results/gpu_check.json
 
 # RouterDC's published scores of 7 LLMs on 5 benchmarks -> a router in .zooter/routerdc (import is idempotent),
 # then the seeds table: the same router trained with seeds 0-2, mean +- sd per task and on average (test), and on
