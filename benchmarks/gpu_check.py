@@ -416,13 +416,18 @@ def router(dev, work, budget: Budget, rng: random.Random) -> dict:
 # --- the run --------------------------------------------------------------------------------------------------------
 
 def machine(dev: torch.device) -> dict:
-    m = {"cpu_cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+    m = {"cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
          "torch": torch.__version__, "transformers": transformers.__version__, "threads": torch.get_num_threads()}
     if dev.type == "cuda":
         p = torch.cuda.get_device_properties(dev)
         m |= {"gpu": p.name, "gpu_memory_gib": round(p.total_memory / 2**30, 1), "capability": f"{p.major}.{p.minor}",
               "cuda": torch.version.cuda}
     return m
+
+
+def load() -> dict:
+    """os.getloadavg() under the names docs/hooks/generate.py reads (the benchmark page shows a figure with it)."""
+    return dict(zip(("load_1m", "load_5m", "load_15m"), (round(x, 2) for x in os.getloadavg()), strict=True))
 
 
 def current_step_tokens(hf) -> float | None:
@@ -475,14 +480,14 @@ def main(argv: list[str] | None = None) -> dict:
     hf_logging.disable_progress_bar()
     hf, backend_code = import_hf()
     res = {"benchmark": "gpu_check", "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-           **commit(args.commit), "machine": machine(dev), "load_start": list(os.getloadavg()),
+           **commit(args.commit), "machine": machine(dev), "load": load(),
            "device": dev.type, "dtype": str(dtype).removeprefix("torch."), "budget_s": args.budget_s,
            "backend_code": backend_code, "gpu_step_tokens_current": current_step_tokens(hf),
            "shapes": {}, "skipped": [], "errors": []}
 
     def save() -> None:
         res["wall_s"] = round(time.monotonic() - started, 1)
-        res["load_end"] = list(os.getloadavg())
+        res["load_end"] = load()
         if output is not None:
             output.parent.mkdir(parents=True, exist_ok=True)
             output.write_text(json.dumps(res, indent=1) + "\n")

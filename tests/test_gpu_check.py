@@ -27,8 +27,8 @@ def test_gpu_check_cpu_tiny(tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads(out.read_text())
-    assert res["commit"] == "test" and res["date"] and res["machine"]["cpu_cores"] >= 1
-    assert len(res["load_start"]) == 3 and res["skipped"] == []
+    assert res["commit"] == "test" and res["date"] and res["machine"]["cores"] >= 1  # what the docs page needs
+    assert res["load"]["load_1m"] >= 0 and res["skipped"] == res["errors"] == []
     assert res["backend_code"].startswith("cluster.hf (stood in: schemas.config (pydantic missing)")  # shipped code
     assert res["gpu_step_tokens_current"] > 0
 
