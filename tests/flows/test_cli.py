@@ -75,7 +75,7 @@ def test_inspect_store_as_option_or_argument(tmp_path):
     from schemas.store import Store
 
     store = tmp_path / "store"
-    m = RunManifest(run_id="20260101T000000Z-000000", flow="label", status="completed", config={})
+    m = RunManifest(run_id="20260101T000000Z-000000", flow="label", status="completed")
     Store(str(store)).write_json(run_manifest_path(m.run_id), m.model_dump(mode="json"))
     for args in (["inspect", "--store", str(store), "--json"], ["inspect", str(store), "--json"]):
         res = runner.invoke(app, args)
@@ -136,7 +136,7 @@ def test_run_summary_for_a_person():
     from schemas.evaluation import EvalReport, StrategyRow
     from schemas.manifest import ChampionDecision, Outcome, RunManifest, StageRecord
 
-    m = RunManifest(run_id="r1", flow="label", config={}, timings={"total_s": 41.6},
+    m = RunManifest(run_id="r1", flow="label", timings={"total_s": 41.6},
                     generate=[StageRecord(name="a", fingerprint="f", cells_computed=2, cells_reused=1)],
                     score=[StageRecord(name="rm", fingerprint="g", cells_reused=3)],
                     champion=ChampionDecision(decision="promoted", reason="no champion yet", challenger="r",
@@ -211,7 +211,7 @@ def test_run_summary_shows_the_quality_cost_table():
                         rows=[StrategyRow(strategy="router", reward=0.875, expert_calls=1, rm_calls=0)],
                         router_share={"a": 0.0, "b": 1.0}, costs={"a": 1.0, "b": 4.0}, lam=0.5, curve=curve)
     buf = io.StringIO()
-    _show_outcome(Console(file=buf, width=200), Outcome(manifest=RunManifest(run_id="r1", flow="label", config={}),
+    _show_outcome(Console(file=buf, width=200), Outcome(manifest=RunManifest(run_id="r1", flow="label"),
                                                         report=report, manifest_uri="m", report_uri="r"))
     out = buf.getvalue()
     rows = [[c.strip() for c in line.strip().strip("│").split("│")] for line in out.splitlines() if "│" in line]

@@ -7,7 +7,7 @@ from schemas.manifest import RunManifest, StageRecord
 
 
 def _manifest() -> RunManifest:
-    return RunManifest(run_id="r1", flow="label", config={}, timings={"total_s": 100.0, "aggregate_s": 2.5},
+    return RunManifest(run_id="r1", flow="label", timings={"total_s": 100.0, "aggregate_s": 2.5},
                        generate=[StageRecord(name="a", fingerprint="fa", seconds=40.0),
                                  StageRecord(name="b", fingerprint="fb", seconds=55.0)],
                        score=[StageRecord(name="judge", fingerprint="fj", seconds=30.0)],

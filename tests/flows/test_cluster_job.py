@@ -180,7 +180,8 @@ def test_submitted_job_on_a_cluster_without_shared_disk(tmp_path, tmp_path_facto
     (path,) = store.fs.glob(f"{store.root}/runs/*/manifest.json")
     m = json.loads(store.fs.cat(path))
     assert m["status"] == "completed", logs[-5000:]
-    assert m["config"]["ray"]["address"] == "auto"
+    (plan,) = store.fs.glob(f"{store.root}/runs/*/plan.json")
+    assert json.loads(store.fs.cat(plan))["config"]["ray"]["address"] == "auto"
     # every model stage ran its cells on the worker node, the only one with CPUs
     assert {g["name"]: (g["cells_computed"], g["nodes"]) for g in m["generate"]} == {"a": (3, [worker]),
                                                                                    "b": (3, [worker])}

@@ -104,5 +104,5 @@ def test_a_failing_generation_job_fails_the_run_promptly_naming_its_stage(tmp_pa
     err = outcome["error"]
     assert "in stage generate b" in getattr(err, "__notes__", []), err
     manifest = json.loads(next((tmp_path / "store" / "runs").glob("*/manifest.json")).read_text())
-    assert manifest["status"].startswith("failed: ") and manifest["labels"] is None  # nothing after it ran
+    assert manifest["status"] == "failed" and manifest["error"] and manifest["labels"] is None  # nothing after it ran
     assert "b" not in {g["name"] for g in manifest["generate"]}

@@ -61,7 +61,7 @@ def build_store(root: Path, generated: bool = True, run_id: str = "20260101T0000
         "target": [[0.3, 0.7]] * 3}), LABELS,
         {"fingerprint": labels_fp, "experts": [e for e, _ in EXPERTS], "expert_fingerprints": dict(EXPERTS),
          "scores": [{"rm": rm, "rm_fp": fp, "weight": w} for rm, fp, w in RMS]})
-    m = RunManifest(run_id=run_id, flow="label" if generated else "train", status=status, config={},
+    m = RunManifest(run_id=run_id, flow="label" if generated else "train", status=status,
                     started=run_id, shards=list(SHARDS), labels=labels_fp,
                     generate=[StageRecord(name=e, fingerprint=fp) for e, fp in EXPERTS] if generated else [])
     store.write_json(run_manifest_path(run_id), m.model_dump(mode="json"))
@@ -137,7 +137,7 @@ def test_imported_scores_have_no_response_columns(tmp_path):
 def test_which_labels(tmp_path):
     store = build_store(tmp_path / "store")
     build_store(tmp_path / "store", run_id="20260102T000000Z-bbbbbb", labels_fp="fedcba543210")
-    build_store(tmp_path / "store", run_id="20260103T000000Z-cccccc", labels_fp="999999999999", status="failed: x")
+    build_store(tmp_path / "store", run_id="20260103T000000Z-cccccc", labels_fp="999999999999", status="failed")
     assert source_run(store).labels == "fedcba543210"  # the latest completed run's
     assert source_run(store, LABELS_FP).run_id == "20260101T000000Z-aaaaaa"
     assert source_run(store, "999999999999").run_id == "20260103T000000Z-cccccc"  # made only by a failed run

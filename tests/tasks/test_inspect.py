@@ -85,7 +85,7 @@ def test_inspect_store_picks_the_last_completed_run_and_shows_the_champion(store
     out = inspect_store(store)
     assert [r["run_id"] for r in out["runs"]] == ["run-1", "run-2"]
     assert out["runs"][0] | {"seconds": None} == {
-        "run_id": "run-1", "status": "completed", "started": "2025-01-01T00:00:00", "queries": 2,
+        "run_id": "run-1", "status": "completed", "error": None, "started": "2025-01-01T00:00:00", "queries": 2,
         "cells_computed": 2, "cells_reused": 2, "cells_repaired": 0, "flagged": 1, "labels": "l1", "router": None,
         "seconds": None}
     assert out["run"] == "run-1" and out["labels"]["rows"] == 4 and "champion" not in out
