@@ -332,6 +332,12 @@ class Router:
         return torch.softmax(logits.float(), -1).cpu().numpy()
 
     @torch.inference_mode()
+    def features(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
+        """(len(texts), hidden) pooled encoder features: what the head reads (the baselines' feature space)."""
+        return embed_texts(self.model, self.tok, texts, self.config.max_length, self.config.prefix, batch_size,
+                           encode=self.onnx.features if self.onnx is not None else None)
+
+    @torch.inference_mode()
     def probs_from_features(self, feats: np.ndarray) -> np.ndarray:
         """From pooled encoder features (the embed step's cells, for a router with a frozen encoder)."""
         if len(feats) == 0:

@@ -1,7 +1,8 @@
 """The run manifest: `runs/<run_id>/manifest.json`, the lineage a user inspects.
 
 Beside the run's plan (`plan.json`: the config resolved, store options redacted): every fingerprint, the cells
-each stage computed or reused, row counts, timings and package versions; and the helpers every flow uses to fill it, write it and return it (`Outcome`).
+each stage computed or reused, row counts, timings and package versions; and the helpers every flow uses to fill
+it, write it and return it (`Outcome`).
 """
 
 from __future__ import annotations

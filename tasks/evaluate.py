@@ -26,6 +26,7 @@ Without costs, or when every expert costs the same, lambda changes nothing: ther
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable
 from functools import partial
@@ -47,13 +48,16 @@ from schemas.errors import ArtifactError, ConfigError
 from schemas.evaluation import CostCurve, CurvePoint, EvalReport, PerTag, StrategyRow, Validation, read_report
 from schemas.store import Store
 from tasks.aggregate import ScoreSource, scan_scores, scores_key, train_val
+from tasks.baselines import Rows, fit_baselines
 from tasks.calibrate import point
 from tasks.diagnostics import diagnostics
 from tasks.diagnostics import to_markdown as diagnostics_markdown
 from tasks.route import Fallback, choose, lambda_max
 from tasks.train_router import with_features
 
-CODE_VERSION = 3  # 2: typed report (per-RM means under `rm`, no `by_tag`); 3: validation slice, diagnostics
+# 2: typed report (per-RM means under `rm`, no `by_tag`); 3: validation slice, diagnostics; 4: baseline routers
+CODE_VERSION = 4
+BASELINE_ROWS = 20_000  # training rows the feature baselines are fitted on at most (a hash-ordered sample)
 CURVE_STEPS = 41  # router points: lambda 0, then 40 geometric steps up to lambda_max
 
 log = logging.getLogger("zooter.evaluate")
@@ -86,12 +90,14 @@ def _oracle(m: np.ndarray) -> float | None:
 
 def evaluate(test: pl.DataFrame, train: pl.DataFrame, experts: list[str], probs: np.ndarray, scores: pl.DataFrame,
              *, evaluation: str, labels: str, router: str, costs: dict[str, float] | None = None,
-             lam: float = 0.0, validation: Validation | None = None, fallback_below: float = 0.0) -> EvalReport:
+             lam: float = 0.0, validation: Validation | None = None, fallback_below: float = 0.0,
+             baselines: dict[str, np.ndarray] | None = None) -> EvalReport:
     """test/train: label rows; probs: router probabilities for `test` rows; scores: long (query_id, expert,
     rm, score) for test queries. `evaluation`, `labels`, `router`: the fingerprints the report names. `costs`
     (expert -> cost of one call) and `lam` (the config's routing lambda): the quality-cost curve. `validation`:
     the router on its validation slice (`validate`), carried into the report. `fallback_below`: the router's
-    queries whose top probability is below it go to the best single expert (`routing.fallback_below`)."""
+    queries whose top probability is below it go to the best single expert (`routing.fallback_below`).
+    `baselines`: name -> each test row's expert index under that baseline router (`baseline_choices`)."""
     ids = test["query_id"].to_list()
     n_e = len(experts)
     rewards = np.array(test["rewards"].to_list(), dtype=float).reshape(len(ids), n_e)
@@ -102,9 +108,11 @@ def evaluate(test: pl.DataFrame, train: pl.DataFrame, experts: list[str], probs:
                f"best_single ({experts[best]})": np.full(len(ids), best),
                "rm_ranking": rewards.argmax(axis=1)} | {f"expert:{e}": np.full(len(ids), i)
                                                          for i, e in enumerate(experts)}
+    base = {name: np.asarray(c, dtype=int) for name, c in (baselines or {}).items()}
+    choices |= base
     per_tag = per_tag_means(test, rewards, choices)
     # MTR ranks the router, RM ranking and every single expert; best_single shares its expert's rank.
-    ranks = _tag_ranks(per_tag, [k for k in choices if not k.startswith("best_single")])
+    ranks = _tag_ranks(per_tag, [k for k in choices if not k.startswith("best_single") and k not in base])
     ranks[f"best_single ({experts[best]})"] = ranks.get(f"expert:{experts[best]}", {})
 
     every = (n_e, n_e * len(rms))  # (generations, RM scorings) per query when every expert answers
@@ -323,22 +331,26 @@ def run_evaluate(store: Store, labels_fp: str, router_fp: str, sources: list[Sco
                             f"{labels_fp} have {names}")
 
     fit_rows, val = train_val(labels, router.config.seed)
-    features: list[np.ndarray] = []
-    if embed_fp and router.config.freeze_encoder and test.height + val.height:  # embeddings read once for both
-        x = np.array(with_features(store, pl.concat([test, val]), embed_fp)["vector"].to_list())
-        features = [x[:test.height], x[test.height:]]
+    base_train = baseline_sample(train)
+    frozen = bool(embed_fp and router.config.freeze_encoder)
+    features: list[np.ndarray] = []  # test, validation and the baselines' training rows: embeddings read once
+    if frozen and test.height + val.height + base_train.height:
+        x = np.array(with_features(store, pl.concat([test, val, base_train]), embed_fp)["vector"].to_list())
+        features = [x[:test.height], x[test.height:test.height + val.height], x[test.height + val.height:]]
+    else:  # the learned router's own encoder
+        features = [router.features(rows["text"].to_list()) if rows.height else np.zeros((0, 0))
+                    for rows in (test, val, base_train)]
 
     def router_probs(rows: pl.DataFrame, i: int) -> np.ndarray:
-        if not rows.height:
-            return np.zeros((0, len(names)))
-        return router.probs_from_features(features[i]) if features else router.probs(rows["text"].to_list())
+        return router.probs_from_features(features[i]) if rows.height else np.zeros((0, len(names)))
 
     probs = router_probs(test, 0)
     validation = validate(val, fit_rows, router_probs(val, 1), router.config.seed, fallback_below)
     scores = held_out_scores(store, labels_fp, test, experts, sources, shards)
+    baselines = baseline_choices(base_train, features[2], test, features[0], _train_means(train, _rewards(test)))
     report = evaluate(test, train, names, probs, scores, evaluation=fp, labels=labels_fp, router=router_fp,
                       costs=costs and {e: costs[e] for e in names}, lam=lam, validation=validation,
-                      fallback_below=fallback_below)
+                      fallback_below=fallback_below, baselines=baselines)
     store.write_bytes(report_path(fp, "md"), to_markdown(report).encode())
     from tasks.plots import bar_chart, plot_cost_curve  # matplotlib: imported only to draw
 
@@ -347,6 +359,28 @@ def run_evaluate(store: Store, labels_fp: str, router_fp: str, sources: list[Sco
         store.write_bytes(curve_path(fp), plot_cost_curve(report.curve, report.lam))
     store.write_json(report_path(fp), report.model_dump(mode="json"))  # last: the report exists when this does
     return fp, report
+
+
+def _rewards(rows: pl.DataFrame) -> np.ndarray:
+    n_e = len(rows["rewards"][0]) if rows.height else 0
+    return np.array(rows["rewards"].to_list(), dtype=float).reshape(rows.height, n_e)
+
+
+def baseline_sample(train: pl.DataFrame, n: int = BASELINE_ROWS) -> pl.DataFrame:
+    """The training rows the baselines are fitted on: all of them, or `n` chosen by a hash of the query id."""
+    if train.height <= n:
+        return train
+    keys = [hashlib.sha256(f"baselines:{q}".encode()).hexdigest() for q in train["query_id"].to_list()]
+    return train.with_columns(pl.Series("_k", keys)).sort("_k").head(n).drop("_k")  # stable, unlike Polars' hash
+
+
+def baseline_choices(train: pl.DataFrame, train_x: np.ndarray, test: pl.DataFrame, test_x: np.ndarray,
+                     prior: np.ndarray) -> dict[str, np.ndarray]:
+    """name -> each test row's expert under every baseline router (tasks/baselines.py), fitted on `train`."""
+    if not test.height or not train.height:
+        return {}
+    fitted = fit_baselines(Rows(train_x, train["tags"].to_list()), _rewards(train), prior)
+    return {name: b.route(Rows(test_x, test["tags"].to_list())) for name, b in fitted.items()}
 
 
 def held_out_scores(store: Store, labels_fp: str, test: pl.DataFrame, experts: list[tuple[str, str]],

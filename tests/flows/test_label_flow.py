@@ -74,7 +74,8 @@ def test_every_artifact_validates_with_expected_rows(labeled):
 def test_report_has_every_strategy(flow_run):
     _, first, _, _ = flow_run
     strategies = [r.strategy for r in first.report.rows]
-    for s in ("router", "best_single", "random", "oracle", "rm_ranking", "expert:a", "expert:b"):
+    for s in ("router", "best_single", "random", "oracle", "rm_ranking", "expert:a", "expert:b", "tag-lookup",
+              "cluster-lookup", "knn"):
         assert any(x.startswith(s) for x in strategies), s
     assert set(first.report.rows[0].rm) == {"judge", "rm", "exact"}
 
