@@ -449,10 +449,6 @@ class FlowConfig(Strict):
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
-
-def _loc(err: dict) -> str:
-    return ".".join(str(p) for p in err["loc"]) or "<root>"
-
     @property
     def test_fraction(self) -> float:
         """The held-out share (`data.test_fraction`), under the name a `zooter train` config gives it."""
@@ -475,6 +471,10 @@ def _loc(err: dict) -> str:
             "reward_models": [r.model_copy(update={"model": res(r.model, f"reward_models.{i}.model")})
                               for i, r in enumerate(self.reward_models)],
             "router": self.router.model_copy(update={"encoder": res(self.router.encoder, "router.encoder")})})
+
+
+def _loc(err: dict) -> str:
+    return ".".join(str(p) for p in err["loc"]) or "<root>"
 
 
 class UniqueKeyLoader(yaml.SafeLoader):
