@@ -218,10 +218,12 @@ class InstantRouter:
 
 
 def serve_gateway(store_url: str, experts_file: str, port: int, instant: bool) -> None:
-    """The gateway as `flows.gateway.serve` runs it (uvicorn at log level info), on the store's champion."""
+    """The gateway as `gateway.app.serve` runs it (uvicorn at log level info), on the store's champion."""
     import uvicorn
 
-    from flows.gateway import Routers, create_app, load_endpoints
+    from gateway.app import create_app
+    from gateway.experts import load_endpoints
+    from gateway.routers import Routers
     from schemas.store import Store
 
     _quiet()

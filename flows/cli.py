@@ -479,13 +479,11 @@ def route(input_path: Annotated[Path, typer.Option("--input", help="Queries: .js
     """Route every query to an expert with the champion router; adds `expert` and `probs` to each record, keeps
     every field of every record as written."""
     from schemas.store import Store
-    from tasks.route import champion, champion_fallback, champion_routing, route_file
+    from tasks.route import RoutingPolicy, route_file
 
-    costs, lam = champion_routing(Store(store), lam)
-    fallback = champion_fallback(Store(store), fallback_below)
-    # the champion (torch, transformers) loads only once the files have passed their checks
-    n = route_file(lambda: champion(Store(store)), input_path, text_field, output, batch_size, overwrite=overwrite,
-                   costs=costs, lam=lam, fallback=fallback)
+    policy = RoutingPolicy.load(Store(store), lam, fallback_below)  # champion.json read once
+    # the champion's router (torch, transformers) loads only once the files have passed their checks
+    n = route_file(policy, input_path, text_field, output, batch_size, overwrite=overwrite)
     return Result({"routed": n, "input": str(input_path), "output": str(output)},
                   lambda c: c.print(f"routed {n} queries -> {output}"))
 
@@ -506,16 +504,18 @@ def calibrate(store: StoreOpt,
     route --lambda` or the gateway's `zooter:lambda=<x>`."""
     from schemas.store import Store
     from tasks.calibrate import run_calibrate, run_fallback_threshold
+    from tasks.route import RoutingPolicy
 
+    if fallback_share is not None and (max_share or budget is not None):
+        raise ConfigError("calibrate: --fallback-share is a separate question; give it without --max-share and "
+                          "--budget")
+    policy = RoutingPolicy.load(Store(store))
     if fallback_share is not None:
-        if max_share or budget is not None:
-            raise ConfigError("calibrate: --fallback-share is a separate question; give it without --max-share and "
-                              "--budget")
-        below = run_fallback_threshold(Store(store), fallback_share)
+        below = run_fallback_threshold(policy, fallback_share)
         return Result({"fallback_below": below, "share": fallback_share},
                       lambda c: c.print(f"routing.fallback_below = {below:.6g} ({fallback_share:.0%} of the "
                                         "champion's validation queries fall back to the best single expert)"))
-    cal = run_calibrate(Store(store), max_share or [], budget)
+    cal = run_calibrate(policy, max_share or [], budget)
 
     def show(c: Console) -> None:
         c.print(f"lambda = {cal.lam:.6g} (router {cal.router}, {cal.queries} validation queries)")
@@ -603,7 +603,7 @@ def gateway(store: Annotated[str, typer.Option("--store", help="Store whose cham
             = "torch") -> None:
     """Serve an OpenAI-compatible gateway: each chat request goes to the expert the champion router picks
     (`model: zooter`, `zooter:<router fingerprint>`, `zooter:lambda=<x>`); `/v1/route` answers the decision only."""
-    from flows.gateway import serve as serve_gateway
+    from gateway.app import serve as serve_gateway
 
     messages.print(f"gateway for {store} on http://{host}:{port}/v1")
     serve_gateway(store, host, port, experts, api_key_env, timeout, with_local_experts=local_experts,

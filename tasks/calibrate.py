@@ -12,17 +12,14 @@ constraint starts to hold, not necessarily the first.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import polars as pl
 
-from schemas.artifacts import CHAMPION_PATH, LABELS, labels_path
+from schemas.artifacts import LABELS, labels_path
 from schemas.errors import ArtifactError, ConfigError
-from schemas.evaluation import Calibration, CurvePoint, read_champion, read_report
-from schemas.store import Store
+from schemas.evaluation import Calibration, CurvePoint
 from tasks.aggregate import train_val
-from tasks.route import champion, choose, lambda_max
+from tasks.route import RoutingPolicy, choose, lambda_max
 
 STEPS = 60  # bisection halvings: lambda_max / 2**60 is far below any probability difference
 
@@ -94,30 +91,27 @@ def _result(router: str, probs: np.ndarray, max_share: dict[str, float], budget:
                        baseline=base)
 
 
-def run_calibrate(store: Store, max_share: list[str], budget: float | None,
-                  load: Callable[[Store], object] = champion) -> Calibration:
-    """Calibrate the store's champion on its labels' validation queries, with the expert costs its evaluation
-    recorded from the config. `max_share`: `EXPERT=FRACTION` texts; `load`: the router loader (tests pass a fake)."""
-    champ = read_champion(store)
-    if champ is None:
-        raise ArtifactError(f"{store.uri(CHAMPION_PATH)}: no champion router; run `zooter run` or `zooter train` first")
-    report = read_report(store, champ.evaluation)
-    shares = dict(parse_share(t, report.experts) for t in max_share)
-    if not report.costs:
-        raise ConfigError(f"calibrate: the champion's evaluation {report.evaluation} has no expert costs; set `cost` "
-                          "on every expert (`routing.costs` in a `zooter train` config) and rerun")
-    _, val = train_val(pl.from_arrow(store.read_table(labels_path(champ.labels), LABELS)), champ.val_seed or 0)
+def _validation(policy: RoutingPolicy) -> pl.DataFrame:
+    """The champion's labels' validation slice (its seed's): neither trained on nor in the test split."""
+    labels = pl.from_arrow(policy.store.read_table(labels_path(policy.champion.labels), LABELS))
+    _, val = train_val(labels, policy.champion.val_seed or 0)
     if val.height == 0:
-        raise ArtifactError(f"labels {champ.labels}: no validation queries to calibrate on (the train split is too "
-                            "small to hold any out)")
-    router = load(store)
-    if list(router.experts) != report.experts:
-        raise ArtifactError(f"router {champ.router_fp} routes to {router.experts}, its evaluation names "
-                            f"{report.experts}")
-    rewards = np.array(val["rewards"].to_list(), dtype=float).reshape(val.height, len(report.experts))
-    costs = np.array([report.costs[e] for e in report.experts])
-    return calibrate(router.probs(val["text"].to_list()), rewards, costs, report.experts, max_share=shares,
-                     budget=budget, router=champ.router_fp)
+        raise ArtifactError(f"labels {policy.champion.labels}: no validation queries to calibrate on (the train split "
+                            "is too small to hold any out)")
+    return val
+
+
+def run_calibrate(policy: RoutingPolicy, max_share: list[str], budget: float | None) -> Calibration:
+    """Calibrate the champion's policy on its labels' validation queries, with the expert costs its evaluation
+    recorded from the config. `max_share`: `EXPERT=FRACTION` texts."""
+    shares = dict(parse_share(t, policy.experts) for t in max_share)
+    if policy.costs is None:
+        raise ConfigError(f"calibrate: the champion's evaluation {policy.report.evaluation} has no expert costs; set "
+                          "`cost` on every expert (`routing.costs` in a `zooter train` config) and rerun")
+    val = _validation(policy)
+    rewards = np.array(val["rewards"].to_list(), dtype=float).reshape(val.height, len(policy.experts))
+    return calibrate(policy.router().probs(val["text"].to_list()), rewards, policy.costs, policy.experts,
+                     max_share=shares, budget=budget, router=policy.router_fp)
 
 
 def fallback_threshold(probs: np.ndarray, share: float) -> float:
@@ -134,13 +128,6 @@ def fallback_threshold(probs: np.ndarray, share: float) -> float:
     return 1.0 if k >= len(top) else float(top[k])
 
 
-def run_fallback_threshold(store: Store, share: float, load: Callable[[Store], object] = champion) -> float:
-    """`fallback_threshold` of the store's champion on its labels' validation queries."""
-    champ = read_champion(store)
-    if champ is None:
-        raise ArtifactError(f"{store.uri(CHAMPION_PATH)}: no champion router; run `zooter run` or `zooter train` first")
-    _, val = train_val(pl.from_arrow(store.read_table(labels_path(champ.labels), LABELS)), champ.val_seed or 0)
-    if val.height == 0:
-        raise ArtifactError(f"labels {champ.labels}: no validation queries to calibrate on (the train split is too "
-                            "small to hold any out)")
-    return fallback_threshold(load(store).probs(val["text"].to_list()), share)
+def run_fallback_threshold(policy: RoutingPolicy, share: float) -> float:
+    """`fallback_threshold` of the champion's router on its labels' validation queries."""
+    return fallback_threshold(policy.router().probs(_validation(policy)["text"].to_list()), share)

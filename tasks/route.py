@@ -20,22 +20,20 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from schemas.artifacts import CHAMPION_PATH
+from schemas.artifacts import CHAMPION_PATH, ROUTER_JSON, router_file
 from schemas.errors import ArtifactError, ConfigError, InputError
-from schemas.evaluation import read_champion, read_report
+from schemas.evaluation import Champion, EvalReport, read_champion, read_report
 from schemas.store import Store
 from tasks.records import Record, batches, check_file, check_suffix, is_text, schema, visible
-
-if TYPE_CHECKING:
-    from cluster.router import Router
 
 ADDED = ("expert", "probs")  # the fields routing adds
 
@@ -94,52 +92,101 @@ def lambda_max(costs: np.ndarray) -> float | None:
     return None if len(scaled) < 2 else 1.01 / float(np.diff(scaled).min())
 
 
-def champion_routing(store: Store, lam: float | None = None) -> tuple[np.ndarray | None, float]:
-    """(costs in the champion's expert order, lambda) as the champion's evaluation recorded them from its config;
-    `lam` overrides the recorded lambda. No champion: (None, lam or 0), so a missing champion is reported where the
-    router loads. A lambda above 0 without costs is an error."""
-    champ = read_champion(store)
-    if champ is None:
-        return None, lam or 0.0
-    report = read_report(store, champ.evaluation)
-    lam = report.lam if lam is None else lam
-    if report.costs is None:
-        if lam > 0:
-            raise ConfigError(f"lambda {lam}: the champion's evaluation {report.evaluation} has no expert costs; set "
-                              "`cost` on every expert (`routing.costs` in a `zooter train` config) and rerun")
-        return None, lam
-    return np.array([report.costs[e] for e in report.experts]), lam
+def load_router(store: Store, router_fp: str) -> Routes:
+    """A router from the store, loaded for inference (torch + transformers: imported only here)."""
+    from cluster.router import Router
+
+    return Router.from_store(store, router_fp)
 
 
-def champion_fallback(store: Store, below: float | None = None) -> Fallback | None:
-    """The fallback the champion's evaluation recorded from the config (`routing.fallback_below`, to its best
-    single expert); `below` overrides the threshold. None: no champion, or the fallback is off."""
-    champ = read_champion(store)
-    if champ is None:
-        return None
-    report = read_report(store, champ.evaluation)
-    below = report.fallback_below if below is None else below
-    return Fallback(below, report.experts.index(report.best_single)) if below > 0 else None
+class RoutingPolicy:
+    """How the store's champion routes, read once: its router, experts, costs, lambda and fallback. `zooter route`,
+    `zooter calibrate` and the gateway all route through one, so a promotion between two reads can never pair one
+    champion's costs with another's router. `lam`/`fallback_below` override what the champion's evaluation recorded
+    from its config (None: keep it). The router itself loads on first use (`router()`), once."""
+
+    def __init__(self, store: Store, champion: Champion, report: EvalReport, lam: float | None = None,
+                 fallback_below: float | None = None, loader: Callable[[Store, str], Routes] = load_router):
+        self.store, self.champion, self.report, self._loader = store, champion, report, loader
+        self.lam = report.lam if lam is None else lam
+        if not (np.isfinite(self.lam) and self.lam >= 0):
+            raise ConfigError(f"lambda {self.lam}: must be a finite number >= 0")
+        if self.lam > 0 and report.costs is None:
+            raise ConfigError(f"lambda {self.lam}: the champion's evaluation {report.evaluation} has no expert costs; "
+                              "set `cost` on every expert (`routing.costs` in a `zooter train` config) and rerun")
+        below = report.fallback_below if fallback_below is None else fallback_below
+        self.fallback = Fallback(below, report.experts.index(report.best_single)) if below > 0 else None
+        self._router: Routes | None = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, store: Store, lam: float | None = None, fallback_below: float | None = None,
+             loader: Callable[[Store, str], Routes] = load_router) -> RoutingPolicy:
+        """The store's champion policy: champion.json and its evaluation read once each; a champion whose router
+        is gone is one error naming it and the repair."""
+        champ = read_champion(store)
+        if champ is None:
+            raise ArtifactError(f"{store.uri(CHAMPION_PATH)}: the store has no champion router; train one first")
+        return cls.of(store, champ, lam, fallback_below, loader)
+
+    @classmethod
+    def of(cls, store: Store, champ: Champion, lam: float | None = None, fallback_below: float | None = None,
+           loader: Callable[[Store, str], Routes] = load_router) -> RoutingPolicy:
+        """The policy of a champion record already read (the gateway reads champion.json to see if it changed)."""
+        if not store.exists(router_file(champ.router_fp, ROUTER_JSON)):
+            raise ArtifactError(f"{store.uri(CHAMPION_PATH)} names router {champ.router_fp}, which is not in the store "
+                                f"({store.uri(router_file(champ.router_fp, ROUTER_JSON))} is missing); run `zooter "
+                                "run` or `zooter train` again to publish a router, or restore that folder")
+        return cls(store, champ, read_report(store, champ.evaluation), lam, fallback_below, loader)
+
+    @property
+    def router_fp(self) -> str:
+        return self.champion.router_fp
+
+    @property
+    def experts(self) -> list[str]:
+        return self.report.experts
+
+    @property
+    def costs(self) -> np.ndarray | None:
+        """Cost of one call per expert, in the router's expert order (None: the evaluation has none)."""
+        return None if self.report.costs is None else np.array([self.report.costs[e] for e in self.experts])
+
+    def router(self) -> Routes:
+        """The champion's router, loaded on first use (thread-safe) and checked against the evaluation's experts."""
+        with self._lock:
+            if self._router is None:
+                router = self._loader(self.store, self.router_fp)
+                if list(router.experts) != self.experts:
+                    raise ArtifactError(f"router {self.router_fp} routes to {list(router.experts)}, its evaluation "
+                                        f"names {self.experts}")
+                self._router = router
+            return self._router
+
+    def choose(self, probs: np.ndarray, lam: float | None = None) -> np.ndarray:
+        """Per-row expert index under this policy (`choose`); `lam` overrides the policy's for one call."""
+        lam = self.lam if lam is None else lam
+        return choose(probs, self.costs if lam else None, lam, self.fallback)
 
 
-def champion(store: Store) -> Router:
+def champion(store: Store) -> Routes:
     """The store's champion router, loaded for inference."""
-    champ = read_champion(store)
-    if champ is None:
-        raise ArtifactError(f"{store.uri(CHAMPION_PATH)}: the store has no champion router; train one first")
-    from cluster.router import Router  # torch + transformers: only when a router is loaded
-
-    return Router.from_store(store, champ.router_fp)
+    return RoutingPolicy.load(store).router()
 
 
-def route_file(router: Routes | Callable[[], Routes], src: str | Path, text_field: str, dst: str | Path,
-               batch_size: int = 256, overwrite: bool = False, costs: np.ndarray | None = None,
+def route_file(router: RoutingPolicy | Routes | Callable[[], Routes], src: str | Path, text_field: str,
+               dst: str | Path, batch_size: int = 256, overwrite: bool = False, costs: np.ndarray | None = None,
                lam: float = 0.0, fallback: Fallback | None = None) -> int:
     """Route every record of `src` into `dst`; returns the number of records routed. An input field named
-    `expert` or `probs` is an error unless `overwrite`. `router` may be a loader (e.g. of the champion): it is
-    called only once the input and output have passed their checks, so a bad file never waits for a model load.
-    `costs` (router's expert order) and `lam`: cost-aware routing (`choose`); `fallback`: unsure queries go to the
-    fallback expert (`choose`); `probs` stay the router's."""
+    `expert` or `probs` is an error unless `overwrite`. `router`: a RoutingPolicy (`zooter route`: the champion's
+    router, costs, lambda and fallback), or a router or a router loader with `costs`, `lam` and `fallback` given
+    here (`choose`). A router is loaded only once the input and output have passed their checks, so a bad file never
+    waits for a model load. `probs` stay the router's."""
+    if isinstance(router, RoutingPolicy):
+        load, pick = router.router, router.choose
+    else:
+        load = router if not hasattr(router, "probs") else (lambda: router)
+        pick = partial(choose, costs=costs, lam=lam, fallback=fallback)
     src, dst = Path(src), Path(dst)
     check_file(src, "input file")
     _check_output(src, dst)
@@ -155,16 +202,14 @@ def route_file(router: Routes | Callable[[], Routes], src: str | Path, text_fiel
             except OSError as e:
                 raise InputError(f"{dst}: cannot write the output ({e.filename}: {e.strerror})") from None
             fields, n = _scan(src, text_field, dst.suffix == ".parquet", batch_size, overwrite)
-            if not hasattr(router, "probs"):  # a loader
-                router = router()
+            router = load()
             with _writer(tmp, dst.suffix, fields, router.experts) as write, \
                     tqdm(total=n, desc=f"route {src.name}", unit="q") as bar:
                 for batch in batches(src, batch_size):
                     probs = router.probs([rec[text_field] for _, rec in batch])
                     write([rec | {"expert": router.experts[int(i)],
                                   "probs": dict(zip(router.experts, map(float, p), strict=True))}
-                           for (_, rec), p, i in zip(batch, probs, choose(probs, costs, lam, fallback),
-                                                            strict=True)])
+                           for (_, rec), p, i in zip(batch, probs, pick(probs), strict=True)])
                     bar.update(len(batch))
             os.replace(tmp, dst)  # complete output or none
         except BaseException:

@@ -29,7 +29,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
 from flows.cli import app as cli
-from flows.gateway import Endpoint, Loaded, Routers, create_app, load_endpoints, local_experts
+from gateway.app import create_app
+from gateway.experts import Endpoint, load_endpoints, local_experts
+from gateway.routers import Loaded, Routers
 from schemas.artifacts import CHAMPION_PATH, report_path, run_manifest_path, run_plan_path
 from schemas.config import ConfigError, RouterConfig, load_config
 from schemas.evaluation import Champion, EvalReport
@@ -348,7 +350,7 @@ def test_experts_file_errors_name_the_key(tmp_path):
         load_endpoints(store, path)
     path.write_text(yaml.safe_dump({"alpha": {"base_url": "http://h/v1", "model": "m", "api_key_env": "NOPE_X"}}))
     endpoints = load_endpoints(store, path)
-    with pytest.raises(ConfigError, match="expert alpha: api_key_env NOPE_X is not set"):
+    with pytest.raises(ConfigError, match="expert 'alpha': api_key_env NOPE_X is not set"):
         create_app(None, endpoints)  # type: ignore[arg-type]  # fails on the endpoints, before any router
 
 
@@ -392,7 +394,7 @@ def test_routers_load_once_and_keep_the_champion(store_dir):
 
 
 def test_the_gateways_onnx_runtime_loads_champions_in_onnx_runtime(store_dir, monkeypatch, tmp_path):
-    from flows.gateway import _load_router
+    from gateway.routers import load_router as _load_router
 
     monkeypatch.setenv("ZOOTER_CACHE", str(tmp_path / "cache"))
     routers = Routers(Store(str(store_dir)), lambda store, fp: _load_router(store, fp, "int8", "onnx"))

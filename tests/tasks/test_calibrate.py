@@ -6,12 +6,13 @@ import numpy as np
 import polars as pl
 import pytest
 
-from schemas.artifacts import CHAMPION_PATH, LABELS, labels_path, report_path
+from schemas.artifacts import CHAMPION_PATH, LABELS, ROUTER_JSON, labels_path, report_path, router_file
 from schemas.errors import ArtifactError, ConfigError
 from schemas.evaluation import EvalReport
 from schemas.store import Store
 from tasks.aggregate import train_val
 from tasks.calibrate import calibrate, fallback_threshold, parse_share, point, run_calibrate, run_fallback_threshold
+from tasks.route import RoutingPolicy
 
 EXPERTS = ["small", "mid", "big"]
 COSTS = np.array([1.0, 3.0, 10.0])
@@ -74,10 +75,16 @@ class FakeRouter:
         return np.array([[0.3, 0.7] if "hard" in t else [0.45, 0.55] for t in texts])
 
 
+def policy(store: Store) -> RoutingPolicy:
+    """The store's champion policy with FakeRouter as its router (its metadata file written: the router exists)."""
+    store.write_json(router_file("r1", ROUTER_JSON), {"experts": FakeRouter.experts})
+    return RoutingPolicy.load(store, loader=lambda s, fp: FakeRouter())
+
+
 def test_run_calibrate_on_a_store(tmp_path):
     store = Store(str(tmp_path))
     with pytest.raises(ArtifactError, match="no champion"):
-        run_calibrate(store, ["big=0.5"], None, load=lambda s: FakeRouter())
+        run_calibrate(policy(store), ["big=0.5"], None)
     n = 200
     labels = pl.DataFrame({"query_id": [f"q{i}" for i in range(n)],
                            "text": [("hard " if i % 4 == 0 else "easy ") + str(i) for i in range(n)],
@@ -92,10 +99,10 @@ def test_run_calibrate_on_a_store(tmp_path):
                                      "experts": FakeRouter.experts, "reward": None, "run_id": "x",
                                      "published": "2026-01-01T00:00:00Z"})
     with pytest.raises(ConfigError, match="no expert costs"):
-        run_calibrate(store, ["big=0.5"], None, load=lambda s: FakeRouter())
+        run_calibrate(policy(store), ["big=0.5"], None)
     store.write_json(report_path("e1"), report.model_copy(update={"costs": {"small": 1.0, "big": 4.0}})
                      .model_dump(mode="json"))
-    cal = run_calibrate(store, ["big=0.5"], None, load=lambda s: FakeRouter())
+    cal = run_calibrate(policy(store), ["big=0.5"], None)
     val = train_val(labels)[1]
     hard = val["text"].str.starts_with("hard").mean()
     # "easy" queries (p gap 0.1) leave big first; "hard" ones (gap 0.4) stay: big keeps the hard share
@@ -117,7 +124,7 @@ def test_fallback_threshold_lets_the_given_share_of_validation_queries_fall_back
 def test_run_fallback_threshold_on_a_store(tmp_path):
     store = Store(str(tmp_path))
     with pytest.raises(ArtifactError, match="no champion"):
-        run_fallback_threshold(store, 0.1, load=lambda s: FakeRouter())
+        run_fallback_threshold(policy(store), 0.1)
     n = 200
     labels = pl.DataFrame({"query_id": [f"q{i}" for i in range(n)],
                            "text": [("hard " if i % 4 == 0 else "easy ") + str(i) for i in range(n)],
@@ -127,8 +134,11 @@ def test_run_fallback_threshold_on_a_store(tmp_path):
     store.write_json(CHAMPION_PATH, {"router": "routers/r1", "evaluation": "evaluations/e1", "labels": "l1",
                                      "experts": FakeRouter.experts, "reward": None, "run_id": "x",
                                      "published": "2026-01-01T00:00:00Z"})
+    store.write_json(report_path("e1"), EvalReport(evaluation="e1", labels="l1", router="r1",
+                                                   experts=FakeRouter.experts, test_queries=0, best_single="big",
+                                                   rows=[], router_share={}).model_dump(mode="json"))
     val = train_val(labels)[1]
     easy = val["text"].str.starts_with("easy").mean()
     # easy queries have top probability 0.55, hard ones 0.7: any share below the easy share keeps 0.55
-    assert run_fallback_threshold(store, easy / 2, load=lambda s: FakeRouter()) == pytest.approx(0.55)
-    assert run_fallback_threshold(store, easy, load=lambda s: FakeRouter()) == pytest.approx(0.7)
+    assert run_fallback_threshold(policy(store), easy / 2) == pytest.approx(0.55)
+    assert run_fallback_threshold(policy(store), easy) == pytest.approx(0.7)

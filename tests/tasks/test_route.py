@@ -18,11 +18,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from schemas.artifacts import CHAMPION_PATH, report_path
+from schemas.artifacts import CHAMPION_PATH, ROUTER_JSON, report_path, router_file
 from schemas.errors import ArtifactError, ConfigError, InputError
 from schemas.evaluation import EvalReport
 from schemas.store import Store
-from tasks.route import Fallback, champion, champion_fallback, champion_routing, choose, route_file
+from tasks.route import Fallback, RoutingPolicy, champion, choose, route_file
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -346,7 +346,9 @@ def test_route_file_with_costs_sends_unsure_queries_to_the_cheaper_expert(tmp_pa
 
 
 def _champion(store: Store) -> EvalReport:
-    """A champion record (router r1, experts bard and calc) and its evaluation e1, without costs or a fallback."""
+    """A champion record (router r1, experts bard and calc) and its evaluation e1, without costs or a fallback;
+    the router's metadata file, so that the record points at a router that exists."""
+    store.write_json(router_file("r1", ROUTER_JSON), {"experts": ["bard", "calc"]})
     report = EvalReport(evaluation="e1", labels="l1", router="r1", experts=["bard", "calc"], test_queries=0,
                         best_single="calc", rows=[], router_share={})
     store.write_json(report_path("e1"), report.model_dump(mode="json"))
@@ -356,18 +358,38 @@ def _champion(store: Store) -> EvalReport:
     return report
 
 
-def test_champion_routing_reads_costs_and_lambda_from_the_champions_evaluation(tmp_path):
+def test_the_policy_reads_costs_and_lambda_from_the_champions_evaluation(tmp_path):
     store = Store(str(tmp_path))
-    assert champion_routing(store) == (None, 0.0)  # no champion: route_file's loader reports it
+    with pytest.raises(ArtifactError, match="the store has no champion router"):
+        RoutingPolicy.load(store)
     report = _champion(store)
-    assert champion_routing(store) == (None, 0.0)
+    policy = RoutingPolicy.load(store)
+    assert (policy.costs, policy.lam, policy.router_fp, policy.experts) == (None, 0.0, "r1", ["bard", "calc"])
     with pytest.raises(ConfigError, match="lambda 0.2: the champion's evaluation e1 has no expert costs"):
-        champion_routing(store, 0.2)
+        RoutingPolicy.load(store, 0.2)
     report = report.model_copy(update={"costs": {"calc": 4.0, "bard": 1.0}, "lam": 0.3})
     store.write_json(report_path("e1"), report.model_dump(mode="json"))
-    costs, lam = champion_routing(store)
-    assert (costs.tolist(), lam) == ([1.0, 4.0], 0.3)  # in the router's expert order
-    assert champion_routing(store, 0.0)[1] == 0.0  # --lambda 0 overrides the config's
+    policy = RoutingPolicy.load(store)
+    assert (policy.costs.tolist(), policy.lam) == ([1.0, 4.0], 0.3)  # in the router's expert order
+    assert RoutingPolicy.load(store, 0.0).lam == 0.0  # --lambda 0 overrides the config's
+    p = np.array([[0.6, 0.4], [0.3, 0.7]])
+    assert policy.choose(p).tolist() == [0, 1] and policy.choose(p, lam=1.0).tolist() == [0, 0]  # 0.7 - 1 < 0.05
+
+
+def test_the_policy_reads_the_champion_once_and_names_a_missing_router(tmp_path, monkeypatch):
+    import tasks.route
+
+    store = Store(str(tmp_path))
+    _champion(store)
+    reads: list[int] = []
+    real = tasks.route.read_champion
+    monkeypatch.setattr(tasks.route, "read_champion", lambda s: reads.append(1) or real(s))
+    src, dst = write(tmp_path / "in.jsonl"), tmp_path / "out.jsonl"
+    policy = RoutingPolicy.load(store, loader=lambda s, fp: FakeRouter())
+    assert route_file(policy, src, "q", dst) == len(RECORDS) and reads == [1]  # what `zooter route` does
+    (tmp_path / router_file("r1", ROUTER_JSON)).unlink()  # the champion's router folder deleted
+    with pytest.raises(ArtifactError, match="names router r1, which is not in the store"):
+        RoutingPolicy.load(store)
 
 
 # --- fallback: unsure queries go to the best single expert -------------------------------------------------------
@@ -389,10 +411,9 @@ def test_route_file_and_the_champion_carry_the_fallback(tmp_path):
     route_file(FakeRouter(), src, "q", dst, fallback=Fallback(0.85, 1))  # every top probability is 0.8
     assert [r["expert"] for r in read(dst)] == ["calc"] * 5
     store = Store(str(tmp_path / "store"))
-    assert champion_fallback(store) is None
     report = _champion(store)
-    assert champion_fallback(store) is None  # the config's default: off
-    assert champion_fallback(store, 0.3) == Fallback(0.3, 1)  # an override, to the best single expert
+    assert RoutingPolicy.load(store).fallback is None  # the config's default: off
+    assert RoutingPolicy.load(store, fallback_below=0.3).fallback == Fallback(0.3, 1)  # to the best single expert
     store.write_json(report_path("e1"), report.model_copy(update={"fallback_below": 0.4}).model_dump(mode="json"))
-    assert champion_fallback(store) == Fallback(0.4, 1)
-    assert champion_fallback(store, 0.0) is None
+    assert RoutingPolicy.load(store).fallback == Fallback(0.4, 1)
+    assert RoutingPolicy.load(store, fallback_below=0.0).fallback is None
