@@ -1,40 +1,29 @@
 """`zooter`: the command line. Validates at the edge, then hands over to the flows and steps.
 
-Every command is registered through `command`, which owns the rules a script relies on:
-- results on stdout; everything else (logs, warnings, progress bars, Ray actors' output, errors) on stderr. While
-  a command works, stdout -- `sys.stdout` and file descriptor 1, where C code, child processes and Ray's log
-  monitor write -- points at stderr; the result goes to the original stdout at the end.
-- `--json`: stdout is exactly one JSON document, also on failure (`{"error": {"message", "type", "exit_code"}}`).
-- exit codes: 0 ok, 1 internal error (a bug: any exception that is not a ZooterError, traceback on stderr),
-  2 bad input (a ZooterError: one `error:` line on stderr), 3 store unavailable (StoreUnavailable).
+Every command is registered through `command` (flows/console.py), which owns the rules a script relies on: results
+on stdout, everything else on stderr; `--json` prints exactly one JSON document; exit codes 0 ok, 1 a bug, 2 bad
+input, 3 store unavailable. What a person sees is drawn by flows/report.py.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import json
-import os
-import sys
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
-from pydantic_core import to_jsonable_python
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
+from flows import console
+from flows.console import Result, messages
+from flows.report import _show_inspect, _show_outcome, _show_report, show_table, stage_table
 from schemas.config import ConfigError, Dtype, ExpertBackend, load_config
-from schemas.errors import ZooterError
 
 if TYPE_CHECKING:
-    from schemas.evaluation import CurvePoint, EvalReport
-    from schemas.manifest import Outcome, RunManifest
+    from schemas.manifest import Outcome
 
 HELP = """Zooter: reward-guided routing to expert LLMs.
 
@@ -50,98 +39,26 @@ experts_app = typer.Typer(no_args_is_help=True, help="Edit a config's expert poo
                           pretty_exceptions_show_locals=False, rich_markup_mode="markdown")
 app.add_typer(experts_app, name="experts")
 
-messages = Console(stderr=True)  # everything that is not a result
 STORE_HELP = "Local directory or s3://bucket/prefix."
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as one JSON document.")]
 StoreOpt = Annotated[str, typer.Option("--store", help=STORE_HELP)]
 ConfigArg = Annotated[Path, typer.Argument(help="YAML config (e.g. examples/quickstart.yaml; every key is described "
                                            "in schemas/config.py).", show_default=False)]
-# set by main(): the process ends with the command, so stdout stays pointed at stderr to the end (Ray's log
-# monitor may print an actor's last lines after the command has returned)
-_OWNS_PROCESS = False
 _STARTED = time.perf_counter()  # when the CLI was imported: `run`'s stage table counts startup from here
 
 
-@dataclass(frozen=True)
-class Result:
-    """What a command hands back: `data` for --json (models, dicts, lists), `show` for a person."""
-
-    data: Any
-    show: Callable[[Console], None]
-
-
-@contextlib.contextmanager
-def stdout_to_stderr(restore: bool = True) -> Iterator[IO[str]]:
-    """Point stdout at stderr (sys.stdout, and fd 1 when sys.stdout is fd 1); yields the original stdout."""
-    original = sys.stdout
-    original.flush()
-    try:
-        real = original.fileno() == 1  # a test runner's buffer has no file descriptor
-    except (AttributeError, OSError, ValueError):
-        real = False
-    saved = os.dup(1) if real else None
-    results = os.fdopen(os.dup(saved), "w", encoding="utf-8") if saved is not None else original
-    if saved is not None:
-        os.dup2(2, 1)
-    sys.stdout = sys.stderr
-    try:
-        yield results
-    finally:
-        results.flush()
-        if restore:
-            sys.stdout.flush()
-            sys.stdout = original
-            if saved is not None:
-                results.close()
-                os.dup2(saved, 1)
-        if saved is not None:
-            os.close(saved)
-
-
-def _emit_json(stream: IO[str], data: Any) -> None:
-    stream.write(json.dumps(to_jsonable_python(data, fallback=str)) + "\n")
-
-
-def _results_console(stream: IO[str]) -> Console:
-    # Wide enough for the evaluation table when output goes to a file or CI log (no terminal width to detect).
-    return Console(file=stream, width=None if stream.isatty() else 150)
-
-
 def command(on: typer.Typer = app, name: str | None = None) -> Callable[[Callable[..., Result | None]], Any]:
-    """Register a command that returns a Result (or None) under the stream, JSON and exit-code rules above."""
-    def register(fn: Callable[..., Result | None]) -> Any:
-        @functools.wraps(fn)
-        def run(*args: Any, **kwargs: Any) -> None:
-            as_json = bool(kwargs.get("json_out"))
-            with stdout_to_stderr(restore=not _OWNS_PROCESS) as results:
-                try:
-                    result = fn(*args, **kwargs)
-                except Exception as e:
-                    user = isinstance(e, ZooterError)
-                    # notes: e.g. `in stage generate <expert>` (cluster.stage): the line names the stage
-                    notes = "".join(f" ({n})" for n in getattr(e, "__notes__", None) or [])
-                    msg = " ".join(str(e).splitlines()) + notes if user else str(e)
-                    if as_json:
-                        _emit_json(results, {"error": {"message": msg, "type": type(e).__name__,
-                                                       "exit_code": e.exit_code if user else 1}})
-                    if not user:
-                        raise  # a bug: typer prints the traceback and exits 1
-                    # one line, printed verbatim: messages hold paths and lists in brackets, never Rich markup
-                    messages.print(f"[red]error:[/red] {escape(msg)}", highlight=False, soft_wrap=True)
-                    raise typer.Exit(e.exit_code) from None
-                if result is not None:
-                    if as_json:
-                        _emit_json(results, result.data)
-                    else:
-                        result.show(_results_console(results))
-        return on.command(name)(run)
-    return register
+    """Register a command on `zooter` (or a sub-app) under the rules of flows/console.py."""
+    return console.command(on, name)
+
+
+def _outcome(out: Outcome) -> Result:
+    return Result(out, lambda c: _show_outcome(c, out))
 
 
 def main() -> None:
     """The `zooter` console script (and `python -m flows.cli`)."""
-    global _OWNS_PROCESS
-    _OWNS_PROCESS = True
+    console.OWNS_PROCESS = True
     app()
 
 
@@ -155,178 +72,6 @@ def _version(value: bool) -> None:
 def _root(show_version: Annotated[bool, typer.Option(
         "--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False) -> None:
     pass
-
-
-# --- rendering ------------------------------------------------------------------------------------------------
-
-def _cell(v: object) -> str:
-    return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
-
-
-def report_table(report: EvalReport) -> Table:
-    """The evaluation table of a schemas.evaluation.EvalReport: one row per strategy."""
-    rows = report.table()
-    t = Table(*(rows[0] if rows else ["strategy"]), title=f"Evaluation on {report.test_queries} held-out queries")
-    for c in t.columns[1:]:
-        c.justify = "right"
-    for r in rows:
-        t.add_row(*map(_cell, r.values()))
-    return t
-
-
-def _show_report(c: Console, report: EvalReport) -> None:
-    c.print(report_table(report))
-    pt = report.per_tag
-    if pt.tags:
-        cols = [*pt.tags, "tag_average"]
-        t = Table("strategy", *cols, title="Mean reward per tag (test)")
-        for k, v in pt.strategies.items():
-            t.add_row(k, *[_cell(v.get(col)) for col in cols])
-        c.print(t)
-    c.print("router sends: " + ", ".join(f"{e} {p:.0%}" for e, p in report.router_share.items()))
-
-
-def cost_table(report: EvalReport) -> Table | None:
-    """The quality-cost table of a report with a curve (None without one): the router at the config's lambda and
-    at each corner of its quality-cost hull (the operating points worth choosing; the area under them is its AIQ),
-    then each expert alone, most expensive first, with the biggest and the best single expert marked."""
-    curve = report.curve
-    if curve is None:
-        return None
-    from tasks.evaluate import hull  # loaded already when a flow has just evaluated
-
-    t = Table("strategy", "lambda", "mean cost", "reward", *report.experts,
-              title=f"Quality and cost on {report.test_queries} held-out queries")
-    for col in t.columns[1:]:
-        col.justify = "right"
-
-    def add(name: str, lam: str, p: CurvePoint, share: list[float]) -> None:
-        t.add_row(name, lam, f"{p.cost:.4g}", f"{p.reward:.4f}", *[f"{s:.0%}" for s in share])
-
-    add("router (config)", f"{report.lam:g}", curve.operating, list(curve.operating.share.values()))
-    for corner in reversed(hull([(p.cost, p.reward) for p in curve.router])):  # lambda ascending
-        # the first grid point at that corner: the smallest lambda that reaches it
-        p = next(q for q in curve.router if (q.cost, q.reward) == corner)
-        add("router", f"{p.lam:.4g}", p, list(p.share.values()))
-    biggest = max(curve.costs, key=curve.costs.__getitem__)
-    for e, p in sorted(curve.experts.items(), key=lambda kv: -kv[1].cost):
-        marks = [m for m, on in (("biggest", e == biggest), ("best single", e == report.best_single)) if on]
-        add(f"always {e}" + (f" ({', '.join(marks)})" if marks else ""), "-", p,
-            [float(x == e) for x in report.experts])
-    return t
-
-
-def _show_cost(c: Console, report: EvalReport) -> None:
-    """The quality-cost table and its summary (AIQ, cost to reach 95 % of the best single expert), or why there is
-    none."""
-    table = cost_table(report)
-    if table is None:
-        if report.curve_note:
-            c.print(f"quality and cost: {report.curve_note}")
-        return
-    curve = report.curve
-    c.print(table)
-    c.print("expert columns: share of the queries sent to each; cost of one call: "
-            + ", ".join(f"{e} {v:g}" for e, v in curve.costs.items()))
-    lo, hi = min(curve.costs.values()), max(curve.costs.values())
-    c.print(f"AIQ (mean reward over the cost range {lo:g}-{hi:g}): "
-            + ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in curve.aiq.items()))
-    c.print(f"mean cost to reach 95 % of the best single expert's reward ({curve.target:.4f}): "
-            + ", ".join(f"{k.replace('_', ' ')} {'never' if v is None else f'{v:.4g}'}"
-                        for k, v in curve.cost_to_target.items()))
-
-
-def _show_outcome(c: Console, out: Outcome) -> None:
-    """What `run`, `relabel` and `train` show: the report and its quality-cost table, cells, timing, champion
-    decision and paths."""
-    m = out.manifest
-    _show_report(c, out.report)
-    _show_cost(c, out.report)
-    reused = sum(s.cells_reused for s in m.generate + m.score)
-    c.print(f"generation + scoring cells: {m.cells_computed} computed, {reused} reused")
-    c.print(f"run {m.run_id} took {m.timings.get('total_s', 0):.0f}s")
-    if m.champion:
-        d = m.champion
-        test = (f"; the challenger on test {_cell(d.challenger_test_reward)}"
-                if d.split != "test" and d.challenger_test_reward is not None else "")
-        c.print(f"champion/challenger on {d.split}: {d.decision} ({d.reason}; challenger "
-                f"{_cell(d.challenger_reward)}, champion {_cell(d.champion_reward)}{test})")
-    c.print(f"manifest: {out.manifest_uri}\nreport:   {out.report_uri}", soft_wrap=True)
-
-
-def _outcome(out: Outcome) -> Result:
-    return Result(out, lambda c: _show_outcome(c, out))
-
-
-def stage_times(m: RunManifest, wall_s: float | None = None) -> list[tuple[str, float]]:
-    """(stage, seconds) of a run from its manifest: startup (the command's wall time outside the flow's own
-    timer: imports, preflight, Prefect's server, Ray), every expert's generation, every reward model's scoring,
-    embedding, the manifest's other step timings, and the run's total. Stages may overlap (experts generate
-    concurrently), so the rows need not add up to the total."""
-    total = m.timings.get("total_s", 0.0)
-    rows = [] if wall_s is None else [("startup (preflight, Prefect, Ray)", max(wall_s - total, 0.0))]
-    rows += [(f"generate {s.name}", s.seconds) for s in m.generate]
-    rows += [(f"score {s.name}", s.seconds) for s in m.score]
-    rows += [("embed", m.embed.seconds)] if m.embed else []
-    rows += [(k.removesuffix("_s"), v) for k, v in m.timings.items() if k != "total_s"]
-    return rows + [("flow total", total)] + ([] if wall_s is None else [("command total", wall_s)])
-
-
-def stage_table(m: RunManifest, wall_s: float | None = None) -> Table:
-    t = Table("stage", "seconds", title=f"Time by stage, run {m.run_id} (stages may overlap)")
-    t.columns[1].justify = "right"
-    for name, s in stage_times(m, wall_s):
-        t.add_row(name, f"{s:.1f}")
-    return t
-
-
-def _show_inspect(c: Console, info: dict, store: str) -> None:
-    t = Table("run", "status", "queries", "computed", "reused", "repaired", "flagged", "seconds",
-              title=f"Runs in {store}")
-    for r in info["runs"]:
-        status = r["status"] + (f": {r['error']}" if r.get("error") else "")
-        t.add_row(r["run_id"], status[:40], str(r["queries"]), str(r["cells_computed"]),
-                  str(r["cells_reused"]), str(r["cells_repaired"]), str(r["flagged"]),
-                  "-" if r["seconds"] is None else f"{r['seconds']:.0f}")
-    c.print(t)
-    cells = info["cells"]
-    t = Table("stage", "expert", *[str(s) for s in cells["shards"]], title=f"Cells of run {info['run']} (shard)")
-    mark = lambda ok: "[green]done[/green]" if ok else "[red]missing[/red]"  # noqa: E731
-    for e, done in cells["generations"].items():
-        t.add_row("generate", e, *map(mark, done))
-    for rm, per in cells["scores"].items():
-        for e, done in per.items():
-            t.add_row(f"score:{rm}", e, *map(mark, done))
-    c.print(t)
-    if cells["flags"]:
-        t = Table("reward model", "expert", "empty_response", "nonfinite",
-                  title="Flagged score rows (kept with a null score, see README)")
-        for f in cells["flags"]:
-            t.add_row(f["reward_model"], f["expert"], str(f.get("empty_response", 0)), str(f.get("nonfinite", 0)))
-        c.print(t)
-    tags = info.get("tags")
-    if tags and tags.get("cells"):
-        fails = f", {tags['parse_failures']} parse failures" if "parse_failures" in tags else ""
-        by = f" by {tags['expert']}" if "expert" in tags else ""
-        c.print(f"tags{by}: {tags['tagged']} of {tags['queries']} queries tagged, vocabulary {tags['vocabulary']}"
-                f"{fails}; top: " + ", ".join(f"{t['tag']} ({t['n']})" for t in tags["top"][:10]), soft_wrap=True)
-    if "labels" in info:
-        lab = info["labels"]
-        t = Table("expert", "mean reward", "win rate", title=f"Labels ({lab['rows']} queries)")
-        for r in lab["experts"]:
-            t.add_row(r["expert"], _cell(r["mean_reward"]), _cell(r["win_rate"]))
-        c.print(t)
-        names = [r["expert"] for r in lab["experts"]]
-        t = Table("tag", "n", *names, title="Mean target probability by tag")
-        for r in lab["tag_target"]:
-            t.add_row(r["tag"], str(r["n"]), *[_cell(r[e]) for e in names])
-        c.print(t)
-    if "champion" in info:
-        ch = info["champion"]
-        c.print(f"champion: {ch['router']} (run {ch['run_id']}, router reward {_cell(ch['reward'])}), "
-                f"evaluation {ch['evaluation']}")
-    if "plot" in info:
-        c.print(f"plot: {info['plot']}", soft_wrap=True)
 
 
 # --- commands -------------------------------------------------------------------------------------------------
@@ -522,7 +267,7 @@ def calibrate(store: StoreOpt,
         t = Table("lambda", "mean cost", "reward", *cal.point.share, title="Routing on the validation queries")
         for p in (cal.baseline, cal.point):
             t.add_row(f"{p.lam:.6g}", f"{p.cost:.4g}", f"{p.reward:.4f}", *[f"{s:.0%}" for s in p.share.values()])
-        c.print(t)
+        show_table(c, t)
     return Result(cal, show)
 
 
@@ -645,7 +390,7 @@ def experts_list(config: ConfigArg, json_out: JsonOpt = False) -> Result:
         t = Table("name", "model", "backend", "dtype", "prompt", title=f"Experts in {config}")
         for e in experts:
             t.add_row(e.name, e.model, e.backend, e.dtype, e.prompt)
-        c.print(t)
+        show_table(c, t)
     return Result(experts, show)
 
 

@@ -2,7 +2,7 @@
 
 from rich.console import Console
 
-from flows.cli import stage_table, stage_times
+from flows.report import stage_table, stage_times
 from schemas.manifest import RunManifest, StageRecord
 
 
