@@ -223,8 +223,20 @@ def save(model: RouterModel, tok, cfg: RouterConfig, out: Path, meta: dict) -> N
     (out / ROUTER_JSON).write_text(json.dumps({**meta, "config": cfg.model_dump(mode="json")}, indent=2))
 
 
+# A served text is cut to max_length x CHARS_PER_TOKEN characters before tokenisation (Router.max_chars): the
+# shipped encoders' tokens are a few characters each (a word longer than WordPiece's 100 characters is one [UNK]),
+# so the cut changes no decision short of text made to defeat it, and bounds a decision's tokenising.
+CHARS_PER_TOKEN = 64
+# A forward's fixed cost in tokens of compute, for `length_batches` in Router.features: measured on 2 CPU cores
+# (benchmarks/serving.py), e5-small and MiniLM in torch and ONNX Runtime.
+FORWARD_TOKENS = 64.0
+
 Quantize = Literal["int8"]  # what `Router(quantize=...)` and `zooter gateway --quantize` take
-Runtime = Literal["torch", "onnx"]  # what `Router(runtime=...)` and `zooter gateway --runtime` take
+Runtime = Literal["torch", "onnx", "auto"]  # what `Router(runtime=...)` and `zooter gateway --runtime` take
+# What runtime="auto" checks ONNX Runtime's float32 probabilities against torch's on, at load
+PROBES = ["What is 17 times 23?", "Write a haiku about the sea.", "请把这句话翻译成英语：今天天气很好。",
+          "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n# what does fib(10) return?" * 4]
+PROBE_ATOL = 1e-4
 
 
 class Router:
@@ -236,7 +248,10 @@ class Router:
 
     `runtime="onnx"` (CPU only, opt-in): the encoder runs in ONNX Runtime (cluster/onnx_encoder.py), exported once
     and cached; float32 gives the same features to ~1e-6, 1.7-2x faster at batch 1; with `quantize="int8"` its
-    MatMuls are int8 (ORT's dynamic quantisation, not torch's): the fastest served decision."""
+    MatMuls are int8 (ORT's dynamic quantisation, not torch's): the fastest served decision.
+
+    `runtime="auto"` (the gateway's default): ONNX Runtime on CPU when it loads and, in float32, gives torch's
+    probabilities on PROBES (to PROBE_ATOL, decisions equal), else torch; `runtime` then says which it is."""
 
     def __init__(self, directory: str | Path, device: str | None = None, quantize: Quantize | None = None,
                  runtime: Runtime = "torch"):
@@ -267,12 +282,33 @@ class Router:
         self.model.load_state_dict(load_file(str(d / ROUTER_WEIGHTS)), strict=not cfg.freeze_encoder)
         self.model.to(self.device).eval()
         self.quantized: Quantize | None = None
-        self.runtime: Runtime = runtime
         self.onnx = None
-        if runtime == "onnx":
+        if runtime == "auto":
+            runtime = self._auto(d, quantize)
+        self.runtime: Runtime = runtime
+        if runtime == "onnx" and self.onnx is None:
             self._to_onnx(d, quantize)
-        elif quantize is not None:
+        elif runtime == "torch" and quantize is not None:
             self._quantize(quantize)
+
+    def _auto(self, d: Path, quantize: Quantize | None) -> Runtime:
+        """"onnx" when ONNX Runtime serves this router on this device as torch would, else "torch"."""
+        if self.device != "cpu":
+            return "torch"
+        want = None if quantize else self.probs(PROBES)  # the torch encoder's (before the graph replaces it)
+        try:
+            self._to_onnx(d, quantize)
+        except Exception as e:  # noqa: BLE001 - an encoder ONNX cannot take is served by torch
+            logging.getLogger(__name__).warning("router %s: ONNX Runtime unavailable (%s: %s); serving with torch",
+                                                d.name, type(e).__name__, e)
+            self.onnx = self.quantized = None
+            return "torch"
+        if want is not None and not np.allclose(self.probs(PROBES), want, rtol=0, atol=PROBE_ATOL):
+            logging.getLogger(__name__).warning("router %s: ONNX Runtime's probabilities differ from torch's; "
+                                                "serving with torch", d.name)
+            self.onnx = None
+            return "torch"
+        return "onnx"
 
     def _to_onnx(self, d: Path, quantize: Quantize | None) -> None:
         if self.device != "cpu" or quantize not in (None, "int8"):
@@ -315,17 +351,23 @@ class Router:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
+    @property
+    def max_chars(self) -> int:
+        """How much of a text a decision can read: `max_length` tokens, none shorter than a character and few
+        longer than CHARS_PER_TOKEN of them. Texts are cut there before tokenisation (a 10 MB message was
+        tokenised whole, about 10 s, for the 256 tokens the encoder reads)."""
+        return self.config.max_length * CHARS_PER_TOKEN
+
     @torch.inference_mode()
     def probs(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
         """(len(texts), experts) probabilities. One text (a served request) takes a short path to the same numbers:
         one forward from tokens to probabilities, with no length sort, no `eval()` walk over every module, no round
         trip of the features through numpy (the model is in eval mode from loading on) and no attention mask: one
-        text has no padding, and unmasked attention takes a faster kernel (e5-small: about 15 % of the call)."""
+        text has no padding, and unmasked attention takes a faster kernel (e5-small: about 15 % of the call).
+        Several texts go through `features` (batched by length)."""
         if self.onnx is not None or len(texts) != 1:
-            return self.probs_from_features(embed_texts(
-                self.model, self.tok, texts, self.config.max_length, self.config.prefix, batch_size,
-                encode=self.onnx.features if self.onnx is not None else None))
-        ids = self.tok(self.config.prefix + texts[0], return_tensors="pt", truncation=True,
+            return self.probs_from_features(self.features(texts, batch_size))
+        ids = self.tok(self.config.prefix + texts[0][:self.max_chars], return_tensors="pt", truncation=True,
                        max_length=self.config.max_length)["input_ids"].to(self.device)
         h = self.model.encoder(input_ids=ids).last_hidden_state
         logits = self.model.head_logits(pool(h, torch.ones_like(ids), self.model.pooling))
@@ -333,9 +375,26 @@ class Router:
 
     @torch.inference_mode()
     def features(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
-        """(len(texts), hidden) pooled encoder features: what the head reads (the baselines' feature space)."""
-        return embed_texts(self.model, self.tok, texts, self.config.max_length, self.config.prefix, batch_size,
-                           encode=self.onnx.features if self.onnx is not None else None)
+        """(len(texts), hidden) pooled encoder features: what the head reads (the baselines' feature space). Texts
+        are cut to `max_chars`, tokenised once, and grouped by token length (`length_batches`: padding against a
+        forward's fixed cost), so a served batch of short questions is not padded to its one long one."""
+        from cluster.batches import length_batches
+
+        out = np.zeros((len(texts), self.model.encoder.config.hidden_size), dtype=np.float32)
+        if not texts:
+            return out
+        ids = self.tok([self.config.prefix + t[:self.max_chars] for t in texts], truncation=True,
+                       max_length=self.config.max_length)["input_ids"]
+        for idx in length_batches([len(x) for x in ids], batch_size, FORWARD_TOKENS):
+            enc = self.tok.pad({"input_ids": [ids[i] for i in idx]}, return_tensors="np")
+            out[idx] = self._encode(enc["input_ids"], enc["attention_mask"])
+        return out
+
+    def _encode(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        if self.onnx is not None:
+            return self.onnx.features(ids, mask)
+        t, m = torch.from_numpy(ids).to(self.device), torch.from_numpy(mask).to(self.device)
+        return self.model.features(t, m).float().cpu().numpy()
 
     @torch.inference_mode()
     def probs_from_features(self, feats: np.ndarray) -> np.ndarray:

@@ -338,20 +338,28 @@ def gateway(store: Annotated[str, typer.Option("--store", help="Store whose cham
             local_experts: Annotated[bool, typer.Option("--local-experts", help="Answer experts that have no "
                                                         "endpoint in this process, from their weights (the store's "
                                                         "published config, else its latest run's).")] = False,
+            max_body_bytes: Annotated[int, typer.Option("--max-body-bytes", min=1024, help="Largest request body "
+                                                        "(bytes); larger is a 413.")] = 1 << 20,
+            body_timeout: Annotated[float, typer.Option("--body-timeout", min=0.1, help="Seconds a client may take "
+                                                        "to send a request body (then 408).")] = 30.0,
+            max_queue: Annotated[int, typer.Option("--max-queue", min=1, help="Requests that may wait for a "
+                                                   "router; more are a 429.")] = 256,
             quantize: Annotated[Literal["int8"] | None, typer.Option(
                 "--quantize", show_default=False, help="Run the routers' encoders as dynamically quantised int8 "
                 "(CPU): faster decisions, a few of which differ from the trained router's (README, Serving).")]
             = None,
-            runtime: Annotated[Literal["torch", "onnx"], typer.Option(
+            runtime: Annotated[Literal["auto", "torch", "onnx"], typer.Option(
                 "--runtime", help="Run the routers' encoders in PyTorch or in ONNX Runtime (CPU; exported once into "
-                "the model cache; float32 gives the same decisions, faster; with --quantize int8 the fastest).")]
-            = "torch") -> None:
+                "the model cache; float32 gives the same decisions, faster; with --quantize int8 the fastest); "
+                "auto: ONNX Runtime on CPU where its probabilities match torch's at load, else torch.")]
+            = "auto") -> None:
     """Serve an OpenAI-compatible gateway: each chat request goes to the expert the champion router picks
     (`model: zooter`, `zooter:<router fingerprint>`, `zooter:lambda=<x>`); `/v1/route` answers the decision only."""
     from gateway.app import serve as serve_gateway
 
     messages.print(f"gateway for {store} on http://{host}:{port}/v1")
-    serve_gateway(store, host, port, experts, api_key_env, timeout, with_local_experts=local_experts,
+    serve_gateway(store, host, port, experts, api_key_env, timeout, max_body_bytes=max_body_bytes,
+                  body_timeout_s=body_timeout, max_queue=max_queue, with_local_experts=local_experts,
                   quantize=quantize, runtime=runtime)
 
 

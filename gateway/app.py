@@ -24,9 +24,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, upstream_head, upstream_status
 from gateway.experts import Endpoint, LocalExpert, Upstream, load_endpoints, local_experts, upstream_error
-from gateway.routers import MODEL, Decision, Routers, load_router, parse_model
+from gateway.routers import MAX_QUEUE, MODEL, Decision, Routers, load_router, parse_model
 from schemas.config import ConfigError
 from schemas.errors import ArtifactError, StoreUnavailable
 from schemas.store import Store
@@ -38,13 +38,77 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("zooter.gateway")
 
+# The gateway's limits (docs/failures.md lists them with these defaults; `zooter gateway` options change the first
+# two and the router queue's, gateway.routers.MAX_QUEUE).
+MAX_BODY_BYTES = 1 << 20  # a request body (--max-body-bytes): larger is a 413 before it is read
+BODY_TIMEOUT_S = 30.0  # to receive a whole request body (--body-timeout): slower is a 408 and the connection closes
+MAX_JSON_DEPTH = 64  # nesting of a request body's arrays and objects: deeper is a 400
+MAX_MODEL_CHARS = 256  # of `model`
+
+
+class BodyLimits:
+    """ASGI middleware: every request body (any endpoint) is at most `max_bytes`, by its Content-Length and by
+    what arrives, and arrives within `timeout_s` of the request's start. Past either, the app's next read of the
+    body raises a GatewayError (413, 408) that closes the connection (a half-sent body keeps nothing open)."""
+
+    def __init__(self, app: Any, max_bytes: int, timeout_s: float):
+        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        deadline = time.monotonic() + self.timeout_s
+        size, done = 0, False
+        close = {"connection": "close"}
+
+        def too_large(n: str) -> GatewayError:
+            return GatewayError(413, f"the request body is {n} bytes; the limit is {self.max_bytes} "
+                                "(--max-body-bytes)", "request_too_large", headers=close)
+
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            async def refuse() -> dict:
+                raise too_large(declared.decode())
+            return await self.app(scope, refuse, send)
+
+        async def limited() -> dict:
+            nonlocal size, done
+            if done:  # the body is in: what comes now is a disconnect, waited for as long as it takes
+                return await receive()
+            try:
+                async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                    message = await receive()
+            except TimeoutError:
+                raise GatewayError(408, f"the request body did not arrive within {self.timeout_s:g} s "
+                                   "(--body-timeout)", "request_timeout", headers=close) from None
+            if message["type"] == "http.request":
+                size += len(message.get("body", b""))
+                if size > self.max_bytes:
+                    raise too_large(f"more than {self.max_bytes}")
+                done = not message.get("more_body", False)
+            return message
+
+        return await self.app(scope, limited, send)
+
+
+def _too_deep(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether arrays and objects nest deeper than `limit` levels (iteratively: no recursion to run out of)."""
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, dict | list):
+            if depth > limit:
+                return True
+            stack.extend((c, depth + 1) for c in (v.values() if isinstance(v, dict) else v))
+    return False
+
 
 class Message(BaseModel):
-    """A chat message; fields other than these are forwarded untouched."""
+    """A chat message; fields other than these are forwarded untouched. Strict: no coercion between types."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
-    role: str = Field(description="system, user, assistant, tool, ...")
+    role: str = Field(max_length=64, description="system, user, assistant, tool, ...")
     content: str | list[dict[str, Any]] | None = Field(None, description="Text, or content parts ({type: text, "
                                                        "text} parts are what the router reads).")
 
@@ -52,9 +116,10 @@ class Message(BaseModel):
 class ChatRequest(BaseModel):
     """What the gateway reads of a chat request; every other field is forwarded untouched."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)  # `"stream": "yes"` is a 400, not true
 
-    model: str = Field(description="zooter, zooter:<router fingerprint>, optionally :lambda=<x>.")
+    model: str = Field(max_length=MAX_MODEL_CHARS, description="zooter, zooter:<router fingerprint>, optionally "
+                       ":lambda=<x>.")
     messages: list[Message] = Field(min_length=1, description="The conversation; its last user message routes.")
     stream: bool = Field(False, description="Stream the expert's answer as server-sent events.")
 
@@ -76,10 +141,16 @@ class ChatRequest(BaseModel):
 
 async def _parse(request: Request) -> tuple[dict, ChatRequest]:
     """The body as sent (a JSON object) and as read; a GatewayError 400 naming the field otherwise."""
+    too_deep = GatewayError(400, f"the request body nests arrays and objects deeper than {MAX_JSON_DEPTH} levels",
+                            "invalid_json")
     try:
         raw = json.loads(await request.body())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise GatewayError(400, f"the request body is not valid JSON ({e})", "invalid_json") from None
+    except RecursionError:
+        raise too_deep from None
+    if _too_deep(raw):
+        raise too_deep
     if not isinstance(raw, dict):
         raise GatewayError(400, "the request body must be a JSON object", "invalid_json")
     try:
@@ -108,8 +179,11 @@ class Metrics:
 
 def create_app(routers: Routers, endpoints: dict[str, Endpoint], api_key: str | None = None,
                timeout_s: float = 300.0, reload_s: float = 5.0,
-               local: dict[str, LocalExpert] | None = None) -> FastAPI:
-    """The gateway app. `api_key`: the bearer key every route but /health requires (None: open). `timeout_s`:
+               local: dict[str, LocalExpert] | None = None,
+               *, max_body_bytes: int = MAX_BODY_BYTES, body_timeout_s: float = BODY_TIMEOUT_S) -> FastAPI:
+    """The gateway app. `max_body_bytes`, `body_timeout_s`: every request body's limits (BodyLimits); with a key,
+    /openapi.json needs it too and the browsable /docs and /redoc are off (a browser would not send the key).
+    `api_key`: the bearer key every route but /health requires (None: open). `timeout_s`:
     the longest wait for an expert's next bytes; `reload_s`: how often champion.json is checked. `local`: experts
     with no endpoint that this process answers itself (an endpoint wins where both exist)."""
     local = {k: v for k, v in (local or {}).items() if k not in endpoints}
@@ -146,11 +220,13 @@ def create_app(routers: Routers, endpoints: dict[str, Endpoint], api_key: str | 
                 task.cancel()
 
     check_endpoints()
-    app = FastAPI(title="zooter gateway", lifespan=lifespan)
+    closed = {"docs_url": None, "redoc_url": None, "openapi_url": None} if api_key is not None else {}
+    app = FastAPI(title="zooter gateway", lifespan=lifespan, **closed)
+    app.add_middleware(BodyLimits, max_bytes=max_body_bytes, timeout_s=body_timeout_s)
 
     def fail(e: GatewayError, headers: dict[str, str] | None = None) -> JSONResponse:
         metrics.errors.labels(e.code).inc()
-        return JSONResponse(e.body(), e.status, headers=headers)
+        return JSONResponse(e.body(), e.status, headers=(e.headers or {}) | (headers or {}))
 
     @app.exception_handler(GatewayError)
     async def _gateway_error(_request: Request, e: GatewayError) -> JSONResponse:
@@ -168,6 +244,11 @@ def create_app(routers: Routers, endpoints: dict[str, Endpoint], api_key: str | 
         if scheme.lower() != "bearer" or not secrets.compare_digest(given.encode(), api_key.encode()):
             raise GatewayError(401, "missing or wrong bearer key (Authorization: Bearer <key>)", "invalid_api_key")
 
+    if api_key is not None:
+        @app.get("/openapi.json", dependencies=[Depends(authorize)], include_in_schema=False)
+        async def openapi() -> dict:
+            return app.openapi()
+
     async def decide(body: ChatRequest) -> Decision:
         fp, lam = parse_model(body.model)
         text = body.query()
@@ -179,7 +260,7 @@ def create_app(routers: Routers, endpoints: dict[str, Endpoint], api_key: str | 
         except StoreUnavailable as e:
             raise GatewayError(503, str(e), "store_unavailable", kind="server_error") from None
         t0 = time.perf_counter()
-        p = await run_in_threadpool(loaded.probs, text)
+        p = await asyncio.wrap_future(loaded.submit(text))  # its worker batches; a full queue is a 429 here
         metrics.decision.observe(time.perf_counter() - t0)
         policy = routers.policy
         lam = policy.lam if lam is None else lam
@@ -237,15 +318,16 @@ def create_app(routers: Routers, endpoints: dict[str, Endpoint], api_key: str | 
             resp = await client.send(req, stream=True)
         except httpx.HTTPError as e:
             return fail(upstream_error(d.expert, e), headers)
-        if resp.status_code >= 400:
-            await resp.aread()
-            await resp.aclose()
-            if resp.status_code >= 500:
-                return fail(GatewayError(502, f"expert {d.expert} answered {resp.status_code}: "
-                                         f"{resp.text[:500]}", "expert_error", kind="server_error"), headers)
-            metrics.errors.labels(f"expert_{resp.status_code}").inc()
-            return Response(resp.content, resp.status_code, headers=headers,
-                            media_type=resp.headers.get("content-type"))
+        if resp.status_code >= 400:  # summarised (errors.upstream_status), never relayed
+            try:
+                got = await upstream_head(resp)
+            except httpx.HTTPError:
+                got = b""
+            finally:
+                await resp.aclose()
+            if resp.status_code >= 500:  # for the operator, not the client
+                log.warning("expert %s answered %s: %r", d.expert, resp.status_code, got[:300])
+            return fail(upstream_status(d.expert, resp.status_code, got), headers)
         if body.stream:
             async def relay() -> AsyncIterator[bytes]:
                 try:
@@ -293,8 +375,11 @@ def _local_answer(expert: str, g: Generation, stream: bool, headers: dict[str, s
 
 def serve(store_url: str, host: str = "127.0.0.1", port: int = 8000, experts_file: Path | None = None,
           api_key_env: str | None = None, timeout_s: float = 300.0, reload_s: float = 5.0,
-          with_local_experts: bool = False, quantize: str | None = None, runtime: str = "torch") -> None:
+          max_body_bytes: int = MAX_BODY_BYTES, body_timeout_s: float = BODY_TIMEOUT_S, max_queue: int = MAX_QUEUE,
+          with_local_experts: bool = False, quantize: str | None = None, runtime: str = "auto") -> None:
     """Load the champion and the endpoints (errors here are ZooterErrors, before anything listens), then serve.
+    `max_body_bytes`, `body_timeout_s`: create_app's limits; `max_queue`: requests waiting per router before a 429.
+    `runtime` "auto": ONNX Runtime on CPU where its probabilities match torch's at load, else torch.
     `quantize`: "int8" runs every router's encoder quantised; `runtime`: "onnx" runs it in ONNX Runtime
     (cluster.router.Router)."""
     import uvicorn
@@ -312,10 +397,11 @@ def serve(store_url: str, host: str = "127.0.0.1", port: int = 8000, experts_fil
             raise ConfigError(f"--api-key-env {api_key_env}: the environment variable is not set")
     store = Store(store_url)
     endpoints = load_endpoints(store, experts_file)
-    routers = Routers(store, functools.partial(load_router, quantize=quantize, runtime=runtime))
+    routers = Routers(store, functools.partial(load_router, quantize=quantize, runtime=runtime), max_queue=max_queue)
     with contextlib.suppress(ValueError):
         if api_key is None and not ipaddress.ip_address(host).is_loopback:
             log.warning("listening on %s with no bearer key (--api-key-env): anyone who reaches it can use it", host)
     app = create_app(routers, endpoints, api_key, timeout_s, reload_s,
-                     local_experts(store) if with_local_experts else None)
+                     local_experts(store) if with_local_experts else None,
+                     max_body_bytes=max_body_bytes, body_timeout_s=body_timeout_s)
     uvicorn.run(app, host=host, port=port, log_level="info")
