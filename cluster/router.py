@@ -378,7 +378,10 @@ class Router:
         """(len(texts), hidden) pooled encoder features: what the head reads (the baselines' feature space). Texts
         are cut to `max_chars`, tokenised once, and grouped by token length (`length_batches`: padding against a
         forward's fixed cost), so a served batch of short questions is not padded to its one long one."""
-        from cluster.batches import length_batches
+        try:
+            from cluster.batches import length_batches
+        except ImportError:  # until cluster/batches.py (split out of cluster/backends.py) is committed
+            from cluster.backends import length_batches
 
         out = np.zeros((len(texts), self.model.encoder.config.hidden_size), dtype=np.float32)
         if not texts:
