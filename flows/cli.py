@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from datetime import datetime
 from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -114,14 +115,26 @@ def run(config: ConfigArg, json_out: JsonOpt = False) -> Result:
 
 
 @command()
-def relabel(config: ConfigArg, json_out: JsonOpt = False) -> Result:
-    """After an expert pool change: compute only missing cells, re-aggregate, retrain, evaluate, and promote
-    the new router only if it is not worse than the champion."""
+def relabel(config: ConfigArg,
+            traffic: Annotated[bool, typer.Option("--traffic", help="First add the queries the recording gateway "
+                                                  "kept (`zooter gateway --record`) that no shard holds yet.")]
+            = False,
+            since: Annotated[datetime | None, typer.Option("--since", show_default=False, help="--traffic: only "
+                                                           "queries routed at or after this UTC time "
+                                                           "(YYYY-MM-DD[THH:MM:SS]).")] = None,
+            max_queries: Annotated[int | None, typer.Option("--max", min=1, show_default=False, help="--traffic: "
+                                                            "at most this many new queries, first routed "
+                                                            "first.")] = None,
+            json_out: JsonOpt = False) -> Result:
+    """After an expert pool change, or with served traffic (--traffic): compute only missing cells, re-aggregate,
+    retrain, evaluate, and promote the new router only if it is not worse than the champion."""
     from flows.relabel import relabel_flow
     from tasks.plan import plan_run
 
+    if not traffic and (since is not None or max_queries is not None):
+        raise ConfigError("relabel: --since and --max select recorded traffic; give them with --traffic")
     plan = plan_run(config, "relabel")
-    return _outcome(relabel_flow(str(config.resolve()), plan))
+    return _outcome(relabel_flow(str(config.resolve()), plan, traffic, since, max_queries))
 
 
 @command()
@@ -352,7 +365,14 @@ def gateway(store: Annotated[str, typer.Option("--store", help="Store whose cham
                 "--runtime", help="Run the routers' encoders in PyTorch or in ONNX Runtime (CPU; exported once into "
                 "the model cache; float32 gives the same decisions, faster; with --quantize int8 the fastest); "
                 "auto: ONNX Runtime on CPU where its probabilities match torch's at load, else torch.")]
-            = "auto") -> None:
+            = "auto",
+            record: Annotated[bool, typer.Option("--record", help="Keep every routed request (query text, request "
+                                                 "id, router, expert, probabilities, time; never headers or keys) "
+                                                 "and its feedback (POST /v1/feedback) in the store's traffic/.")]
+            = False,
+            record_flush_s: Annotated[float, typer.Option("--record-flush-s", min=0.1, help="--record: write a "
+                                                          "batch once its first row is this old (or it holds 256 "
+                                                          "rows, or the gateway stops).")] = 10.0) -> None:
     """Serve an OpenAI-compatible gateway: each chat request goes to the expert the champion router picks
     (`model: zooter`, `zooter:<router fingerprint>`, `zooter:lambda=<x>`); `/v1/route` answers the decision only."""
     from gateway.app import serve as serve_gateway
@@ -360,7 +380,7 @@ def gateway(store: Annotated[str, typer.Option("--store", help="Store whose cham
     messages.print(f"gateway for {store} on http://{host}:{port}/v1")
     serve_gateway(store, host, port, experts, api_key_env, timeout, max_body_bytes=max_body_bytes,
                   body_timeout_s=body_timeout, max_queue=max_queue, with_local_experts=local_experts,
-                  quantize=quantize, runtime=runtime)
+                  quantize=quantize, runtime=runtime, record=record, record_flush_s=record_flush_s)
 
 
 # --- experts --------------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException
 from gateway.errors import GatewayError, upstream_head, upstream_status
 from gateway.experts import Endpoint, LocalExpert, Upstream, load_endpoints, local_experts, upstream_error
 from gateway.routers import MAX_QUEUE, MODEL, Decision, Routers, load_router, parse_model
+from gateway.traffic import Traffic, feedback_router
 from schemas.config import ConfigError
 from schemas.errors import ArtifactError, StoreUnavailable
 from schemas.store import Store
@@ -179,13 +180,14 @@ class Metrics:
 
 def create_app(routers: Routers, endpoints: dict[str, Endpoint], api_key: str | None = None,
                timeout_s: float = 300.0, reload_s: float = 5.0,
-               local: dict[str, LocalExpert] | None = None,
+               local: dict[str, LocalExpert] | None = None, traffic: Traffic | None = None,
                *, max_body_bytes: int = MAX_BODY_BYTES, body_timeout_s: float = BODY_TIMEOUT_S) -> FastAPI:
     """The gateway app. `max_body_bytes`, `body_timeout_s`: every request body's limits (BodyLimits); with a key,
     /openapi.json needs it too and the browsable /docs and /redoc are off (a browser would not send the key).
     `api_key`: the bearer key every route but /health requires (None: open). `timeout_s`:
     the longest wait for an expert's next bytes; `reload_s`: how often champion.json is checked. `local`: experts
-    with no endpoint that this process answers itself (an endpoint wins where both exist)."""
+    with no endpoint that this process answers itself (an endpoint wins where both exist). `traffic`: record
+    every routed request and take feedback (gateway/traffic.py); None: nothing about requests is written."""
     local = {k: v for k, v in (local or {}).items() if k not in endpoints}
     upstreams = {name: Upstream.of(name, ep) for name, ep in endpoints.items()}
     file_costs = {name: ep.cost for name, ep in endpoints.items() if ep.cost is not None}
@@ -214,10 +216,14 @@ def create_app(routers: Routers, endpoints: dict[str, Endpoint], api_key: str | 
         async with httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=None)) as client:
             state["client"] = client
             task = asyncio.create_task(watch())
+            if traffic is not None:
+                traffic.start()
             try:
                 yield
             finally:
                 task.cancel()
+                if traffic is not None:  # shutdown (SIGTERM too): the pending batches are written
+                    await run_in_threadpool(traffic.close)
 
     check_endpoints()
     closed = {"docs_url": None, "redoc_url": None, "openapi_url": None} if api_key is not None else {}
@@ -272,6 +278,11 @@ def create_app(routers: Routers, endpoints: dict[str, Endpoint], api_key: str | 
         i = int(choose(p[None], np.array(costs, dtype=float) if lam else None, lam, fallback)[0])
         return Decision(loaded.experts[i], dict(zip(loaded.experts, map(float, p), strict=True)), loaded.fp, lam)
 
+    def record(d: Decision, body: ChatRequest, endpoint: str) -> dict[str, str]:
+        return {} if traffic is None else {"x-zooter-request-id": traffic.record(d, body.query(), endpoint)}
+
+    app.include_router(feedback_router(traffic), dependencies=[Depends(authorize)])
+
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok", "router": routers.champion.fp, "experts": routers.champion.experts,
@@ -292,7 +303,8 @@ def create_app(routers: Routers, endpoints: dict[str, Endpoint], api_key: str | 
         _, body = await _parse(request)
         d = await decide(body)
         metrics.requests.labels("route", d.expert).inc()
-        return d.as_json()
+        rid = record(d, body, "route")
+        return d.as_json() | ({"request_id": rid["x-zooter-request-id"]} if rid else {})
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
     async def chat(request: Request) -> Response:
@@ -300,7 +312,7 @@ def create_app(routers: Routers, endpoints: dict[str, Endpoint], api_key: str | 
         raw, body = await _parse(request)
         d = await decide(body)
         metrics.requests.labels("chat", d.expert).inc()
-        headers = {"x-zooter-expert": d.expert, "x-zooter-router": d.router}
+        headers = {"x-zooter-expert": d.expert, "x-zooter-router": d.router} | record(d, body, "chat")
         up = upstreams.get(d.expert)
         if up is None and d.expert in local:
             max_tokens = raw.get("max_completion_tokens") or raw.get("max_tokens")
@@ -376,12 +388,14 @@ def _local_answer(expert: str, g: Generation, stream: bool, headers: dict[str, s
 def serve(store_url: str, host: str = "127.0.0.1", port: int = 8000, experts_file: Path | None = None,
           api_key_env: str | None = None, timeout_s: float = 300.0, reload_s: float = 5.0,
           max_body_bytes: int = MAX_BODY_BYTES, body_timeout_s: float = BODY_TIMEOUT_S, max_queue: int = MAX_QUEUE,
-          with_local_experts: bool = False, quantize: str | None = None, runtime: str = "auto") -> None:
+          with_local_experts: bool = False, quantize: str | None = None, runtime: str = "auto",
+          record: bool = False, record_batch: int = 256, record_flush_s: float = 10.0) -> None:
     """Load the champion and the endpoints (errors here are ZooterErrors, before anything listens), then serve.
     `max_body_bytes`, `body_timeout_s`: create_app's limits; `max_queue`: requests waiting per router before a 429.
     `runtime` "auto": ONNX Runtime on CPU where its probabilities match torch's at load, else torch.
     `quantize`: "int8" runs every router's encoder quantised; `runtime`: "onnx" runs it in ONNX Runtime
-    (cluster.router.Router)."""
+    (cluster.router.Router). `record`: keep every routed request and its feedback in the store's traffic/, in
+    batches of `record_batch` rows or `record_flush_s` seconds (gateway/traffic.py)."""
     import uvicorn
 
     if not log.handlers:  # our lines beside uvicorn's, on stderr; not the root logger (httpx logs every request)
@@ -403,5 +417,6 @@ def serve(store_url: str, host: str = "127.0.0.1", port: int = 8000, experts_fil
             log.warning("listening on %s with no bearer key (--api-key-env): anyone who reaches it can use it", host)
     app = create_app(routers, endpoints, api_key, timeout_s, reload_s,
                      local_experts(store) if with_local_experts else None,
+                     Traffic.of(store, record_batch, record_flush_s) if record else None,
                      max_body_bytes=max_body_bytes, body_timeout_s=body_timeout_s)
     uvicorn.run(app, host=host, port=port, log_level="info")

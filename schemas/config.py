@@ -207,12 +207,17 @@ class ExpertSpec(ModelRef):
         return self
 
 
+MODEL_FREE = ("verifiable", "feedback")  # reward kinds computed in-process, without a model
+
+
 class RewardSpec(Strict):
     name: str = Field(description="Unique reward model name.")
-    kind: Literal["loglik", "classifier", "verifiable"] = Field(
+    kind: Literal["loglik", "classifier", "verifiable", "feedback"] = Field(
         description="loglik = length-normalised log p(answer | prompt) under a judge LM (a proxy reward); "
         "classifier = AutoModelForSequenceClassification reward model (raw logit); "
-        "verifiable = 1/0 match against the query's reference answer (null where there is none).")
+        "verifiable = 1/0 match against the query's reference answer (null where there is none); "
+        "feedback = the gateway's recorded user feedback (`POST /v1/feedback`, in [-1, 1]) on the expert that "
+        "answered the query (null for pairs without feedback; no model).")
     model: ModelSource | None = Field(None, description="Model for loglik/classifier: " + SOURCES)
     revision: Given | None = Field(None, description=REVISION)
     dtype: Dtype = Field("bfloat16", description="Compute dtype.")
@@ -247,12 +252,12 @@ class RewardSpec(Strict):
     def _needs_model(self) -> RewardSpec:
         if self.normalise != "mean" and self.kind != "loglik":
             raise ValueError(f"reward model {self.name!r}: normalise {self.normalise!r} is for kind `loglik` only")
-        if self.backend == "synthetic":  # scores come from a hash: no weights, any kind but verifiable
-            if self.model is not None or self.kind == "verifiable":
+        if self.backend == "synthetic":  # scores come from a hash: no weights, any kind but verifiable/feedback
+            if self.model is not None or self.kind in MODEL_FREE:
                 raise ValueError(f"reward model {self.name!r}: backend synthetic takes no `model` and a kind "
                                  "loglik or classifier")
             return self
-        if self.kind != "verifiable" and not self.model:
+        if self.kind not in MODEL_FREE and not self.model:
             raise ValueError(f"reward model {self.name!r} of kind {self.kind!r} needs `model`")
         if self.backend == "vllm" and self.kind != "classifier":
             raise ValueError(f"reward model {self.name!r}: backend vllm serves kind `classifier` only")
@@ -355,6 +360,15 @@ class RoutingConfig(Strict):
                                   "the share of validation queries that may fall back.")
 
 
+class TrafficConfig(Strict):
+    """The served loop: what `zooter gateway --record` records (traffic/ in the store) becomes labels."""
+
+    relabel_after: int | None = Field(
+        None, ge=1, description="The recording gateway emits `zooter.traffic.recorded` each time it has recorded "
+        "this many new queries (distinct texts); the relabel deployment's trigger then runs `relabel --traffic`. "
+        "None = no event. The gateway reads it from the store's published config (`zooter publish-config`).")
+
+
 class RayConfig(Strict):
     address: Given | None = Field(
         None, description="None = embedded local Ray: a private instance of this process, never one already running "
@@ -429,6 +443,8 @@ class FlowConfig(Strict):
     router: RouterConfig = Field(default_factory=RouterConfig, description="The router and its training.")
     routing: RoutingConfig = Field(default_factory=RoutingConfig, description="Cost-aware routing when serving.")
     ray: RayConfig = Field(default_factory=RayConfig, description="Which Ray to run on.")
+    traffic: TrafficConfig = Field(default_factory=TrafficConfig, description="Served traffic into labels "
+                                   "(`zooter gateway --record`, `zooter relabel --traffic`).")
 
     @model_validator(mode="after")
     def _pools(self) -> FlowConfig:

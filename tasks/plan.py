@@ -36,7 +36,7 @@ def plan_run(config: str | Path | FlowConfig, flow: str = "label") -> RunPlan:
     queries = preflight(cfg)  # fails before any model loads or anything is written
     identity_of = functools.cache(models.identity)  # one look at each model source, however many specs share it
     experts = [plan_expert(e, identity_of) for e in cfg.experts]
-    rms = [plan_rm(r, identity_of) for r in cfg.reward_models]
+    rms = [plan_rm(r, identity_of, Store.from_config(cfg.store)) for r in cfg.reward_models]
     encoder = identity_of(cfg.router.encoder, None)
     return RunPlan(flow=flow, config=cfg, experts=experts, reward_models=rms, expert_refs=[e.ref for e in experts],
                    sources=[r.source for r in rms], encoder_identity=encoder, embed_fingerprint=_embed_fp(cfg, encoder),

@@ -1,7 +1,8 @@
 """score: every reward model scores every (query, answer) of every expert; one cell per (RM, expert, shard).
 
 Reward kinds: `loglik` and `classifier` run in the RM's Ray actor pool (the stage runner, cluster/stage.py);
-`verifiable` is a pure function of the answer and the query's reference and runs in-process. A null score means
+`verifiable` is a pure function of the answer and the query's reference and runs in-process, and so does
+`feedback`: the recording gateway's user feedback on the (query, expert) pair (tasks/traffic.py). A null score means
 "no score for this row"; aggregation skips nulls (see tasks/aggregate.py `combine`). Rows are never dropped;
 anomalies are flagged: `empty_response` (the expert answered nothing: not an answer, so null under every reward
 model) and `nonfinite` (the reward model returned NaN/inf: stored as null). Counts go to the run manifest and
@@ -24,11 +25,13 @@ from cluster import models
 from cluster.backends import scorer_builder
 from cluster.stage import Stage, StageResult, run_stage
 from schemas.artifacts import GENERATIONS, QUERIES, SCORES, fingerprint, generation_path, queries_path, score_path
-from schemas.config import ExpertSpec, RewardSpec
+from schemas.config import MODEL_FREE, ExpertSpec, RewardSpec
 from schemas.leases import Leases
 from schemas.plan import PlannedExpert, PlannedRM
 from schemas.store import Store
 from tasks.generate import planned
+from tasks.ingest import text_id
+from tasks.traffic import feedback_identity, feedback_scores
 
 CODE_VERSION = 1
 # 2: rows right-padded in their batch (an encoder with absolute positions scored a left-padded row differently from
@@ -73,9 +76,16 @@ def verify(answer: str, reference: str | None) -> float | None:
     return float(norm(reference) in norm(answer))
 
 
-def plan_rm(rm: RewardSpec, identity_of: Callable[[str, str | None], str] = models.identity) -> PlannedRM:
-    """The reward model with its weights' identity and fingerprint, each computed once (`tasks.plan.plan_run`)."""
-    identity = identity_of(rm.model, rm.revision) if rm.model else None
+def plan_rm(rm: RewardSpec, identity_of: Callable[[str, str | None], str] = models.identity,
+            store: Store | None = None) -> PlannedRM:
+    """The reward model with its weights' identity and fingerprint, each computed once (`tasks.plan.plan_run`).
+    A feedback RM's identity is the store's feedback so far (`store` is required for it)."""
+    if rm.kind == "feedback":
+        if store is None:
+            raise ValueError(f"reward model {rm.name!r}: kind feedback is planned against a store")
+        identity = feedback_identity(store)
+    else:
+        identity = identity_of(rm.model, rm.revision) if rm.model else None
     return PlannedRM(spec=rm, fingerprint=_fingerprint(rm, identity), identity=identity)
 
 
@@ -107,6 +117,10 @@ def score_cell(model: Scorer | None, key: tuple[str, int], *, rm: RewardSpec, rm
     answers = g["response"].to_pylist()
     if rm.kind == "verifiable":
         scores = [verify(a, r) for a, r in zip(answers, q["reference"].to_pylist(), strict=True)]
+    elif rm.kind == "feedback":  # by the text's hash: a data-file query with its own id gets its traffic's feedback
+        fb = feedback_scores(store).filter(expert=expert)
+        got = dict(zip(fb["query_id"], fb["score"], strict=True))
+        scores = [got.get(text_id(t)) for t in q["text"].to_pylist()]
     else:
         scores = model.score(q["text"].to_pylist(), answers, batch_size=rm.resources.batch_size)
     scores, flags = flag_scores(answers, scores)
@@ -144,13 +158,13 @@ def run_score(store: Store, rm: PlannedRM | RewardSpec, experts: list[PlannedExp
     """Write the RM's missing cells for every expert (leased, like run_generate); keys are (expert, shard). In the
     label flow's pipeline a key starts as soon as its generation cell exists (cluster/stage.py `Pipeline`).
     Planned specs come from the run's plan; bare ones are planned here (tests, benchmarks)."""
-    planned_rm = rm if isinstance(rm, PlannedRM) else plan_rm(rm)
+    planned_rm = rm if isinstance(rm, PlannedRM) else plan_rm(rm, store=store)
     spec, fp = planned_rm.spec, planned_rm.fingerprint
     efps = {e.name: e.fingerprint for e in map(planned, experts)}
     return run_stage(store, Stage(
         step="score", name=spec.name, fingerprint=fp, schema=SCORES, keys=[(e, s) for e in efps for s in shards],
         path=lambda k: score_path(spec.name, fp, k[0], efps[k[0]], k[1]),
         job=partial(score_cell, rm=spec, rm_fp=fp, expert_fps=efps, store=store),
-        build=None if spec.kind == "verifiable" else scorer_builder(planned_rm),
+        build=None if spec.kind in MODEL_FREE else scorer_builder(planned_rm),
         resources=spec.resources, tensor_parallel=spec.tensor_parallel_size,
         needs=lambda k: generation_path(k[0], efps[k[0]], k[1])), leases)
