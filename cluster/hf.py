@@ -19,7 +19,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from cluster import models
-from cluster.backends import Generation, length_batches
+from cluster.batches import Generation, length_batches
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # A forward pass's fixed cost (reading every weight once) in tokens of compute, for `length_batches`. Measured on a

@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import openai
 
-from cluster.backends import Generation
+from cluster.batches import Generation
 from schemas.errors import ConfigError, ZooterError
 
 NO_KEY = "EMPTY"  # what the client sends where no key is configured (vLLM's convention; servers without auth ignore it)

@@ -13,7 +13,7 @@ import os
 import torch
 
 from cluster import models
-from cluster.backends import Generation
+from cluster.batches import Generation
 from cluster.hf import render_chat
 
 # The CPU build's default KV cache takes a fraction of RAM that does not fit beside other actors; 1 GiB also

@@ -24,7 +24,7 @@ from tasks.inspect import runs
 from tasks.plan import run_config
 
 if TYPE_CHECKING:
-    from cluster.backends import Generation
+    from cluster.batches import Generation
 
 log = logging.getLogger("zooter.gateway")
 

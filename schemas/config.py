@@ -18,6 +18,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from schemas.errors import ConfigError, ZooterError
+from schemas.store import Store, store_url_problem
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # in-process model backends (reward models: RewardSpec.backend); synthetic = benchmarks/tests only (see below)
@@ -87,17 +88,6 @@ REVISION = ("Local directory: a label that replaces the weights digest in the fi
 def _revision_fits(model: str | None, revision: str | None) -> None:
     if revision is not None and model is not None and model.startswith("s3://"):
         raise ValueError("revision: an s3:// model is pinned by its objects' ETags; drop `revision`")
-
-
-def store_url_problem(url: str) -> str | None:
-    """What is wrong with a store URL (None: nothing): empty, or a remote scheme without a bucket (`s3://`,
-    `s3:///x`). Also checked by `schemas.store.Store`, which `--store` options reach without a config."""
-    if not url.strip():
-        return "must not be empty"
-    scheme, sep, rest = url.partition("://")
-    if sep and scheme != "file" and not rest.split("/", 1)[0]:
-        return f"{url!r} names no bucket (use {scheme}://bucket/prefix)"
-    return None
 
 
 class Strict(BaseModel):
@@ -525,8 +515,6 @@ def _read_config(path: str | Path) -> tuple[bytes, Path | None]:
     text = str(path)
     scheme, sep, rest = text.partition("://")
     if sep and scheme != "file":
-        from schemas.store import Store  # schemas.store imports this module: import at call time
-
         if "/" not in rest.strip("/"):
             raise ConfigError(f"{text}: names no config file (use {scheme}://bucket/key.yaml)")
         folder, _, name = text.rstrip("/").rpartition("/")

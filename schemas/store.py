@@ -38,7 +38,6 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ValidationError
 
 from schemas.artifacts import SCHEMA_VERSION
-from schemas.config import store_url_problem
 from schemas.errors import ArtifactError, ConfigError, StoreRejected, StoreUnavailable, ZooterError
 
 META_KEY = b"zooter"
@@ -85,6 +84,18 @@ def _botocore_config(options: dict[str, Any]) -> dict[str, Any]:
     cfg = copy.deepcopy(options.get("config_kwargs") or {})  # botocore edits the dicts it is given
     cfg.setdefault("retries", {"mode": "standard", "total_max_attempts": 2})
     return cfg
+
+
+
+def store_url_problem(url: str) -> str | None:
+    """What is wrong with a store URL (None: nothing): empty, or a remote scheme without a bucket (`s3://`,
+    `s3:///x`). Checked by `Store` (which `--store` options reach without a config) and by `StoreConfig`."""
+    if not url.strip():
+        return "must not be empty"
+    scheme, sep, rest = url.partition("://")
+    if sep and scheme != "file" and not rest.split("/", 1)[0]:
+        return f"{url!r} names no bucket (use {scheme}://bucket/prefix)"
+    return None
 
 
 class Store:

@@ -27,7 +27,7 @@ from schemas.plan import PlannedExpert
 from schemas.store import Store
 
 if TYPE_CHECKING:
-    from cluster.backends import Generation
+    from cluster.batches import Generation
 
 CODE_VERSION = 1  # bump when a change here alters generated text
 # ExpertSpec fields outside a local (hf/vllm) expert's fingerprint: identity is hashed as `weights`; the rest

@@ -48,3 +48,43 @@ def test_layer_imports_only_what_is_below_it(layer):
 def test_every_layer_has_modules():
     for layer in PACKAGES:
         assert list((ROOT / layer).glob("*.py")), layer
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    return ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+
+
+def module_imports(path: Path, known: set[str]) -> set[str]:
+    """The project modules a module imports (top level or inside a function): `from a.b import c` is a.b.c when
+    that is a module, else a.b."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name in known}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module in known:
+            found |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in known else node.module
+                      for a in node.names}
+    return found
+
+
+def test_no_import_cycle_inside_the_project():
+    """Modules import one way: a cycle (even through an import inside a function) means two modules that are one
+    thing, or a helper living in the wrong one."""
+    paths = {module_name(p): p for layer in PACKAGES for p in (ROOT / layer).rglob("*.py")}
+    graph = {m: module_imports(p, set(paths)) - {m} for m, p in paths.items()}
+    cycles, state = [], {}
+
+    def visit(m: str, stack: list[str]) -> None:
+        state[m] = "open"
+        for n in sorted(graph[m]):
+            if state.get(n) == "open":
+                cycles.append(" -> ".join([*stack[stack.index(n):], n]))
+            elif n not in state:
+                visit(n, [*stack, n])
+        state[m] = "done"
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+    assert not cycles, "import cycles:\n" + "\n".join(cycles)

@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from cluster.backends import length_batches
+from cluster.batches import length_batches
 from cluster.hf import HFClassifierScorer, HFGenerator, HFLoglikScorer
 
 

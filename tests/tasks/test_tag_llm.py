@@ -4,7 +4,7 @@ import polars as pl
 import pyarrow as pa
 import pytest
 
-from cluster.backends import Generation
+from cluster.batches import Generation
 from schemas.artifacts import QUERIES, TAGS, queries_path, tags_path
 from schemas.config import ExpertSpec, FlowConfig, TaggerConfig
 from schemas.errors import ConfigError
