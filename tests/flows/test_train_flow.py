@@ -109,3 +109,22 @@ def test_route_names_the_bad_line(trained):
                                  "question", "--output", str(tmp / "bad-out.jsonl")])
     assert r.exit_code == 2 and "bad.jsonl:2: field 'question'" in r.output
     assert not (tmp / "bad-out.jsonl").exists()
+
+
+def test_labels_follow_the_scores_and_the_baselines_find_the_split(trained):
+    """End to end, from imported scores: each query's soft label and target put the most weight on the expert that
+    scored it 1 (calc on arithmetic, bard on poems); the lookup baselines find the task split too."""
+    from schemas.artifacts import LABELS, labels_path
+
+    _, store, out = trained
+    fp = out["manifest"]["labels"]
+    labels = pl.from_arrow(store.read_table(labels_path(fp), LABELS))
+    experts = store.read_meta(labels_path(fp))["experts"]
+    assert labels.height == 104
+    for text, soft, target in zip(labels["text"], labels["soft"], labels["target"], strict=True):
+        want = "calc" if text.startswith("What is") else "bard"
+        assert experts[max(range(2), key=soft.__getitem__)] == want, (text, soft)
+        assert experts[max(range(2), key=target.__getitem__)] == want, (text, target)
+    rewards = {r["strategy"]: r["reward"] for r in out["report"]["rows"]}
+    assert rewards["tag-lookup"] == 1.0  # the task is each query's tag
+    assert rewards["knn"] == 1.0 and rewards["cluster-lookup"] >= 0.9  # encoder features alone separate the tasks
