@@ -22,9 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -111,13 +114,23 @@ def summarise(runs: list[dict]) -> dict:
 
 def references(rep: EvalReport) -> dict[str, float]:
     """Test-split references (the same for every seed): the best single expert (chosen on train), per-task perfect
-    routing (the best expert of each task *on test*: an upper bound of routing by task alone) and the oracle."""
+    routing (the best expert of each task *on test*: an upper bound of routing by task alone), the oracle, and the
+    baseline routers fitted on the training split (tasks/baselines.py: tag-lookup, cluster-lookup, knn; the
+    evaluation reports them) where the report has them."""
     st = rep.per_tag.strategies
     experts = [k for k in st if k.startswith("expert:")]
     per_task = np.mean([max(st[e][t] for e in experts) for t in rep.per_tag.tags])
     best = next(k for k in st if k.startswith("best_single"))
     return {"best_single": 100 * st[best]["tag_average"], "per_task_best": 100 * float(per_task),
-            "oracle": 100 * st["oracle"]["tag_average"]}
+            "oracle": 100 * st["oracle"]["tag_average"]} | {
+        name: 100 * st[name]["tag_average"] for name in ("tag-lookup", "cluster-lookup", "knn") if name in st}
+
+
+def measured() -> dict:
+    """Where and when: the commit, the date (UTC), the machine's cores and its load average before the run."""
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    return {"commit": commit or None, "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "cores": os.cpu_count(), "load_before": list(os.getloadavg())}
 
 
 def table(summary: dict, refs: dict[str, float]) -> str:
@@ -150,6 +163,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, nargs="*", help="cluster tagger: candidate k, chosen on validation")
     args = ap.parse_args()
     config = args.config.resolve()
+    where = measured()
     candidates: dict[str, list[dict]] = {}
     for k in args.k or [None]:
         s = setup(config, {"k": k} if k else None)
@@ -159,7 +173,8 @@ def main() -> None:
     summary, refs = summarise(runs), references(runs[0]["report"])
     strip = lambda rs: [{k: v for k, v in r.items() if k != "report"} for r in rs]  # noqa: E731
     name = config.relative_to(ROOT).as_posix() if config.is_relative_to(ROOT) else str(config)
-    result = {"config": name, "summary": summary, "references": refs, "runs": strip(runs)}
+    result = {"config": name, **where, "load_after": list(os.getloadavg()), "summary": summary, "references": refs,
+              "runs": strip(runs)}
     if s.cfg.tagger.kind == "cluster":
         result["k"] = {c: {**summarise(rs), "runs": strip(rs)} for c, rs in candidates.items()} | {"chosen": chosen}
     results_path(config).write_text(json.dumps(result, indent=2) + "\n")
