@@ -24,7 +24,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from schemas.config import RayConfig, Resources
-from schemas.errors import ConfigError
+from schemas.errors import ConfigError, ZooterError
 
 log = logging.getLogger("zooter.cluster")
 
@@ -108,13 +108,35 @@ class ModelActor:
     it binds would rebuild its filesystem (on S3 a new client) each time."""
 
     def __init__(self, build: Callable[[], Any], job: Callable[[Any, Any], Any]):
-        self.model, self.job = build(), job
+        # A user error while building (a ZooterError: a missing file, a bad endpoint answer) is kept and raised by
+        # the first call: raised here, Ray would restart the actor and hand the driver only its text, a traceback.
+        self.model, self.job, self.error = None, job, None
+        try:
+            self.model = build()
+        except ZooterError as e:
+            self.error = e
 
     def run(self, key: Any) -> tuple[Any, Any]:
+        if self.error is not None:
+            raise self.error
         return key, self.job(self.model, key)
 
     def node_id(self) -> str:
+        if self.error is not None:
+            raise self.error
         return ray.get_runtime_context().get_node_id()
+
+
+def get(ref: ray.ObjectRef) -> Any:
+    """`ray.get`, but a ZooterError raised in an actor comes back as itself (`RayTaskError.cause`): its one-line
+    message, not Ray's wrapper whose text holds the actor's ANSI-coloured traceback. Bugs stay wrapped (their
+    traceback is what one needs)."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, ZooterError):
+            raise e.cause from None
+        raise
 
 
 def _actor(build: Callable[[], Any], job: Any, res: Resources, tp: int):
@@ -277,9 +299,9 @@ def run_pool(build: Callable[[], Any], job: Callable[[Any, K], Any], keys: Seque
                     continue
                 ref = done[0]
             if ref in pending:
-                free.append((pending.pop(ref), ray.get(ref), time.perf_counter()))  # a failed start raises here
+                free.append((pending.pop(ref), get(ref), time.perf_counter()))  # a failed start raises here
                 continue
-            out = ray.get(ref)
+            out = get(ref)
             actor, node, since, t_job = running.pop(ref)
             use.job_s += time.perf_counter() - t_job
             free.append((actor, node, since))

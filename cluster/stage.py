@@ -196,15 +196,15 @@ def run_stage(store: Store, stage: Stage[K], leases: Leases | None = None) -> St
     theirs, and it stops when another stage fails (as that stage's failure stops it)."""
     label = f"{stage.step} {stage.name}"
     pipe = _PIPELINE.get()
-    if pipe is None:
-        return _run(store, stage, leases, None)
     try:
         return _run(store, stage, leases, pipe)
     except StageAborted:
         raise
     except BaseException as e:
-        pipe.fail(label, e)
-        e.add_note(f"in stage {label}")
+        if pipe is not None:
+            pipe.fail(label, e)
+        if f"in stage {label}" not in (getattr(e, "__notes__", None) or []):  # the CLI's error line names it
+            e.add_note(f"in stage {label}")
         raise
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import os
+import pickle
 import tempfile
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from cluster.router import RouterHead, build_from_config, loss_fn
 from schemas.config import RouterConfig
+from schemas.errors import ArtifactError
 
 
 def _tensors(tok, df: pl.DataFrame, max_length: int, prefix: str = "") -> TensorDataset:
@@ -192,5 +194,17 @@ def fit(cfg: RouterConfig, train: pa.Table, val: pa.Table, experts: list[str], l
     if local:
         return out["best"], out["history"], out["nodes"]
     with result.checkpoint.as_directory() as d:
-        payload = torch.load(Path(d) / "checkpoint.pt", map_location="cpu", weights_only=False)
+        payload = load_checkpoint(Path(d) / "checkpoint.pt")
     return payload, out["history"], out["nodes"]
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A Ray Train checkpoint read back from the store, without pickle: `weights_only=True` unpickles tensors,
+    containers and plain values only (what `train_loop` saves: state dicts, epoch, config as JSON, names), so
+    whoever can write the store during a fit cannot run code in the driver. Anything else is an ArtifactError."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ArtifactError(f"{path}: not a router checkpoint this code wrote (it holds more than tensors and "
+                            f"plain values; not loaded: {first[:200]})") from None

@@ -155,17 +155,24 @@ def inspect(store_arg: Annotated[str | None, typer.Argument(metavar="[STORE]", s
                                                        "completed one.")] = None,
             plot: Annotated[Path | None, typer.Option("--plot", help="Also write a PNG: tag x expert heatmap of "
                                                       "mean target probability and win-rate bars.")] = None,
+            overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --plot file.")] = False,
             json_out: JsonOpt = False) -> Result:
     """Runs, cell matrix, label summary and champion of a store (reads manifests and Parquet only)."""
     from schemas.store import Store
     from tasks.inspect import inspect_store
+    from tasks.outputs import local_root
 
     if store and store_arg and store != store_arg:
         raise ConfigError(f"two stores given: {store_arg} and --store {store}")
     url = store or store_arg
     if not url:
         raise ConfigError("no store given: zooter inspect --store STORE")
-    info = inspect_store(Store(url), run_id)
+    the_store = Store(url)
+    if plot is not None:  # the output is checked before the store is read (as route and export check theirs)
+        from tasks.plots import check_plot
+
+        check_plot(plot, local_root(the_store), overwrite)
+    info = inspect_store(the_store, run_id)
     if plot is not None:
         from tasks.plots import plot_labels
 
@@ -185,13 +192,17 @@ def import_scores_cmd(
             "query_id, tags|task, split].")] = "long",
         name: Annotated[str, typer.Option("--name", help="Name of the import (the train config's `source`).")]
         = "imported",
-        shard_size: Annotated[int, typer.Option("--shard-size", min=1, help="Queries per shard.")] = 1000,
+        shard_size: Annotated[int, typer.Option("--shard-size", min=1, max=1_000_000, help="Queries per shard.")]
+        = 1000,
         json_out: JsonOpt = False) -> Result:
     """Import per-(query, expert) scores as queries + score cells, ready for `zooter train`."""
     from schemas.store import Store
-    from tasks.import_scores import import_scores, read_scores
+    from tasks.import_scores import check_import_name, import_scores, read_scores
 
-    rec = import_scores(Store(store), read_scores(fmt, source), name, shard_size)
+    check_import_name(name)  # every argument before the first read or write
+    target = Store(store)
+    target.check_writable()
+    rec = import_scores(target, read_scores(fmt, source), name, shard_size)
     return Result(rec.to_json(), lambda c: c.print(
         f"imported {rec.rows} scores: {rec.queries} queries x {len(rec.experts)} experts into {len(rec.shards)} "
         f"shards of {store} (source {rec.name!r}, fingerprint {rec.rm_fingerprint})"))
@@ -293,6 +304,8 @@ def export(store: StoreOpt,
                "Parquet file per split and a README.md card). Default: the output's suffix, else parquet.")] = None,
            labels: Annotated[str | None, typer.Option("--labels", help="Labels fingerprint (default: the latest "
                                                       "completed run's labels, else the champion's).")] = None,
+           overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file (or an "
+                                                   "earlier hf export in the folder).")] = False,
            json_out: JsonOpt = False) -> Result:
     """Write the labeled data as one tidy table: `query_id`, `text`, `tags`, `split`, then per expert (router
     output order) `response:<expert>`, `score:<rm>:<expert>`, `soft:<expert>`, `target:<expert>`,
@@ -300,7 +313,7 @@ def export(store: StoreOpt,
     from schemas.store import Store
     from tasks.export import export as export_labels
 
-    out = export_labels(Store(store), output, fmt, labels)
+    out = export_labels(Store(store), output, fmt, labels, overwrite=overwrite)
     return Result(out, lambda c: c.print(f"exported {out.rows} queries x {len(out.experts)} experts (labels "
                                          f"{out.labels}, run {out.run_id}) -> {out.path}"))
 

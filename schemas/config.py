@@ -8,8 +8,10 @@ Fields that change a step's output feed its fingerprint (`schemas.artifacts.fing
 
 from __future__ import annotations
 
+import math
 import os
 import re
+import stat
 from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import unquote, urlparse
@@ -42,7 +44,7 @@ Dtype = Literal["float32", "bfloat16", "float16"]
 
 
 def check_name(v: str) -> str:
-    if not NAME_RE.match(v):
+    if not NAME_RE.fullmatch(v):  # fullmatch: `$` alone also matches before a trailing newline ("a\n")
         raise ValueError(f"name {v!r} must match {NAME_RE.pattern} (it becomes a path component)")
     return v
 
@@ -69,7 +71,7 @@ def _model_source(v: str) -> str:
                          "(org/name with `revision`) or a local directory")
     if scheme == "s3" and not rest.split("/", 1)[0]:
         raise ValueError(f"{v!r} names no bucket (use s3://bucket/prefix/)")
-    if scheme == "hf" and not HUB_ID.match(v):
+    if scheme == "hf" and not HUB_ID.fullmatch(v):
         raise ValueError(f"{v!r} is not a Hugging Face repo id (hf://org/name)")
     return v
 
@@ -90,28 +92,51 @@ def _revision_fits(model: str | None, revision: str | None) -> None:
         raise ValueError("revision: an s3:// model is pinned by its objects' ETags; drop `revision`")
 
 
+# Limits: every number a config holds has a finite range (docs/failures.md lists them with their defaults), so a
+# value that would overflow a seed, a tensor size or a float sum is refused when the config is read, not after the
+# expensive stages. Seeds: numpy, torch and vLLM all take 0..2**31-1 (a per-shard `seed + shard` stays below 2**32).
+SEED_MAX = 2**31 - 1
+Seed = Annotated[int, Field(ge=0, le=SEED_MAX)]
+MAX_CPUS = 4096  # CPUs per actor / per Ray
+MAX_GPUS = 64  # GPUs per actor / per engine
+MAX_POOL = 1024  # actors per pool, Ray Train workers
+MAX_BATCH = 65536  # rows per model call or optimiser step
+MAX_TOKENS = 131072  # token limits (context lengths, truncation)
+MAX_SECONDS = 7 * 86400  # timeouts, waits, backoffs
+MAX_COST = 1e9  # the cost of one call
+MAX_WEIGHT = 1e3  # |weight| of one reward model in the combined reward
+# |score| of one (query, answer) by one reward model, produced or imported: with MAX_WEIGHT, a combined reward and
+# its softmax stay finite (tasks/aggregate.py refuses a larger one, naming the reward model, expert and query)
+SCORE_LIMIT = 1e6
+MAX_TEMPERATURE = 1e3
+MAX_LAMBDA = 1e6
+
+
 class Strict(BaseModel):
-    # allow_inf_nan=False: `.inf` / `.nan` in YAML are floats to PyYAML; no knob here means anything with them
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    # allow_inf_nan=False: `.inf` / `.nan` in YAML are floats to PyYAML; no knob here means anything with them.
+    # strict=True: no coercion, so `beta: true` or `beta: "0.3"` (and `shard_size: 1e9`, a string to YAML 1.1) are
+    # errors, not 1.0 / 0.3; an int stays acceptable where a float is expected.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, strict=True)
 
 
 class Resources(Strict):
     """Operational knobs: never part of a fingerprint."""
 
-    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per actor.")
-    num_gpus: float = Field(0.0, ge=0, description="GPUs reserved per actor.")
-    pool_size: int = Field(1, ge=1, description="Actors in this model's pool.")
-    batch_size: int = Field(8, ge=1, description="Most prompts per model call inside an actor (hf backend: rows are "
-                                                "grouped by length, a batch split where padding would cost more).")
-    threads: int = Field(1, ge=1, description="torch intra-op threads per actor (1 is fastest on a busy 2-core CPU).")
+    num_cpus: float = Field(1.0, ge=0, le=MAX_CPUS, description="CPUs reserved per actor.")
+    num_gpus: float = Field(0.0, ge=0, le=MAX_GPUS, description="GPUs reserved per actor.")
+    pool_size: int = Field(1, ge=1, le=MAX_POOL, description="Actors in this model's pool.")
+    batch_size: int = Field(8, ge=1, le=MAX_BATCH, description="Most prompts per model call inside an actor (hf "
+                            "backend: rows are grouped by length, a batch split where padding would cost more).")
+    threads: int = Field(1, ge=1, le=MAX_CPUS, description="torch intra-op threads per actor (1 is fastest on a busy "
+                         "2-core CPU).")
 
 
 class Sampling(Strict):
     max_new_tokens: int = Field(48, ge=1, le=8192, description="Upper bound on generated tokens.")
-    temperature: float = Field(0.0, ge=0, description="0 = greedy decoding; > 0 = seeded sampling.")
+    temperature: float = Field(0.0, ge=0, le=100, description="0 = greedy decoding; > 0 = seeded sampling.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling: keep the smallest token set with this "
                          "total probability (1 = off; only used when temperature > 0).")
-    seed: int = Field(0, description="Sampling seed (per shard: seed + shard index).")
+    seed: Seed = Field(0, description="Sampling seed (per shard: seed + shard index).")
     stop: list[Annotated[str, Field(min_length=1)]] = Field(
         default_factory=list, description="Stop strings; the answer is cut before the first.")
 
@@ -145,21 +170,23 @@ class ExpertSpec(ModelRef):
     api_key_env: str | None = Field(None, description="openai: name of the environment variable that holds the API "
                                     "key, read where the expert's actors run, at call time (the key itself is never "
                                     "written anywhere). None: no key (the placeholder `EMPTY` is sent).")
-    max_in_flight: int = Field(8, ge=1, description="openai: requests in flight to the endpoint from this expert's "
-                               "whole pool (each of its pool_size actors gets an equal share).")
-    timeout_s: float = Field(300.0, gt=0, description="openai: seconds one request may take before it is retried.")
-    max_model_len: int | None = Field(2048, ge=64, description="vllm: context length the engine reserves "
-                                      "KV cache for (prompt + answer).")
-    tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs per engine; > 1 places the actor's "
+    max_in_flight: int = Field(8, ge=1, le=MAX_BATCH, description="openai: requests in flight to the endpoint from "
+                               "this expert's whole pool (each of its pool_size actors gets an equal share).")
+    timeout_s: float = Field(300.0, gt=0, le=MAX_SECONDS, description="openai: seconds one request may take before it "
+                             "is retried.")
+    max_model_len: int | None = Field(2048, ge=64, le=MAX_TOKENS, description="vllm: context length the engine "
+                                      "reserves KV cache for (prompt + answer).")
+    tensor_parallel_size: int = Field(1, ge=1, le=MAX_GPUS, description="vllm: GPUs per engine; > 1 places the actor's "
                                       "workers in a Ray placement group.")
     prompt: Given = Field("chat", description="Prompt template: `chat` (the tokenizer's chat template) or a file "
                         "name in tasks/prompts/ or a path to a template with a {query} placeholder.")
     sampling: Sampling = Field(default_factory=Sampling, description="How answers are generated.")
     resources: Resources = Field(default_factory=Resources, description="The expert's actor pool (not "
                                  "part of the fingerprint).")
-    cost: float | None = Field(None, ge=0, description="Cost of one call (one routed query), in a unit all experts "
-                               "share (e.g. parameters in billions, or dollars per call); cost-aware routing and "
-                               "evaluate's quality-cost curve use it. None: no cost. Not part of the fingerprint.")
+    cost: float | None = Field(None, ge=0, le=MAX_COST, description="Cost of one call (one routed query), in a unit "
+                               "all experts share (e.g. parameters in billions, or dollars per call); cost-aware "
+                               "routing and evaluate's quality-cost curve use it. None: no cost. Not part of the "
+                               "fingerprint.")
 
     @field_validator("name")
     @classmethod
@@ -174,7 +201,7 @@ class ExpertSpec(ModelRef):
     @field_validator("api_key_env")
     @classmethod
     def _env_name(cls, v: str | None) -> str | None:
-        if v is not None and not ENV_NAME.match(v):  # the value is not echoed: it may be the key pasted here
+        if v is not None and not ENV_NAME.fullmatch(v):  # the value is not echoed: it may be the key pasted here
             raise ValueError("must name an environment variable (e.g. OPENAI_API_KEY), not hold the key itself")
         return v
 
@@ -191,6 +218,9 @@ class ExpertSpec(ModelRef):
             raise ValueError(f"expert {self.name!r}: base_url {self.base_url!r} is not an http(s) URL")
         if url.username or url.password:
             raise ValueError(f"expert {self.name!r}: base_url must not carry credentials (use api_key_env)")
+        if url.query or url.fragment or ";" in url.path:  # `?api_key=...`: written into manifests, cells, configs
+            raise ValueError(f"expert {self.name!r}: base_url must not carry a query string or parameters (it is "
+                             "written into cell metadata and manifests; a key goes in api_key_env)")
         if self.resources.pool_size > self.max_in_flight:
             raise ValueError(f"expert {self.name!r}: resources.pool_size {self.resources.pool_size} exceeds "
                              f"max_in_flight {self.max_in_flight} (each actor needs at least one request)")
@@ -216,11 +246,12 @@ class RewardSpec(Strict):
                                            "(raw logits), falling back to hf where it cannot load the model; "
                                            "synthetic = scores from a hash, no model (benchmarks and tests only: "
                                            "needs ZOOTER_ALLOW_SYNTHETIC=1).")
-    tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs per engine.")
+    tensor_parallel_size: int = Field(1, ge=1, le=MAX_GPUS, description="vllm: GPUs per engine.")
     prompt: Given = Field("chat", description="How (query, answer) is rendered for the judge/classifier.")
-    max_length: int = Field(512, ge=16, description="Token limit of the scored text; longer text is truncated "
-                            "from the left of the prompt.")
-    weight: float = Field(1.0, description="Weight of this score in the combined reward.")
+    max_length: int = Field(512, ge=16, le=MAX_TOKENS, description="Token limit of the scored text; longer text is "
+                            "truncated from the left of the prompt.")
+    weight: float = Field(1.0, ge=-MAX_WEIGHT, le=MAX_WEIGHT, description="Weight of this score in the combined "
+                          "reward.")
     normalise: Literal["mean", "pmi"] = Field(
         "mean", description="loglik only: mean = mean log p(answer token | question); pmi = that minus the mean "
         "log p(answer token) after an empty question (pointwise mutual information: what the judge finds likely "
@@ -262,10 +293,10 @@ class DataConfig(Strict):
     id_field: Given | None = Field(None, description="Column with a stable id; default: hash of the text.")
     tags_field: Given | None = Field(None, description="Column with a tag or a list of tags.")
     reference_field: Given | None = Field(None, description="Column with a reference answer (verifiable reward).")
-    shard_size: int = Field(16, ge=1, description="Queries per shard (fixed once a store has shards).")
+    shard_size: int = Field(16, ge=1, le=1_000_000, description="Queries per shard (fixed once a store has shards).")
     test_fraction: float = Field(0.25, ge=0, lt=1, description="Share of queries held out for evaluation "
                                  "(chosen by a hash of the query id, so it is stable as data grows).")
-    limit: int | None = Field(None, ge=1, description="Use only the first N queries of the file.")
+    limit: int | None = Field(None, ge=1, le=10**12, description="Use only the first N queries of the file.")
 
 
 class TaggerConfig(Strict):
@@ -273,12 +304,12 @@ class TaggerConfig(Strict):
         "column", description="column = tags from data.tags_field; none = no tags; cluster = k-means over the "
         "router encoder's embeddings of the training queries (tag `cNN`, nearest centroid); llm = open tags "
         "proposed as JSON by one expert of the pool (InsTag-style).")
-    k: int = Field(16, ge=2, description="cluster: number of k-means clusters (tags).")
-    seed: int = Field(0, description="cluster: seed of the k-means initialisation.")
+    k: int = Field(16, ge=2, le=4096, description="cluster: number of k-means clusters (tags).")
+    seed: Seed = Field(0, description="cluster: seed of the k-means initialisation.")
     expert: str | None = Field(None, description="llm: name of the expert (in `experts`) that proposes the tags.")
     max_tags: int = Field(3, ge=1, le=16, description="llm: at most this many tags per query.")
-    min_count: int = Field(2, ge=1, description="llm: tags carried by fewer training queries are dropped.")
-    max_new_tokens: int = Field(24, ge=4, description="llm: token limit of the tagger's answer.")
+    min_count: int = Field(2, ge=1, le=10**12, description="llm: tags carried by fewer training queries are dropped.")
+    max_new_tokens: int = Field(24, ge=4, le=8192, description="llm: token limit of the tagger's answer.")
     prompt: Given = Field("instag", description="llm: template in tasks/prompts/ or a file, with {query} and "
                           "{max_tags}; the answer is read as a JSON list of tags.")
 
@@ -291,10 +322,10 @@ class TaggerConfig(Strict):
 
 class AggregateConfig(Strict):
     beta: float = Field(0.3, ge=0, le=1, description="s* = beta*s + (1-beta)*mean of tag means (paper: 0.3).")
-    temperature: float = Field(1.0, gt=0, description="Softmax temperature over rewards.")
+    temperature: float = Field(1.0, gt=0, le=MAX_TEMPERATURE, description="Softmax temperature over rewards.")
     tag_temperature: float | None = Field(
-        None, gt=0, description="None = the paper's tag mean of s(q); a value = softmax of the tag's mean reward at "
-        "this temperature (sharper tag priors when the experts' tag means are close).")
+        None, gt=0, le=MAX_TEMPERATURE, description="None = the paper's tag mean of s(q); a value = softmax of the "
+            "tag's mean reward at this temperature (sharper tag priors when the experts' tag means are close).")
 
 
 class RouterConfig(Strict):
@@ -308,7 +339,8 @@ class RouterConfig(Strict):
     freeze_encoder: bool = Field(
         False, description="Train only the head on cached query embeddings (the embed step); the encoder "
         "stays as shipped. Much cheaper on CPU; the saved router still maps text to an expert.")
-    head_hidden: int = Field(0, ge=0, description="0 = linear head; N = one hidden layer of N units (GELU).")
+    head_hidden: int = Field(0, ge=0, le=MAX_BATCH, description="0 = linear head; N = one hidden layer of N units "
+                             "(GELU).")
     dropout: float = Field(0.1, ge=0, lt=1, description="Dropout before the output layer of an MLP head.")
     loss: Literal["kl", "kl_reverse", "hard", "bce"] = Field(
         "kl", description="kl = KL(s*||router) (soft cross-entropy); kl_reverse = KL(router||s*); "
@@ -320,28 +352,28 @@ class RouterConfig(Strict):
     select: Literal["loss", "reward"] = Field(
         "loss", description="How the best epoch is picked on the validation slice: lowest loss, or highest "
         "mean reward of the routed expert (mean over tags when queries are tagged).")
-    epochs: int = Field(5, ge=1, description="Passes over the training rows (paper: 5); the best epoch on the "
-                        "validation slice is kept.")
-    lr: float = Field(5e-5, gt=0, description="AdamW peak learning rate (paper: 1e-5); linear warm-up over 10 % "
+    epochs: int = Field(5, ge=1, le=10_000, description="Passes over the training rows (paper: 5); the best epoch on "
+                        "the validation slice is kept.")
+    lr: float = Field(5e-5, gt=0, le=10, description="AdamW peak learning rate (paper: 1e-5); linear warm-up over 10 % "
                       "of the steps, then linear decay.")
-    weight_decay: float = Field(5e-7, ge=0, description="AdamW weight decay (paper: 5e-7).")
-    batch_size: int = Field(16, ge=1, description="Queries per optimiser step (per worker).")
-    seed: int = Field(0, description="Seed of the head's initialisation and the batch order.")
-    num_workers: int = Field(1, ge=0, description="Ray Train workers. 0: Ray Train's local mode, the fit runs in "
-                             "the flow's own process with no actor started (a small router's fit often takes less "
-                             "than starting them); the same computation as 1 worker, so the same router.")
+    weight_decay: float = Field(5e-7, ge=0, le=10, description="AdamW weight decay (paper: 5e-7).")
+    batch_size: int = Field(16, ge=1, le=MAX_BATCH, description="Queries per optimiser step (per worker).")
+    seed: Seed = Field(0, description="Seed of the head's initialisation and the batch order.")
+    num_workers: int = Field(1, ge=0, le=MAX_POOL, description="Ray Train workers. 0: Ray Train's local mode, the fit "
+                             "runs in the flow's own process with no actor started (a small router's fit often takes "
+                             "less than starting them); the same computation as 1 worker, so the same router.")
     use_gpu: bool = Field(False, description="Give each Ray Train worker a GPU.")
-    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per Ray Train worker.")
+    cpus_per_worker: float = Field(1.0, gt=0, le=MAX_CPUS, description="CPUs reserved per Ray Train worker.")
 
 
 class RoutingConfig(Strict):
     """How the champion picks an expert when it serves (`zooter route`, the gateway): argmax_i(p_i - lambda *
     cost_i / max cost). Changes no label or router, only the evaluation's operating point."""
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, serialize_by_alias=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, strict=True, serialize_by_alias=True)
 
-    lam: float = Field(0.0, ge=0, alias="lambda", description="Weight of cost against router probability (0 = "
-                       "plain argmax; `zooter calibrate` finds one for a share or budget).")
-    costs: dict[str, Annotated[float, Field(ge=0)]] = Field(
+    lam: float = Field(0.0, ge=0, le=MAX_LAMBDA, alias="lambda", description="Weight of cost against router "
+                       "probability (0 = plain argmax; `zooter calibrate` finds one for a share or budget).")
+    costs: dict[str, Annotated[float, Field(ge=0, le=MAX_COST)]] = Field(
         default_factory=dict, description="`zooter train` only: cost of one call per expert name, for imported "
         "experts that this config does not declare (a `zooter run` config sets `cost` on each expert).")
     fallback_below: float = Field(0.0, ge=0, le=1, description="Safety on unfamiliar queries: a query whose top "
@@ -354,16 +386,17 @@ class TrafficConfig(Strict):
     """The served loop: what `zooter gateway --record` records (traffic/ in the store) becomes labels."""
 
     relabel_after: int | None = Field(
-        None, ge=1, description="The recording gateway emits `zooter.traffic.recorded` each time it has recorded "
-        "this many new queries (distinct texts); the relabel deployment's trigger then runs `relabel --traffic`. "
-        "None = no event. The gateway reads it from the store's published config (`zooter publish-config`).")
+        None, ge=1, le=10**12, description="The recording gateway emits `zooter.traffic.recorded` each time it has "
+        "recorded this many new queries (distinct texts); the relabel deployment's trigger then runs `relabel "
+        "--traffic`. None = no event. The gateway reads it from the store's published config (`zooter "
+        "publish-config`).")
 
 
 class RayConfig(Strict):
     address: Given | None = Field(
         None, description="None = embedded local Ray: a private instance of this process, never one already running "
         "on the machine (cluster/pool.py `connect`); `auto` or ray://... to join a cluster.")
-    num_cpus: int | None = Field(None, ge=1, description="CPUs of the embedded local Ray (default: all).")
+    num_cpus: int | None = Field(None, ge=1, le=MAX_CPUS, description="CPUs of the embedded local Ray (default: all).")
     dashboard: bool = Field(False, description="Start Ray's dashboard with the embedded local Ray (on 127.0.0.1, "
                             "port 8265 or the next free one, for the run's length): ~2 s and a dozen processes more "
                             "at start-up. A joined cluster has its own.")
@@ -373,10 +406,11 @@ class StoreConfig(Strict):
     url: str = Field(description="Local directory or s3://bucket/prefix.")
     options: dict[str, str] = Field(default_factory=dict, description="fsspec/s3fs options (endpoint_url, ...); "
                                     "never written into artifacts.")
-    retries: int = Field(5, ge=0, description="Retries of a store call while a remote endpoint is unreachable.")
-    backoff_s: float = Field(1.0, gt=0, description="First retry delay; doubles per retry, at most 30 s.")
-    lease_ttl_s: float = Field(120.0, gt=0, description="How long a killed run's cell leases block other runs "
-                               "(live runs renew theirs every ttl/3).")
+    retries: int = Field(5, ge=0, le=100, description="Retries of a store call while a remote endpoint is unreachable.")
+    backoff_s: float = Field(1.0, gt=0, le=MAX_SECONDS, description="First retry delay; doubles per retry, at most 30 "
+                             "s.")
+    lease_ttl_s: float = Field(120.0, gt=0, le=MAX_SECONDS, description="How long a killed run's cell leases block "
+                               "other runs (live runs renew theirs every ttl/3).")
     lease_wait_s: float = Field(1800.0, gt=0, le=7 * 86400, description="How long a run waits on cells other runs "
                                 "hold while none of them gets finished, before it gives up naming the cell and the "
                                 "run holding it.")
@@ -403,13 +437,18 @@ class TrainConfig(Strict):
     (written by `zooter import-scores`), without generating or scoring anything."""
     name: str = Field("zooter-train", description="Human name of this training job.")
     store: StoreConfig = Field(description="Where the imported scores are and the router goes.")
-    source: Given = Field("imported", description="Name of the import (`zooter import-scores --name`).")
+    source: str = Field("imported", description="Name of the import (`zooter import-scores --name`).")
     test_fraction: float = Field(0.25, ge=0, lt=1, description="Held-out share for queries without a split.")
     tagger: TaggerConfig = Field(default_factory=TaggerConfig, description="Where query tags come from.")
     aggregate: AggregateConfig = Field(default_factory=AggregateConfig, description="Rewards -> soft labels.")
     router: RouterConfig = Field(default_factory=RouterConfig, description="The router and its training.")
     routing: RoutingConfig = Field(default_factory=RoutingConfig, description="Cost-aware routing when serving.")
     ray: RayConfig = Field(default_factory=RayConfig, description="Which Ray to run on.")
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v: str) -> str:
+        return check_name(v)
 
     def expert_costs(self) -> dict[str, float] | None:
         """expert -> cost of one call (`routing.costs`); None when none is given."""
@@ -483,6 +522,27 @@ def _loc(err: dict) -> str:
     return ".".join(str(p) for p in err["loc"]) or "<root>"
 
 
+def _message(err: dict) -> str:
+    """pydantic's message, and for a number key what it was given instead (strict types take no bool or string for
+    a number; YAML 1.1 reads `1e9`, without a dot, as a string, so say how to write it)."""
+    msg, v = err["msg"].removeprefix("Value error, "), err.get("input")
+    if err["type"] not in ("int_type", "float_type"):
+        return msg
+    if isinstance(v, bool):
+        return f"{msg}, got {str(v).lower()} (a boolean)"
+    if isinstance(v, str):
+        try:
+            float(v)
+            hint = (" (YAML reads an exponent without a dot and a sign, like 1e9, as text: write 1000000000 or "
+                    "1.0e+9)" if "e" in v.lower() else " (a quoted number: write it without quotes)")
+        except ValueError:
+            hint = ""
+        return f"{msg}, got the string {v[:40]!r}{hint}"
+    if isinstance(v, float) and err["type"] == "int_type":
+        return f"{msg}, got {v!r} (a float)" if math.isfinite(v) else "Input should be a finite number"
+    return msg
+
+
 class UniqueKeyLoader(yaml.SafeLoader):
     """SafeLoader that refuses a key given twice in one mapping (YAML forbids it; PyYAML keeps the last one
     silently). Keys brought in by a `<<` merge may still be overridden: that is what merging is for."""
@@ -531,9 +591,36 @@ def _read_config(path: str | Path) -> tuple[bytes, Path | None]:
         except OSError as e:  # s3fs: access denied and the like
             raise ConfigError(f"{text}: cannot read ({type(e).__name__}: {e})") from None
     local = Path(unquote(urlparse(text).path)) if sep else Path(path)
-    if not local.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    return local.read_bytes(), local.resolve().parent
+    return read_local_config(local, str(path)), local.resolve().parent
+
+
+def read_local_config(local: Path, name: str | None = None) -> bytes:
+    """A local config file's bytes: a missing path, a directory, a FIFO (reading it would block) or a device is one
+    line saying which."""
+    name = name or str(local)
+    try:
+        mode = local.stat().st_mode
+    except FileNotFoundError:
+        raise ConfigError(f"{name}: config file not found") from None
+    except OSError as e:  # a file in the way above it, a folder that is closed
+        raise ConfigError(f"{name}: cannot read the config ({e.strerror})") from None
+    if not stat.S_ISREG(mode):
+        kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket")
+        raise ConfigError(f"{name}: is {kind}, not a config file (give a YAML file)")
+    try:
+        return local.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{name}: cannot read the config ({e.strerror})") from None
+
+
+def decode_config(data: bytes, name: str | Path) -> str:
+    """The config's text; not UTF-8 is one line naming the byte and line."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"{name}: not UTF-8 (byte {e.start}, line {line}: {e.reason}); save it as UTF-8") from None
 
 
 def load_config(path: str | Path, overrides: dict | None = None, model: type = FlowConfig):
@@ -543,11 +630,7 @@ def load_config(path: str | Path, overrides: dict | None = None, model: type = F
     remote URL they are refused (a ConfigError naming the key): nothing on the machine that reads it is "beside" an
     S3 object, so such a config names every path absolutely or as a URL."""
     data, base = _read_config(path)
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise ConfigError(f"{path}: not UTF-8 (byte {e.start}, line {line}: {e.reason}); save it as UTF-8") from None
+    text = decode_config(data, path)
     try:
         raw = yaml.load(text, Loader=UniqueKeyLoader) or {}  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
@@ -563,11 +646,17 @@ def load_config(path: str | Path, overrides: dict | None = None, model: type = F
     except ValidationError as e:
         err = e.errors()[0]
         more = f" (+{len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
-        raise ConfigError(f"{path}: {_loc(err)}: {err['msg'].removeprefix('Value error, ')}{more}") from None
+        raise ConfigError(f"{path}: {_loc(err)}: {_message(err)}{more}") from None
     return resolve_paths(cfg, base, str(path))
 
 
 def _resolve(p: str | None, base: Path | None, key: str, source: str, model: bool = False) -> str | None:
+    if p is not None and p.startswith("~"):  # the home folder, as a shell would expand it (not a folder named ~)
+        home = os.path.expanduser(p)
+        if home == p:
+            raise ConfigError(f"{source}: {key}: {p!r}: cannot expand '~' (no such user or no HOME); give an "
+                              "absolute path")
+        return str(Path(home).resolve())
     if p is None or p.startswith("packaged:") or "://" in p or Path(p).is_absolute():
         return p
     # a model `org/name` is a hub repo id unless a directory of that name sits beside the config

@@ -24,7 +24,8 @@ from schemas.artifacts import (
     score_path,
     tags_path,
 )
-from schemas.config import AggregateConfig
+from schemas.config import SCORE_LIMIT, AggregateConfig
+from schemas.errors import ArtifactError
 from schemas.plan import ScoreSource  # noqa: F401 - also imported from here
 from schemas.store import Store
 
@@ -174,16 +175,44 @@ def build_labels(store: Store, experts: list[tuple[str, str]], sources: list[Sco
     return label_plans(store, experts, sources, tagger_fp, shards, agg, test_fraction)[0].collect(engine=engine)
 
 
+def out_of_range(scores: pl.LazyFrame) -> pl.LazyFrame:
+    """The first score (rm, expert, query_id, score) outside [-SCORE_LIMIT, SCORE_LIMIT]: finite, but large enough
+    that weights x scores could overflow (NaN/inf are null, flagged, by the score step and import)."""
+    big = pl.col("score").is_not_null() & pl.col("score").is_finite() & (pl.col("score").abs() > SCORE_LIMIT)
+    return scores.filter(big).select("rm", "expert", "query_id", "score").head(1)
+
+
+def check_finite(labels: pl.DataFrame, experts: list[tuple[str, str]]) -> None:
+    """Labels never hold a non-finite reward, soft label or target (they would train a NaN router): the first
+    one is an ArtifactError naming the query, the expert and the column, before anything is written."""
+    for col in ("rewards", "soft", "target"):
+        bad = labels.select("query_id", pl.col(col).list.eval(~pl.element().is_finite()).alias("_bad")).filter(
+            pl.col("_bad").list.any())
+        if bad.height:
+            i = bad["_bad"][0].to_list().index(True)
+            raise ArtifactError(f"labels: {col} of expert {experts[i][0]!r} on query {bad['query_id'][0]!r} is not "
+                                "finite (the weighted sum of the reward models' scores overflowed); lower "
+                                "reward_models.*.weight or rescale the scores; nothing was written")
+
+
 def run_aggregate(store: Store, experts: list[tuple[str, str]], sources: list[ScoreSource], tagger_fp: str,
                   shards: list[int], agg: AggregateConfig, test_fraction: float) -> tuple[str, int]:
     """Write the labels artifact unless it exists, and beside it the test queries' scores (`held_out_scores_path`:
-    evaluate reads them there instead of every score cell again); returns (labels fingerprint, rows)."""
+    evaluate reads them there instead of every score cell again); returns (labels fingerprint, rows). A score
+    outside [-SCORE_LIMIT, SCORE_LIMIT] or a non-finite label is an ArtifactError before anything is written."""
     fp = labels_fingerprint(experts, sources, tagger_fp, shards, agg, test_fraction)
     rel = labels_path(fp)
     if store.valid_cell(rel, LABELS, fp):
         return fp, store.read_meta(rel)["rows"]
-    df, test = pl.collect_all(label_plans(store, experts, sources, tagger_fp, shards, agg, test_fraction),
-                              engine="streaming")
+    big = out_of_range(scan_scores(store, experts, sources, shards))
+    df, test, big = pl.collect_all([*label_plans(store, experts, sources, tagger_fp, shards, agg, test_fraction),
+                                    big], engine="streaming")
+    if big.height:
+        r = big.row(0, named=True)
+        raise ArtifactError(f"reward model {r['rm']!r}: score {r['score']!r} of expert {r['expert']!r} on query "
+                            f"{r['query_id']!r} is outside [-{SCORE_LIMIT:g}, {SCORE_LIMIT:g}] (the range every "
+                            "score must lie in, docs/failures.md); rescale that reward model's scores")
+    check_finite(df, experts)
     key = scores_key(experts, sources, shards)
     store.write_table(held_out_scores_path(fp, key), test.to_arrow(), HELD_OUT_SCORES,
                       {"stage": "held_out_scores", "fingerprint": key, "labels": fp, "rows": test.height})

@@ -3,7 +3,10 @@
 Edits are round trips through ruamel.yaml: comments, key order, quoting and the file's indentation survive, and
 only the `experts:` list changes (adding then removing an expert gives the file back byte for byte). The edited
 config is validated as a whole before it replaces the file, atomically (a temp file with the file's permissions,
-renamed over it), so a bad `add` leaves the config as it was.
+renamed over it), so a bad `add` leaves the config as it was. A new expert's model is checked as `zooter validate`
+checks it (its source exists, its prompt template has {query}; an endpoint's is not contacted: it may not be up
+yet) before anything is written. A config that is a symlink is edited at its target (the link stays a link); one
+that is not UTF-8, a directory or a FIFO is one line saying so, as `load_config` says it.
 
 After an edit, `emit_pool_changed` publishes the config into its store (`publish_config`) and emits
 `zooter.experts.changed`, what the relabel deployment's trigger listens for (prefect.yaml, `zooter serve`). A
@@ -34,7 +37,15 @@ from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import CommentMark, YAMLError
 from ruamel.yaml.tokens import CommentToken
 
-from schemas.config import ConfigError, ExpertSpec, FlowConfig, load_config
+from schemas.config import (
+    ConfigError,
+    ExpertSpec,
+    FlowConfig,
+    decode_config,
+    load_config,
+    read_local_config,
+    resolve_paths,
+)
 from schemas.errors import ZooterError
 from schemas.store import Store
 
@@ -75,9 +86,7 @@ def _yaml(text: str) -> YAML:
 
 
 def _read(path: Path) -> tuple[YAML, CommentedMap]:
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    text = path.read_text(encoding="utf-8")
+    text = decode_config(read_local_config(path), path)
     y = _yaml(text)
     try:
         raw = y.load(text)
@@ -100,6 +109,7 @@ def _write(path: Path, y: YAML, raw: CommentedMap) -> None:
         raise ConfigError(f"{path}: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
     buf = io.StringIO()
     y.dump(raw, buf)
+    path = Path(os.path.realpath(path))  # a symlinked config is edited where it lives; the link stays a link
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, path.stat().st_mode & 0o7777)  # mkstemp makes 0600: keep the config's own permissions
@@ -150,8 +160,9 @@ def _styled_like(spec: dict[str, Any], sibling: Any) -> CommentedMap:
     return out
 
 
-def add_expert(path: Path, spec: dict[str, Any]) -> dict:
-    """Append an expert (validated as an ExpertSpec, then the whole config); returns what was written.
+def add_expert(path: Path, spec: dict[str, Any], check: bool = True) -> dict:
+    """Append an expert (validated as an ExpertSpec, its model as `validate` checks it unless not `check`, then the
+    whole config); returns what was written.
 
     Without a `dtype`, the new expert gets the one the config's experts share (when they all use the same one;
     else the schema default)."""
@@ -169,8 +180,25 @@ def add_expert(path: Path, spec: dict[str, Any]) -> dict:
         err = e.errors()[0]
         raise ConfigError(f"expert {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
     experts.append(_styled_like(spec, experts[-1] if experts else None))
+    if check:
+        _check_new(path, raw, len(experts) - 1)
     _write(path, y, raw)
     return spec
+
+
+def _check_new(path: Path, raw: CommentedMap, i: int) -> None:
+    """The added expert as `zooter validate` checks it, its paths resolved against the config's folder as
+    `load_config` resolves them; the endpoint of an `openai` expert is not contacted (it may not be up yet)."""
+    from tasks.preflight import check_expert  # loads cluster.models: only when a model is checked
+
+    try:
+        cfg = resolve_paths(FlowConfig.model_validate(raw), path.resolve().parent, str(path))
+    except ValidationError:  # the whole config: _write reports it
+        return
+    try:
+        check_expert(f"experts.{i}", cfg.experts[i], endpoint=False)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}; nothing was written") from None
 
 
 def _tail(node: CommentedMap | CommentedSeq) -> tuple[CommentedMap | CommentedSeq, Any, int]:

@@ -9,16 +9,15 @@ the generation and score cells of the run that made them (its manifest names the
 Formats: `parquet` (one file), `jsonl` (one JSON object per line) and `hf`: a folder laid out like a Hugging Face
 dataset repository, `data/<split>-00000-of-00001.parquet` per split plus a README.md whose YAML header declares
 the splits, so `datasets.load_dataset(folder)` gives a DatasetDict (train, test) and `load_dataset("parquet",
-data_files=...)` reads the files; writing it needs no `datasets` package. Every output is written beside its
-target under a temporary name and renamed into place when complete.
+data_files=...)` reads the files; writing it needs no `datasets` package. The output is checked before the table
+is built, as `route` checks its own (tasks/outputs.py: an existing file or export needs `overwrite`, an unknown
+suffix is refused, not inside the store, writable), and written beside its target under a temporary name, renamed
+into place when complete.
 """
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
@@ -41,11 +40,12 @@ from schemas.manifest import RunManifest
 from schemas.store import Store
 from tasks.aggregate import ScoreSource, scan_scores
 from tasks.inspect import read_manifest, runs
+from tasks.outputs import check_output, local_root, output_kind, write_file, write_folder
 
 Format = Literal["parquet", "jsonl", "hf"]
 FORMATS: tuple[str, ...] = get_args(Format)
 SUFFIXES = {".parquet": "parquet", ".jsonl": "jsonl"}
-FINGERPRINT_RE = re.compile(r"^[0-9a-f]{6,64}$")
+FINGERPRINT_RE = re.compile(r"[0-9a-f]{6,64}")
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ def source_run(store: Store, labels_fp: str | None = None) -> RunManifest:
             raise ArtifactError(f"{store.url}: no labels to export (no completed run, no champion); run `zooter run` "
                                 "or `zooter train` first")
         labels_fp = done[-1] if done else champion.labels
-    elif not FINGERPRINT_RE.match(labels_fp):
+    elif not FINGERPRINT_RE.fullmatch(labels_fp):
         raise InputError(f"--labels {labels_fp!r}: not a labels fingerprint (hex, as `zooter inspect` shows)")
     made = [r for r in summaries if r["labels"] == labels_fp]
     if not made:
@@ -122,17 +122,21 @@ def labeled_table(store: Store, manifest: RunManifest) -> pl.DataFrame:
 
 def output_path(output: Path, fmt: Format | None, labels_fp: str) -> tuple[Format, Path]:
     """(format, target): `--format` defaults to the output's suffix (.parquet, .jsonl), else parquet; a parquet
-    or jsonl output without that suffix is a directory that gets `labels-<fp>.<format>`."""
+    or jsonl output without a suffix (or an existing folder) is a folder that gets `labels-<fp>.<format>`; any
+    other suffix is refused (`--output z.csv` is not a folder named z.csv)."""
+    if fmt is not None and fmt not in FORMATS:
+        raise InputError(f"--format {fmt!r}: choose one of {list(FORMATS)}")
     by_suffix = SUFFIXES.get(output.suffix)
+    if fmt == "hf":
+        if by_suffix is not None:
+            raise InputError(f"--output {output}: a {output.suffix} file, but --format hf (a folder)")
+        return fmt, output
+    kind = output_kind(output, tuple(SUFFIXES), folder=True)
     if fmt is None:
         fmt = by_suffix or "parquet"
-    elif fmt not in FORMATS:
-        raise InputError(f"--format {fmt!r}: choose one of {list(FORMATS)}")
     elif by_suffix is not None and by_suffix != fmt:
         raise InputError(f"--output {output}: a {output.suffix} file, but --format {fmt}")
-    if fmt == "hf" or by_suffix is not None:
-        return fmt, output
-    return fmt, output / f"labels-{labels_fp}.{fmt}"
+    return fmt, output if kind == "file" else output / f"labels-{labels_fp}.{fmt}"
 
 
 def _card(manifest: RunManifest, experts: list[str], splits: list[str]) -> str:
@@ -154,47 +158,34 @@ def _write_hf(df: pl.DataFrame, folder: Path, card: str, splits: list[str]) -> N
     (folder / "README.md").write_text(card, encoding="utf-8")
 
 
-def _replace_folder(tmp: Path, target: Path) -> None:
-    """Move a finished folder into place; an existing target is replaced only if it is empty or an earlier `hf`
-    export (never a folder of something else)."""
-    if target.is_dir() and any(target.iterdir()):
-        if {p.name for p in target.iterdir()} != {"README.md", "data"}:
+def _hf_export(folder: Path) -> bool:
+    """Whether a folder holds an earlier `hf` export (what an export may replace: never a folder of something else)."""
+    return {p.name for p in folder.iterdir()} == {"README.md", "data"}
+
+
+def check_export(store: Store, target: Path, fmt: Format, overwrite: bool) -> None:
+    """The output checks (tasks/outputs.py) of an export's target, before its table is built."""
+    check_output(target, "folder" if fmt == "hf" else "file", overwrite=overwrite, store_root=local_root(store))
+    if fmt == "hf" and target.is_dir() and any(target.iterdir()):
+        if not _hf_export(target):
             raise InputError(f"--output {target}: exists and is not an earlier hf export; choose a new folder")
-        old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
-        os.replace(target, old / target.name)
-        os.replace(tmp, target)
-        shutil.rmtree(old)
-        return
-    if target.exists() and not target.is_dir():
-        raise InputError(f"--output {target}: exists and is not a folder")
-    os.replace(tmp, target)  # replaces an empty folder too
+        if not overwrite:
+            raise InputError(f"--output {target}: holds an earlier hf export; pass --overwrite to replace it")
 
 
-def export(store: Store, output: Path, fmt: Format | None = None, labels_fp: str | None = None) -> Exported:
-    """Write the labeled data of `labels_fp` (default: see `source_run`) to `output`."""
+def export(store: Store, output: Path, fmt: Format | None = None, labels_fp: str | None = None,
+           overwrite: bool = False) -> Exported:
+    """Write the labeled data of `labels_fp` (default: see `source_run`) to `output`; an existing output file (or
+    hf export) is replaced only with `overwrite`."""
     manifest = source_run(store, labels_fp)
     fmt, target = output_path(Path(output), fmt, manifest.labels)
+    check_export(store, target, fmt, overwrite)  # before the table is built
     df = labeled_table(store, manifest)
     experts = store.read_meta(labels_path(manifest.labels))["experts"]
-    target.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "hf":
         splits = sorted(df["split"].unique().to_list())
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-        try:
-            _write_hf(df, tmp, _card(manifest, experts, splits), splits)
-            _replace_folder(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        write_folder(target, lambda tmp: _write_hf(df, tmp, _card(manifest, experts, splits), splits), _hf_export)
     else:
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            if fmt == "parquet":
-                df.write_parquet(tmp)
-            else:
-                df.write_ndjson(tmp)
-            os.replace(tmp, target)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        write_file(target, df.write_parquet if fmt == "parquet" else df.write_ndjson)
     return Exported(path=str(target), format=fmt, labels=manifest.labels, run_id=manifest.run_id, experts=experts,
                     rows=df.height, columns=df.columns)

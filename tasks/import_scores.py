@@ -24,7 +24,7 @@ from pathlib import Path
 import polars as pl
 
 from schemas.artifacts import QUERIES, SCORES, fingerprint, import_path, queries_path, score_path
-from schemas.config import NAME_RE
+from schemas.config import NAME_RE, SCORE_LIMIT
 from schemas.errors import ArtifactError, InputError
 from schemas.store import Store
 from tasks.ingest import store_shards, text_id, write_shards
@@ -52,13 +52,14 @@ class ImportRecord:
 def read_routerdc(folder: str | Path) -> pl.DataFrame:
     """The folder's tables as one long frame: query_id, text, tags, split, expert, score (credit)."""
     folder = Path(folder)
-    files = sorted(p for p in folder.glob("*.json") if _ROUTERDC_FILE.match(p.name)) if folder.is_dir() else []
+    files = sorted(p for p in folder.glob("*.json") if _ROUTERDC_FILE.fullmatch(p.name)) if folder.is_dir() else []
     if not files:
         raise InputError(f"{folder}: no RouterDC tables (<task>_train.json / <task>_test.json) found")
     parts = []
     for p in files:
-        m = _ROUTERDC_FILE.match(p.name)
+        m = _ROUTERDC_FILE.fullmatch(p.name)
         task, split = m["task"], m["split"]
+        binary = task in ROUTERDC_BINARY
         try:
             rows = json.loads(p.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -71,13 +72,18 @@ def read_routerdc(folder: str | Path) -> pl.DataFrame:
                     and isinstance(r.get("scores"), dict) and r["scores"]):
                 raise InputError(f"{p}: item {i}: needs a non-empty 'question' string and a 'scores' object")
             for expert, s in r["scores"].items():
-                if not isinstance(s, int | float):
+                if not isinstance(s, int | float) or isinstance(s, bool):
                     raise InputError(f"{p}: item {i}: score of {expert!r} is not a number")
+                # binary tasks: a correct answer is any positive score; the others' score is the credit itself
+                if not (abs(s) <= SCORE_LIMIT if binary else 0 <= s <= 1):  # NaN fails both
+                    raise InputError(f"{p}: item {i}: score of {expert!r} is {s!r}, outside "
+                                     + (f"[-{SCORE_LIMIT:g}, {SCORE_LIMIT:g}]" if binary else
+                                        f"[0, 1] (a {task!r} score is the credit of the answer)"))
                 ids.append(f"{task}/{split}/{i:05d}")  # by position: duplicate questions stay separate rows
                 texts.append(r["question"])
                 experts.append(expert)
                 scores.append(float(s))
-        credit = (pl.col("score") > 0).cast(pl.Float64) if task in ROUTERDC_BINARY else pl.col("score")
+        credit = (pl.col("score") > 0).cast(pl.Float64) if binary else pl.col("score")
         parts.append(pl.DataFrame({"query_id": ids, "text": texts, "expert": experts, "score": scores})
                      .with_columns(credit.alias("score"), pl.lit(split).alias("split"),
                                    pl.lit([task], dtype=pl.List(pl.String)).alias("tags")))
@@ -117,6 +123,10 @@ def read_long(path: str | Path) -> pl.DataFrame:
         df = df.with_columns(pl.col("score").cast(pl.Float64, strict=True))
     except Exception:  # noqa: BLE001
         raise InputError(f"{path}: column 'score' must be numeric") from None
+    big = df.with_row_index().filter(pl.col("score").is_finite() & (pl.col("score").abs() > SCORE_LIMIT))
+    if big.height:  # NaN/inf are kept as flagged nulls; a huge finite score would overflow the combined reward
+        raise InputError(f"{path}:{row(big['index'][0])}: score {big['score'][0]!r} of expert "
+                         f"{big['expert'][0]!r} is outside [-{SCORE_LIMIT:g}, {SCORE_LIMIT:g}]")
     if "tags" in df.columns:
         tags = pl.col("tags") if df.schema["tags"] == pl.List(pl.String) else pl.concat_list(
             pl.col("tags").cast(pl.String))
@@ -148,15 +158,21 @@ def read_scores(fmt: str, source: str | Path) -> pl.DataFrame:
     return read_routerdc(source) if fmt == "routerdc" else read_long(source)
 
 
+def check_import_name(name: str) -> None:
+    """The import's name is a store path component (the reward model's name in score paths)."""
+    if not NAME_RE.fullmatch(name):
+        raise InputError(f"--name {name[:80]!r}{'...' if len(name) > 80 else ''}: use letters, digits, '.', '_' "
+                         f"and '-' only, at most 64 characters, starting with a letter or digit ({NAME_RE.pattern})")
+
+
 def import_scores(store: Store, long: pl.DataFrame, name: str = "imported", shard_size: int = 1000) -> ImportRecord:
     """Write queries (new ones as new shards), one score cell per (expert, shard) and the import record.
 
     Cells are content-addressed: the reward model's fingerprint is a hash of the scores themselves, so importing
     the same table again writes nothing, and a changed table gets new cells instead of overwriting old ones."""
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
-        raise InputError(f"--name {name!r}: use letters, digits, '.', '_' and '-' only")
+    check_import_name(name)
     for e in long["expert"].unique().sort().to_list():  # expert names become store paths: check before writing
-        if not all(NAME_RE.match(part) for part in e.split("/")):  # "org/model" (HF ids) is fine, "../x" is not
+        if not all(NAME_RE.fullmatch(part) for part in e.split("/")):  # "org/model" (HF ids) is fine, "../x" is not
             raise InputError(f"expert {e!r}: each '/'-separated part must match {NAME_RE.pattern} "
                              "(expert names become store paths)")
     queries = long.unique("query_id", keep="first", maintain_order=True)

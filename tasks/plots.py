@@ -17,8 +17,17 @@ matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from tasks.outputs import check_output, output_kind, write_file  # noqa: E402
+
 if TYPE_CHECKING:
     from schemas.evaluation import CostCurve, Diagnostics, EvalReport
+
+
+def check_plot(path: Path, store_root: Path | None = None, overwrite: bool = False) -> None:
+    """`inspect --plot`'s output checks (tasks/outputs.py, as `route` and `export` check theirs): a .png file, an
+    existing one only with --overwrite, not inside the store, writable; before the store is read."""
+    kind = output_kind(path, (".png",), flag="--plot", what="plot")
+    check_output(path, kind, overwrite=overwrite, store_root=store_root, flag="--plot", what="plot")
 
 
 def plot_labels(summary: dict, path: str | Path, title: str = "") -> Path:
@@ -49,11 +58,10 @@ def plot_labels(summary: dict, path: str | Path, title: str = "") -> Path:
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    try:  # the complete PNG or none (the temporary name has no .png suffix: the format is given)
+        return write_file(Path(path), lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
 
 
 def plot_cost_curve(curve: CostCurve, lam: float = 0.0) -> bytes:

@@ -55,14 +55,7 @@ def preflight(cfg: FlowConfig) -> pl.DataFrame:
     _synthetic(cfg)
     check_tagger(cfg.tagger, cfg)  # e.g. tagger.expert not in the pool
     for i, e in enumerate(cfg.experts):
-        if e.backend == "openai":
-            _endpoint(f"experts.{i}", e)
-        elif e.backend != "synthetic":  # synthetic: no model to find (its `model` is not read)
-            _source(f"experts.{i}.model", e.model, e.revision)
-        try:
-            template_text(e.prompt)
-        except ConfigError as err:
-            raise ConfigError(f"experts.{i}.prompt: {err}") from None
+        check_expert(f"experts.{i}", e)
     for i, rm in enumerate(cfg.reward_models):
         if rm.model:
             _source(f"reward_models.{i}.model", rm.model, rm.revision)
@@ -147,6 +140,10 @@ def enough_training(queries: pl.DataFrame, test_fraction: float, key: str, where
                           f"for training, and none of them falls into the router's validation slice (about "
                           f"{VAL_FRACTION:.0%} of them, by a hash of the id; none below 8); add queries or lower "
                           f"{key}")
+    if not (labels["split"] == "test").any():  # evaluate would measure the router on nothing, then promote it
+        raise ConfigError(f"{where}: no held-out queries: {key} {test_fraction} leaves all {labels.height} for "
+                          f"training, so the router could not be evaluated (or promoted); set {key} above 0 (e.g. "
+                          "0.25) or give some queries split 'test'")
 
 
 def _columns(data: DataConfig) -> None:
@@ -179,6 +176,20 @@ def _synthetic(cfg: FlowConfig) -> None:
             if spec.backend == "synthetic":
                 raise ConfigError(f"{key}.{i}.backend: synthetic returns made-up answers and scores for benchmarks "
                                   f"and tests; set {ALLOW_SYNTHETIC}=1 to use it")
+
+
+def check_expert(key: str, e: ExpertSpec, endpoint: bool = True) -> None:
+    """One expert as preflight checks it (also `zooter experts add`, before it writes, with `endpoint` False): its
+    endpoint (`endpoint`) or its model source, and its prompt template."""
+    if e.backend == "openai":
+        if endpoint:
+            _endpoint(key, e)
+    elif e.backend != "synthetic":  # synthetic: no model to find (its `model` is not read)
+        _source(f"{key}.model", e.model, e.revision)
+    try:
+        template_text(e.prompt)
+    except ConfigError as err:
+        raise ConfigError(f"{key}.prompt: {err}") from None
 
 
 def _source(key: str, ref: str, revision: str | None = None) -> None:

@@ -12,13 +12,10 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import signal
-import stat
 import threading
-import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -33,7 +30,8 @@ from schemas.artifacts import CHAMPION_PATH, ROUTER_JSON, router_file
 from schemas.errors import ArtifactError, ConfigError, InputError
 from schemas.evaluation import Champion, EvalReport, read_champion, read_report
 from schemas.store import Store
-from tasks.records import Record, batches, check_file, check_suffix, is_text, schema, visible
+from tasks.outputs import check_output, local_root, output_kind, write_file
+from tasks.records import SUFFIXES, Record, batches, check_file, is_text, schema, visible
 
 ADDED = ("expert", "probs")  # the fields routing adds
 
@@ -189,56 +187,26 @@ def route_file(router: RoutingPolicy | Routes | Callable[[], Routes], src: str |
         pick = partial(choose, costs=costs, lam=lam, fallback=fallback)
     src, dst = Path(src), Path(dst)
     check_file(src, "input file")
-    _check_output(src, dst)
-    missing = [p for p in (dst.parent, *dst.parent.parents) if not p.exists()]  # nearest first
-    tmp = None
-    with _signals_raise():
-        try:
-            try:
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                tmp = _temp_beside(dst)
-            except FileExistsError as e:  # mkdir met a file where a folder is needed
-                raise InputError(f"{dst}: cannot write the output ({e.filename} is a file, not a folder)") from None
-            except OSError as e:
-                raise InputError(f"{dst}: cannot write the output ({e.filename}: {e.strerror})") from None
-            fields, n = _scan(src, text_field, dst.suffix == ".parquet", batch_size, overwrite)
-            router = load()
-            with _writer(tmp, dst.suffix, fields, router.experts) as write, \
-                    tqdm(total=n, desc=f"route {src.name}", unit="q") as bar:
-                for batch in batches(src, batch_size):
-                    probs = router.probs([rec[text_field] for _, rec in batch])
-                    write([rec | {"expert": router.experts[int(i)],
-                                  "probs": dict(zip(router.experts, map(float, p), strict=True))}
-                           for (_, rec), p, i in zip(batch, probs, pick(probs), strict=True)])
-                    bar.update(len(batch))
-            os.replace(tmp, dst)  # complete output or none
-        except BaseException:
-            if tmp is not None:
-                tmp.unlink(missing_ok=True)
-            for p in missing:  # folders made for the output
-                with suppress(OSError):
-                    p.rmdir()
-            raise
-    return n
+    store = router.store if isinstance(router, RoutingPolicy) else None
+    check_output(dst, output_kind(dst, SUFFIXES), replace=True, inputs=[src], store_root=local_root(store))
 
+    def write(tmp: Path) -> int:
+        fields, n = _scan(src, text_field, dst.suffix == ".parquet", batch_size, overwrite)
+        routes = load()
+        with _writer(tmp, dst.suffix, fields, routes.experts) as put, \
+                tqdm(total=n, desc=f"route {src.name}", unit="q") as bar:
+            for batch in batches(src, batch_size):
+                probs = routes.probs([rec[text_field] for _, rec in batch])
+                put([rec | {"expert": routes.experts[int(i)],
+                            "probs": dict(zip(routes.experts, map(float, p), strict=True))}
+                     for (_, rec), p, i in zip(batch, probs, pick(probs), strict=True)])
+                bar.update(len(batch))
+        return n
 
-def _check_output(src: Path, dst: Path) -> None:
-    """Everything about the output that can be known before anything is read or written."""
-    if dst.exists():
-        check_file(dst, "output file")
-        if os.path.samefile(src, dst):
-            raise InputError(f"{dst}: the output is the input file; write the routed records to another path")
-    else:
-        check_suffix(dst, "output file")
-
-
-def _temp_beside(dst: Path) -> Path:
-    """An empty file next to `dst`, with the mode a new file gets (umask) or, when `dst` exists, its mode."""
-    tmp = dst.parent / f".{dst.name}.{uuid.uuid4().hex[:12]}.tmp"
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # 0o666 & ~umask, unlike mkstemp's 0600
-    if dst.exists():
-        os.chmod(tmp, stat.S_IMODE(dst.stat().st_mode))
-    return tmp
+    counted: list[int] = []
+    with _signals_raise():  # complete output or none, the folders made for it removed
+        write_file(dst, lambda tmp: counted.append(write(tmp)))
+    return counted[0]
 
 
 @contextmanager

@@ -3,10 +3,12 @@
 import importlib
 import inspect
 import pkgutil
+from pathlib import Path
 
 import pytest
 import yaml
 from pydantic import BaseModel
+from pydantic.fields import FieldInfo
 
 import schemas
 from schemas.config import ConfigError, load_config
@@ -139,3 +141,78 @@ def test_config_that_is_not_utf8(tmp_path):
     with pytest.raises(ConfigError, match=r"c.yaml: not UTF-8 \(byte \d+, line \d+: invalid continuation byte\); "
                                           "save it as UTF-8"):
         load_config(p)
+
+
+def _number_fields(model: type, prefix: str = "") -> list[tuple[str, object]]:
+    """(key, FieldInfo) of every int/float field reachable from a config model (bool is not a number)."""
+    import typing
+
+    out = []
+    for name, field in model.model_fields.items():
+        key, ann = f"{prefix}{field.alias or name}", field.annotation
+        args = typing.get_args(ann)
+        inner = [a for a in (ann, *args, *(x for a in args for x in typing.get_args(a))) if isinstance(a, type)]
+        sub = [a for a in inner if issubclass(a, BaseModel)]
+        if sub:
+            out += _number_fields(sub[0], key + (".*." if typing.get_origin(ann) is list else "."))
+        elif typing.get_origin(ann) is dict:
+            value = FieldInfo.from_annotation(args[1])
+            out += [(f"{key}.*", value)] if value.annotation in (int, float) else []
+        elif any(a in (int, float) for a in inner):
+            out.append((key, field))
+    return out
+
+
+def test_every_number_has_a_finite_documented_range():
+    """Issue 37: no number a config holds is unbounded (a seed of 10**30, a weight of 1e308 fail when read, not
+    after the expensive stages), and docs/failures.md's limits table names every one of them."""
+    import annotated_types as at
+
+    from schemas.config import FlowConfig, TrainConfig
+
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "failures.md").read_text()
+    limits = docs[docs.index("## Limits"):docs.index("## Minimum sizes")]
+    unbounded, undocumented = [], []
+    for key, field in _number_fields(FlowConfig) + _number_fields(TrainConfig):
+        kinds = {type(m) for m in field.metadata}
+        if not (kinds & {at.Ge, at.Gt} and kinds & {at.Le, at.Lt}):
+            unbounded.append(key)
+        if f".{key.rsplit('.', 1)[-1]}`" not in limits and f"`{key}`" not in limits:
+            undocumented.append(key)
+    assert not unbounded, f"number fields without a lower and an upper bound: {unbounded}"
+    assert not undocumented, f"number fields missing from docs/failures.md's limits table: {undocumented}"
+
+
+@pytest.mark.parametrize("changes,match", [
+    ({"aggregate": {"beta": True}}, r"aggregate\.beta: Input should be a valid number, got true \(a boolean\)"),
+    ({"aggregate": {"beta": "0.3"}}, r"aggregate\.beta: Input should be a valid number, got the string '0\.3'"),
+    ({"router": {"seed": 10**30}}, r"router\.seed: Input should be less than or equal to 2147483647"),
+    ({"reward_models": [{"name": "exact", "kind": "verifiable", "weight": 1e308}]},
+     r"reward_models\.0\.weight: Input should be less than or equal to 1000"),
+    ({"reward_models": [{"name": "exact\n", "kind": "verifiable"}]}, r"reward_models\.0\.name: name 'exact\\n'"),
+])
+def test_strict_types_and_ranges(tmp_path, changes, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(_cfg(tmp_path, **changes))
+
+
+def test_a_valid_config_dumps_the_same_values_under_strict_types(tmp_path):
+    """Strict types change what is refused, not what a valid config holds: an int where a float goes is still
+    that float, so fingerprints over dumped values stay."""
+    cfg = load_config(_cfg(tmp_path, aggregate={"beta": 0, "temperature": 2}))
+    assert cfg.aggregate.model_dump() == {"beta": 0.0, "temperature": 2.0, "tag_temperature": None}
+    assert isinstance(cfg.aggregate.beta, float) and isinstance(cfg.aggregate.temperature, float)
+
+
+def test_home_is_expanded_and_config_paths_must_be_files(tmp_path, monkeypatch):
+    import os
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    cfg = load_config(_cfg(tmp_path, store="~/zstore"))
+    assert cfg.store.url == str(tmp_path / "home" / "zstore")  # not a folder named `~` beside the config
+    os.mkfifo(tmp_path / "fifo.yaml")
+    (tmp_path / "dir.yaml").mkdir()
+    with pytest.raises(ConfigError, match=r"fifo\.yaml: is a FIFO, not a config file"):
+        load_config(tmp_path / "fifo.yaml")
+    with pytest.raises(ConfigError, match=r"dir\.yaml: is a directory, not a config file"):
+        load_config(tmp_path / "dir.yaml")

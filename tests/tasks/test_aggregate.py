@@ -8,8 +8,18 @@ import pytest
 
 from schemas.artifacts import LABELS, QUERIES, SCORES, TAGS, labels_path, queries_path, score_path, tags_path
 from schemas.config import AggregateConfig
+from schemas.errors import ArtifactError
 from schemas.store import Store
-from tasks.aggregate import ScoreSource, combine, hash_split, labels_fingerprint, run_aggregate, softmax, tag_enhance
+from tasks.aggregate import (
+    ScoreSource,
+    check_finite,
+    combine,
+    hash_split,
+    labels_fingerprint,
+    run_aggregate,
+    softmax,
+    tag_enhance,
+)
 
 
 def _rewards(rows):
@@ -147,3 +157,43 @@ def test_run_aggregate_writes_labels_in_expert_order_once(tmp_path):
     meta = store.read_meta(labels_path(fp))
     assert (meta["experts"], meta["beta"], meta["tag_temperature"]) == (["a", "b"], 1.0, None)
     assert run_aggregate(store, EXPERTS, SOURCES[:1], "tagfp", [0], agg, 0.25) == (fp, 2)  # reused
+
+
+def _score_store(tmp_path, scores: dict[str, list[float]]) -> Store:
+    """Two queries (train, test), tags, and one `rm` score cell per expert holding `scores`."""
+    store = Store(str(tmp_path / "store"))
+    ids = ["q1", "q2"]
+    store.write_table(queries_path(0), pa.table({
+        "query_id": ids, "text": ["one", "two"], "input_tags": [[], []], "reference": [None, None],
+        "split": ["train", "test"], "source_line": [1, 2]}), QUERIES)
+    store.write_table(tags_path("tagfp", 0), pa.table({"query_id": ids, "tags": [["t"], ["t"]]}), TAGS)
+    for name, efp in EXPERTS:
+        store.write_table(score_path("rm", "r1", name, efp, 0),
+                          pa.table({"query_id": ids, "score": scores[name], "flag": [None, None]}), SCORES)
+    return store
+
+
+def _files(root) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def test_weights_times_scores_that_overflow_never_write_a_non_finite_label(tmp_path):
+    """Huge finite weights and scores (both within float range) whose weighted sum is inf: an error naming the
+    expert and query, and no labels or test scores written (the config bounds weights; this is the guard)."""
+    store = _score_store(tmp_path, {"a": [1e300, 0.0], "b": [0.0, 1.0]})
+    before = _files(tmp_path / "store")
+    with pytest.raises(ArtifactError, match=r"reward model 'rm': score 1e\+300 of expert 'a' on query 'q1' is outside "
+                                            r"\[-1e\+06, 1e\+06\]"):
+        run_aggregate(store, EXPERTS, [ScoreSource("rm", "r1", 1.0)], "tagfp", [0], AggregateConfig(), 0.25)
+    store = _score_store(tmp_path / "w", {"a": [1e6, 0.0], "b": [0.0, 1.0]})  # a score in range, a huge weight
+    with pytest.raises(ArtifactError, match=r"labels: rewards of expert 'a' on query 'q1' is not finite"):
+        run_aggregate(store, EXPERTS, [ScoreSource("rm", "r1", 1e308)], "tagfp", [0], AggregateConfig(), 0.25)
+    assert _files(tmp_path / "store") == before and not list((tmp_path / "w" / "store").glob("labels*"))
+
+
+def test_check_finite_names_the_column_expert_and_query():
+    labels = pl.DataFrame({"query_id": ["q1", "q2"], "rewards": [[1.0, 2.0], [1.0, 2.0]],
+                           "soft": [[0.5, 0.5], [float("nan"), 0.5]], "target": [[0.5, 0.5], [0.5, 0.5]]})
+    with pytest.raises(ArtifactError, match=r"soft of expert 'a' on query 'q2' is not finite"):
+        check_finite(labels, EXPERTS)
+    check_finite(labels.with_columns(pl.lit([0.5, 0.5]).alias("soft")), EXPERTS)  # all finite: no error

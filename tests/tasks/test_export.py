@@ -118,8 +118,10 @@ def test_hf_folder_loads_with_datasets(tmp_path):
     files = sorted(str(p) for p in (folder / "data").glob("*.parquet"))
     flat = datasets.load_dataset("parquet", data_files=files, cache_dir=str(tmp_path / "cache"))["train"]
     assert flat.num_rows == 3
-    # exporting again replaces the earlier export; a folder of something else is never replaced
-    export(store, folder, fmt="hf")
+    # exporting again replaces the earlier export only with overwrite; a folder of something else never
+    with pytest.raises(InputError, match=r"hf: holds an earlier hf export; pass --overwrite to replace it"):
+        export(store, folder, fmt="hf")
+    export(store, folder, fmt="hf", overwrite=True)
     assert sorted(p.name for p in folder.iterdir()) == ["README.md", "data"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".hf")]
     (tmp_path / "mine").mkdir()

@@ -151,8 +151,14 @@ def test_queries_already_in_the_store_count_with_their_split(tmp_path):
 
     cfg = config(tmp_path, lambda raw, root: raw["data"].update(limit=3))
     stored = read_queries(DataConfig(path=str(tmp_path / "q.jsonl")))
-    write_shards(Store(cfg.store.url), stored.with_columns(pl.lit("train").alias("split")), 16)
-    assert preflight(cfg).height == 3  # 3 new queries, 12 stored ones for training
+    one_test = pl.when(pl.col("query_id") == stored["query_id"][0]).then(pl.lit("test")).otherwise(pl.lit("train"))
+    write_shards(Store(cfg.store.url), stored.with_columns(one_test.alias("split")), 16)
+    assert preflight(cfg).height == 3  # 3 new queries, 11 stored ones for training, one held out
+    alltrain = tmp_path / "alltrain"
+    write_shards(Store(str(alltrain)), stored.with_columns(pl.lit("train").alias("split")), 16)
+    with pytest.raises(ConfigError, match=r"no held-out queries: data\.test_fraction 0\.25 leaves all 12 for "
+                                          r"training"):
+        preflight(config(tmp_path, lambda raw, root: raw.update(store=str(alltrain))))
     other = tmp_path / "other"
     write_shards(Store(str(other)), stored.with_columns(pl.lit("test").alias("split")), 16)
     with pytest.raises(ConfigError, match=r"too few queries to train the router: data\.test_fraction 0\.25 leaves 0 "

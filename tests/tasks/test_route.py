@@ -379,7 +379,7 @@ def test_the_policy_reads_costs_and_lambda_from_the_champions_evaluation(tmp_pat
 def test_the_policy_reads_the_champion_once_and_names_a_missing_router(tmp_path, monkeypatch):
     import tasks.route
 
-    store = Store(str(tmp_path))
+    store = Store(str(tmp_path / "store"))
     _champion(store)
     reads: list[int] = []
     real = tasks.route.read_champion
@@ -387,7 +387,10 @@ def test_the_policy_reads_the_champion_once_and_names_a_missing_router(tmp_path,
     src, dst = write(tmp_path / "in.jsonl"), tmp_path / "out.jsonl"
     policy = RoutingPolicy.load(store, loader=lambda s, fp: FakeRouter())
     assert route_file(policy, src, "q", dst) == len(RECORDS) and reads == [1]  # what `zooter route` does
-    (tmp_path / router_file("r1", ROUTER_JSON)).unlink()  # the champion's router folder deleted
+    with pytest.raises(InputError, match=r"store/out\.jsonl: is inside the store .*/store; write the output outside"):
+        route_file(policy, src, "q", tmp_path / "store" / "out.jsonl")  # foreign files in the store: refused
+    assert not (tmp_path / "store" / "out.jsonl").exists()
+    (tmp_path / "store" / router_file("r1", ROUTER_JSON)).unlink()  # the champion's router folder deleted
     with pytest.raises(ArtifactError, match="names router r1, which is not in the store"):
         RoutingPolicy.load(store)
 
