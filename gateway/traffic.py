@@ -18,6 +18,7 @@ deployment's trigger runs `relabel --traffic` on it (flows/deploy.py). No Prefec
 
 from __future__ import annotations
 
+import contextvars
 import datetime as dt
 import json
 import logging
@@ -37,13 +38,12 @@ from gateway.errors import GatewayError
 from gateway.routers import Decision
 from schemas.config import load_config
 from schemas.store import Store
-from schemas.traffic import FEEDBACK, FEEDBACK_DIR, REQUESTS, REQUESTS_DIR, batch_name
+from schemas.traffic import EVENT, FEEDBACK, FEEDBACK_DIR, REQUESTS, REQUESTS_DIR, batch_name
 from tasks.experts import CURRENT
 from tasks.ingest import text_id
 from tasks.traffic import batch_files
 
 log = logging.getLogger("zooter.gateway")
-EVENT = "zooter.traffic.recorded"
 
 
 class Batches:
@@ -154,6 +154,7 @@ class Traffic:
         self._recent: OrderedDict[str, tuple[str, str]] = OrderedDict()  # request id -> (query id, expert)
         self._lock = threading.Lock()
         self._new: set[str] = set()  # query ids written since the last event
+        self._context = contextvars.copy_context()  # the settings (Prefect's API) of whoever made the recorder
 
     @classmethod
     def of(cls, store: Store, batch_rows: int = 256, flush_s: float = 10.0) -> Traffic:
@@ -215,7 +216,7 @@ class Traffic:
             if len(self._new) < self.relabel_after:
                 return
             n, self._new = len(self._new), set()
-        why = emit_recorded(self.store, self.config_url, n)
+        why = self._context.copy().run(emit_recorded, self.store, self.config_url, n)
         if why is None:
             log.info("emitted %s (%d new queries)", EVENT, n)
         else:

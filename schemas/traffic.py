@@ -17,6 +17,7 @@ import uuid
 
 import pyarrow as pa
 
+EVENT = "zooter.traffic.recorded"  # what the recording gateway emits; the relabel deployment's trigger listens
 TRAFFIC = "traffic"
 REQUESTS_DIR = f"{TRAFFIC}/requests"
 FEEDBACK_DIR = f"{TRAFFIC}/feedback"

@@ -26,6 +26,7 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from schemas.config import load_config
+from schemas.traffic import EVENT as TRAFFIC_EVENT
 from tasks.experts import CURRENT, EVENT, published
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,9 +44,11 @@ def test_prefect_yaml_declares_both_deployments():
     assert deps["label"]["parameters"] == relabel["parameters"] == {"config_path": "{{ $ZOOTER_CONFIG_URL }}"}
     assert relabel["concurrency_limit"] == {"limit": 1, "collision_strategy": "ENQUEUE"}
     assert [s["cron"] for s in relabel["schedules"]] == ["0 3 * * *"]
-    (trigger,) = relabel["triggers"]
-    t = DeploymentEventTrigger.model_validate({k: v for k, v in trigger.items() if k != "type"})
-    assert t.expect == {EVENT} and t.parameters == {"config_path": "{{ event.payload.config_url }}"}
+    pool, traffic = (DeploymentEventTrigger.model_validate({k: v for k, v in t.items() if k != "type"})
+                     for t in relabel["triggers"])
+    assert pool.expect == {EVENT} and pool.parameters == {"config_path": "{{ event.payload.config_url }}"}
+    assert traffic.expect == {TRAFFIC_EVENT} and traffic.match == pool.match
+    assert traffic.parameters == {"config_path": "{{ event.payload.config_url }}", "traffic": True}
 
 
 def test_served_deployments(tiny_config):
@@ -59,10 +62,12 @@ def test_served_deployments(tiny_config):
     assert [s.schedule.cron for s in relabel.schedules] == ["0 3 * * *"] and not label.schedules
     assert relabel.concurrency_limit == 1 and label.concurrency_limit is None
     assert relabel.concurrency_options.collision_strategy == ConcurrencyLimitStrategy.ENQUEUE
-    (trigger,) = relabel.triggers
+    trigger, traffic = relabel.triggers
     store = yaml.safe_load(path.read_text())["store"]
     assert trigger.expect == {EVENT} and trigger.match.get("prefect.resource.id") == [f"zooter.store.{store}"]
     assert trigger.parameters == {"config_path": "{{ event.payload.config_url }}"}
+    assert traffic.expect == {TRAFFIC_EVENT} and traffic.match == trigger.match
+    assert traffic.parameters == {"config_path": "{{ event.payload.config_url }}", "traffic": True}
 
 
 def test_relabel_runs_one_at_a_time(tiny_config, prefect_harness):
