@@ -96,7 +96,7 @@ def tiny_encoder(root: Path) -> Path:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from cluster.models import PACKAGED
+    from cluster.packaged import PACKAGED
 
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(PACKAGED["all-minilm-l6-v2"].files()[0].parent)

