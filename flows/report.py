@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.table import Table
 
+from tasks.evaluate import fmt
+
 if TYPE_CHECKING:
     from schemas.evaluation import CurvePoint, EvalReport
     from schemas.manifest import Outcome, RunManifest
@@ -20,10 +22,6 @@ if TYPE_CHECKING:
 WIDTH = 100  # what every table keeps to (a terminal narrower than that wraps the name column only)
 NAME = 14  # the widest expert name a column header or a strategy name shows; longer ones are abbreviated
 HEADERS = {"expert_calls": "gen/q", "rm_calls": "RM/q"}  # generations and RM scorings per query
-
-
-def _cell(v: object) -> str:
-    return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
 def short_names(names: list[str], width: int = NAME) -> dict[str, str]:
@@ -69,7 +67,7 @@ def report_table(report: EvalReport) -> Table:
     header = [HEADERS.get(k, k) for k in (rows[0] if rows else ["strategy"])]
     t = _table(*header, title=f"Evaluation on {report.test_queries} held-out queries")
     for r in rows:
-        name, *rest = map(_cell, r.values())
+        name, *rest = map(fmt, r.values())
         t.add_row(_named(name, labels), *rest)
     return t
 
@@ -82,7 +80,7 @@ def _show_report(c: Console, report: EvalReport) -> None:
         cols = [*pt.tags, "tag_average"]
         t = _table("strategy", *cols, title="Mean reward per tag (test)")
         for k, v in pt.strategies.items():
-            t.add_row(_named(k, labels), *[_cell(v.get(col)) for col in cols])
+            t.add_row(_named(k, labels), *[fmt(v.get(col)) for col in cols])
         show_table(c, t)
     c.print("router sends: " + ", ".join(f"{labels[e]} {p:.0%}" for e, p in report.router_share.items()))
     if note := legend(labels):
@@ -149,10 +147,10 @@ def _show_outcome(c: Console, out: Outcome) -> None:
     c.print(f"run {m.run_id} took {m.timings.get('total_s', 0):.0f}s")
     if m.champion:
         d = m.champion
-        test = (f"; the challenger on test {_cell(d.challenger_test_reward)}"
+        test = (f"; the challenger on test {fmt(d.challenger_test_reward)}"
                 if d.split != "test" and d.challenger_test_reward is not None else "")
         c.print(f"champion/challenger on {d.split}: {d.decision} ({d.reason}; challenger "
-                f"{_cell(d.challenger_reward)}, champion {_cell(d.champion_reward)}{test})")
+                f"{fmt(d.challenger_reward)}, champion {fmt(d.champion_reward)}{test})")
     c.print(f"manifest: {out.manifest_uri}\nreport:   {out.report_uri}", soft_wrap=True)
 
 
@@ -212,19 +210,19 @@ def _show_inspect(c: Console, info: dict, store: str) -> None:
         lab = info["labels"]
         t = Table("expert", "mean reward", "win rate", title=f"Labels ({lab['rows']} queries)")
         for r in lab["experts"]:
-            t.add_row(r["expert"], _cell(r["mean_reward"]), _cell(r["win_rate"]))
+            t.add_row(r["expert"], fmt(r["mean_reward"]), fmt(r["win_rate"]))
         show_table(c, t)
         names = [r["expert"] for r in lab["experts"]]
         labels = short_names(names)
         t = _table("tag", "n", *labels.values(), title="Mean target probability by tag")
         for r in lab["tag_target"]:
-            t.add_row(r["tag"], str(r["n"]), *[_cell(r[e]) for e in names])
+            t.add_row(r["tag"], str(r["n"]), *[fmt(r[e]) for e in names])
         show_table(c, t)
         if note := legend(labels):
             c.print(note)
     if "champion" in info:
         ch = info["champion"]
-        c.print(f"champion: {ch['router']} (run {ch['run_id']}, router reward {_cell(ch['reward'])}), "
+        c.print(f"champion: {ch['router']} (run {ch['run_id']}, router reward {fmt(ch['reward'])}), "
                 f"evaluation {ch['evaluation']}")
     if "plot" in info:
         c.print(f"plot: {info['plot']}", soft_wrap=True)

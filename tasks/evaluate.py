@@ -248,7 +248,8 @@ def _tag_ranks(per_tag: PerTag, ranked: list[str]) -> dict[str, dict[str, float]
             for i, k in enumerate(ranked)}
 
 
-def _fmt(v: object) -> str:
+def fmt(v: object) -> str:
+    """A report value as text, the same in the Markdown report and the terminal's tables: 4 decimals, `-` for none."""
     return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
@@ -256,22 +257,22 @@ def to_markdown(report: EvalReport) -> str:
     rows = report.table()
     head = list(rows[0]) if rows else ["strategy"]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
-    lines += ["| " + " | ".join(map(_fmt, r.values())) + " |" for r in rows]
+    lines += ["| " + " | ".join(map(fmt, r.values())) + " |" for r in rows]
     share = ", ".join(f"{e}: {p:.0%}" for e, p in report.router_share.items())
     md = (f"# Evaluation ({report.test_queries} held-out queries)\n\n" + "\n".join(lines)
           + f"\n\nRouter sends queries to: {share}. Best single expert (by train reward): {report.best_single}.\n")
     v = report.validation
     if v is not None:
         md += (f"\nValidation slice ({v.queries} training queries held out by seed {v.seed}; champion/challenger "
-               f"decides on it, the test split only reports): router reward {_fmt(v.reward)}, tag average "
-               f"{_fmt(v.tag_average)}, best single expert {_fmt(v.best_single)}.\n")
+               f"decides on it, the test split only reports): router reward {fmt(v.reward)}, tag average "
+               f"{fmt(v.tag_average)}, best single expert {fmt(v.best_single)}.\n")
     pt = report.per_tag
     if pt.tags:
         cols = [*pt.tags, "tag_average"]
         md += ("\n## Mean reward per tag (test queries: "
                + ", ".join(f"{t} {n}" for t, n in zip(pt.tags, pt.n, strict=True)) + ")\n\n"
                + "| strategy | " + " | ".join(cols) + " |\n" + "|---" * (len(cols) + 1) + "|\n"
-               + "".join(f"| {k} | " + " | ".join(_fmt(v.get(c)) for c in cols) + " |\n"
+               + "".join(f"| {k} | " + " | ".join(fmt(v.get(c)) for c in cols) + " |\n"
                          for k, v in pt.strategies.items()))
     return md + _curve_markdown(report) + (diagnostics_markdown(report.diagnostics) if report.diagnostics else "")
 
@@ -294,7 +295,7 @@ def _curve_markdown(report: EvalReport) -> str:
     for e, p in c.experts.items():
         lines.append(f"| expert:{e} | - | {p.cost:.4g} | {p.reward:.4f} | "
                      + " | ".join("100%" if x == e else "0%" for x in report.experts) + " |\n")
-    reach = ", ".join(f"{k} {_fmt(v)}" for k, v in c.cost_to_target.items())
+    reach = ", ".join(f"{k} {fmt(v)}" for k, v in c.cost_to_target.items())
     return ("\n## Quality and cost (test queries; cost of one call: "
             + ", ".join(f"{e} {v:g}" for e, v in c.costs.items()) + ")\n\n" + "".join(lines)
             + f"\nAIQ (mean reward over the cost range {min(c.costs.values()):g}-{max(c.costs.values()):g}): "
