@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.table import Table
 
-from tasks.evaluate import fmt
+from schemas.evaluation import fmt
 
 if TYPE_CHECKING:
     from schemas.evaluation import CurvePoint, EvalReport

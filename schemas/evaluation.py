@@ -11,6 +11,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from schemas.artifacts import CHAMPION_PATH, EVALUATIONS_DIR, ROUTERS_DIR, report_path
 
 
+def fmt(v: object) -> str:
+    """A report value as text, the same in the Markdown report and the terminal's tables: 4 decimals, `-` for none."""
+    return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

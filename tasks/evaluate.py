@@ -45,7 +45,7 @@ from schemas.artifacts import (
     router_dir,
 )
 from schemas.errors import ArtifactError, ConfigError
-from schemas.evaluation import CostCurve, CurvePoint, EvalReport, PerTag, StrategyRow, Validation, read_report
+from schemas.evaluation import CostCurve, CurvePoint, EvalReport, PerTag, StrategyRow, Validation, fmt, read_report
 from schemas.store import Store
 from tasks.aggregate import ScoreSource, scan_scores, scores_key, train_val
 from tasks.baselines import Rows, fit_baselines
@@ -246,11 +246,6 @@ def _tag_ranks(per_tag: PerTag, ranked: list[str]) -> dict[str, dict[str, float]
     ranks = 1 + (means[:, None, :] > means[:, :, None]).sum(-1)
     return {k: {"mtr": float(ranks[:, i].mean()), "first": float((ranks[:, i] == 1).mean())}
             for i, k in enumerate(ranked)}
-
-
-def fmt(v: object) -> str:
-    """A report value as text, the same in the Markdown report and the terminal's tables: 4 decimals, `-` for none."""
-    return "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
 def to_markdown(report: EvalReport) -> str:
