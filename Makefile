@@ -77,8 +77,29 @@ lock-gpu-check: install
 	else rm $$new; echo "lock-gpu-check: requirements-gpu.txt does not satisfy pyproject.toml (what uv changes, above):" \
 	  "run 'make lock-gpu' and commit the result"; exit 1; fi
 
+# The demo: the packaged models its config names are prepared first (once: sha256 check, dequantised into
+# ZOOTER_CACHE; a line for each that takes more than a second), so the flow's actors load ready weights and no two
+# actors convert the same model. `zooter run` prints the evaluation, the stage times and the next commands.
+DEMO_CONFIG ?= examples/quickstart.yaml
+define PREPARE_MODELS
+import sys, threading, time
+from cluster.models import resolve
+from schemas.config import load_config
+cfg = load_config(sys.argv[1])
+refs = [m.model for m in [*cfg.experts, *cfg.reward_models] if m.model] + [cfg.router.encoder]
+for ref in dict.fromkeys(r for r in refs if r.startswith("packaged:")):
+    t, job = time.perf_counter(), threading.Thread(target=resolve, args=(ref,), daemon=True)
+    job.start()
+    job.join(1.0)
+    if job.is_alive():
+        print(f"demo: preparing {ref} (first use: sha256 check, dequantised into the cache; ~10-60 s)", flush=True)
+        job.join()
+        print(f"demo: {ref} ready in {time.perf_counter() - t:.0f} s", flush=True)
+endef
+export PREPARE_MODELS
 demo: install
-	$(BIN)/zooter run examples/quickstart.yaml
+	@$(BIN)/python -c "$$PREPARE_MODELS" $(DEMO_CONFIG)
+	$(BIN)/zooter run $(DEMO_CONFIG)
 
 # The suite on PYTEST_WORKERS pytest-xdist workers (0: sequentially, in one process); tests/conftest.py decides which
 # tests share a worker. pytest exits 5 when it collects nothing: that is a broken setup, not a pass.

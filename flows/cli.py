@@ -110,7 +110,15 @@ def run(config: ConfigArg, json_out: JsonOpt = False) -> Result:
 
     def show(c: Console) -> None:
         _show_outcome(c, out)
-        messages.print(table)  # last, after the results
+        c.print(f"reward: the mean combined reward of the answers each strategy picks on the "
+                f"{out.report.test_queries} held-out queries (higher is better); the oracle picks each query's "
+                "best expert in hindsight (an upper bound)")
+        messages.print(table)  # after the results, then what to do next with this run's store
+        url = plan.config.store.url
+        if "://" not in url and Path(url).is_relative_to(Path.cwd()):
+            url = str(Path(url).relative_to(Path.cwd()))
+        c.print(f"next:\n  zooter inspect --store {url}\n  zooter gateway --store {url} --local-experts\n"
+                f"  zooter export --store {url} --output labels.parquet", soft_wrap=True)
     return Result(out, show)
 
 
