@@ -114,8 +114,8 @@ MAX_LAMBDA = 1e6
 
 class Strict(BaseModel):
     # allow_inf_nan=False: `.inf` / `.nan` in YAML are floats to PyYAML; no knob here means anything with them.
-    # strict=True: no coercion, so `beta: true` or `beta: "0.3"` (and `shard_size: 1e9`, a string to YAML 1.1) are
-    # errors, not 1.0 / 0.3; an int stays acceptable where a float is expected.
+    # strict=True: no coercion, so `beta: true` or `beta: "0.3"` are errors, not 1.0 / 0.3 (and `shard_size: 1e9`
+    # a float where an int goes); an int stays acceptable where a float is expected. `1e-5` is a float (the loader).
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, strict=True)
 
 
@@ -218,7 +218,7 @@ class ExpertSpec(ModelRef):
             raise ValueError(f"expert {self.name!r}: base_url {self.base_url!r} is not an http(s) URL")
         if url.username or url.password:
             raise ValueError(f"expert {self.name!r}: base_url must not carry credentials (use api_key_env)")
-        if url.query or url.fragment or ";" in url.path:  # `?api_key=...`: written into manifests, cells, configs
+        if url.query or url.fragment or url.params or ";" in url.path:  # `?api_key=...`: into manifests, cells
             raise ValueError(f"expert {self.name!r}: base_url must not carry a query string or parameters (it is "
                              "written into cell metadata and manifests; a key goes in api_key_env)")
         if self.resources.pool_size > self.max_in_flight:
@@ -524,7 +524,7 @@ def _loc(err: dict) -> str:
 
 def _message(err: dict) -> str:
     """pydantic's message, and for a number key what it was given instead (strict types take no bool or string for
-    a number; YAML 1.1 reads `1e9`, without a dot, as a string, so say how to write it)."""
+    a number)."""
     msg, v = err["msg"].removeprefix("Value error, "), err.get("input")
     if err["type"] not in ("int_type", "float_type"):
         return msg
@@ -533,8 +533,7 @@ def _message(err: dict) -> str:
     if isinstance(v, str):
         try:
             float(v)
-            hint = (" (YAML reads an exponent without a dot and a sign, like 1e9, as text: write 1000000000 or "
-                    "1.0e+9)" if "e" in v.lower() else " (a quoted number: write it without quotes)")
+            hint = " (a quoted number: write it without quotes)"
         except ValueError:
             hint = ""
         return f"{msg}, got the string {v[:40]!r}{hint}"
@@ -563,6 +562,12 @@ class UniqueKeyLoader(yaml.SafeLoader):
                         None, None, f"duplicate key {key!r}, first at line {seen + 1}", key_node.start_mark)
                 first[key] = key_node.start_mark.line
         return super().construct_mapping(node, deep=deep)
+
+
+# YAML 1.2 floats: PyYAML (YAML 1.1) reads `1e-5`, `5e-05` or `1e9` (an exponent without a dot or sign) as text,
+# which strict number fields would refuse; `lr: 1e-5` is how people write it (and what json.dumps writes).
+UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
 
 
 def _read_config(path: str | Path) -> tuple[bytes, Path | None]:

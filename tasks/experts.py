@@ -178,7 +178,8 @@ def add_expert(path: Path, spec: dict[str, Any], check: bool = True) -> dict:
         ExpertSpec.model_validate(spec)
     except ValidationError as e:
         err = e.errors()[0]
-        raise ConfigError(f"expert {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+        raise ConfigError(f"expert {'.'.join(map(str, err['loc']))}: {err['msg'].removeprefix('Value error, ')}") \
+            from None
     experts.append(_styled_like(spec, experts[-1] if experts else None))
     if check:
         _check_new(path, raw, len(experts) - 1)

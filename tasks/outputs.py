@@ -35,7 +35,7 @@ def local_root(store: object) -> Path | None:
 def _kind_of(mode: int) -> str:
     return ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
             else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
-            else "a regular file")
+            else "a file")
 
 
 def output_kind(path: Path, suffixes: Sequence[str], folder: bool = False, flag: str = "--output",
@@ -63,7 +63,9 @@ def check_output(path: Path, kind: Kind, *, overwrite: bool = False, replace: bo
         st = None
     except OSError as e:  # ENOTDIR: a file is in the way above it; EACCES: a folder above it is closed
         if e.errno == errno.ENOTDIR:
-            raise InputError(f"{where}: cannot write the {what} ({_blocker(path)} is a file, not a folder)") from None
+            p = _blocker(path)
+            raise InputError(f"{where}: cannot write the {what} ({p} is {_kind_of(p.stat().st_mode)}, not a "
+                             "folder)") from None
         raise InputError(f"{where}: cannot write the {what} ({e.strerror})") from None
     if st is not None:
         if kind == "file" and not stat.S_ISREG(st.st_mode):
@@ -98,7 +100,7 @@ def _writable(folder: Path, where: str, what: str) -> None:
     while not p.exists() and p != p.parent:
         p = p.parent
     if not p.is_dir():
-        raise InputError(f"{where}: cannot write the {what} ({p} is a file, not a folder)")
+        raise InputError(f"{where}: cannot write the {what} ({p} is {_kind_of(p.stat().st_mode)}, not a folder)")
     if not os.access(p, os.W_OK | os.X_OK):
         raise InputError(f"{where}: cannot write the {what} ({p} is not writable: {os.strerror(errno.EACCES)})")
 

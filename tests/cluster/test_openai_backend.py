@@ -218,6 +218,8 @@ def test_fingerprint_is_the_served_model_sampling_and_prompt():
     ({"backend": "openai"}, "backend openai needs `base_url`"),
     ({"backend": "openai", "base_url": "ftp://h/v1"}, "is not an http"),
     ({"backend": "openai", "base_url": "http://user:pw@h/v1"}, "must not carry credentials"),
+    ({"backend": "openai", "base_url": f"http://h/v1?api_key={KEY}"}, "must not carry a query string"),
+    ({"backend": "openai", "base_url": f"http://h/v1;key={KEY}"}, "must not carry a query string or parameters"),
     ({"backend": "hf", "base_url": "http://h/v1"}, "base_url/api_key_env are for backend openai only"),
     ({"backend": "openai", "base_url": "http://h/v1", "resources": {"pool_size": 9}}, "exceeds max_in_flight 8"),
     ({"backend": "openai", "base_url": "http://h/v1", "api_key_env": KEY}, "must name an environment variable"),

@@ -111,3 +111,67 @@ def test_run_pool_pairs_results_with_keys_and_reports_nodes(ray_session):
 
 def _echo(model: str, key: int) -> str:
     return f"{model}:{key}"
+
+
+def _user_error(model, key: int) -> dict:
+    from schemas.errors import ConfigError
+
+    raise ConfigError(f"expert 'x': the endpoint's answer has no `usage` (key {key})")
+
+
+def _no_build():
+    from schemas.errors import InputError
+
+    raise InputError("/models/x: model directory not found")
+
+
+def _bug(model, key: int) -> dict:
+    raise ZeroDivisionError("a bug")
+
+
+def _one_line(e: BaseException) -> str:
+    """The `error:` line flows/cli.py `command` prints for a ZooterError."""
+    return " ".join(str(e).splitlines()) + "".join(f" ({n})" for n in getattr(e, "__notes__", []))
+
+
+def test_a_user_error_in_an_actor_reaches_the_driver_as_itself(tmp_path, ray_session):
+    """Issue 37, item 3: a ZooterError raised in a pool's actor, in its job or while it builds its model, is
+    re-raised in the driver as that error: its one plain line and the stage's name, no Ray wrapper, ANSI codes or
+    traceback; a bug keeps Ray's wrapper and the actor's traceback."""
+    from ray.exceptions import RayTaskError
+
+    from schemas.errors import ConfigError, InputError
+
+    store = Store(str(tmp_path))
+    stage = Stage(step="generate", name="x", fingerprint=FP, schema=SCHEMA, keys=[0], path=cell_path,
+                  job=_user_error, build=partial(str, "m"))
+    with pytest.raises(ConfigError) as e:
+        run_stage(store, stage)
+    assert type(e.value) is ConfigError and not isinstance(e.value, RayTaskError)
+    assert _one_line(e.value) == "expert 'x': the endpoint's answer has no `usage` (key 0) (in stage generate x)"
+    with pytest.raises(InputError) as e:
+        run_stage(store, replace(stage, build=_no_build))
+    assert _one_line(e.value) == "/models/x: model directory not found (in stage generate x)"
+    with pytest.raises(RayTaskError) as bug:
+        run_stage(store, replace(stage, job=_bug))
+    assert isinstance(bug.value, ZeroDivisionError) and ", in _bug" in str(bug.value)  # the actor's traceback
+    assert not list(tmp_path.rglob("*.parquet"))
+
+
+def test_the_cli_prints_an_actor_user_error_as_one_plain_line(tmp_path, ray_session):
+    from typer.testing import CliRunner
+
+    from flows.cli import app, command
+
+    store = Store(str(tmp_path))
+
+    @command(name="zz-actor-error-test")
+    def _cmd() -> None:
+        run_stage(store, Stage(step="score", name="rm", fingerprint=FP, schema=SCHEMA, keys=[0], path=cell_path,
+                               job=_user_error, build=partial(str, "m")))
+
+    res = CliRunner().invoke(app, ["zz-actor-error-test"])
+    assert res.exit_code == 2
+    assert res.output.strip().splitlines()[-1] == ("error: expert 'x': the endpoint's answer has no `usage` (key 0) "
+                                                   "(in stage score rm)")
+    assert "\x1b" not in res.output and "Traceback" not in res.output

@@ -167,3 +167,22 @@ def test_a_config_read_from_a_url_refuses_relative_paths_naming_the_key(tmp_path
     # a file:// URL is a local file: its relative paths resolve beside it
     (tmp_path / "local.yaml").write_text(yaml.safe_dump(cfg))
     assert load_config((tmp_path / "local.yaml").as_uri()).data.path == str((tmp_path / "q.jsonl").resolve())
+
+
+def test_a_symlinked_config_is_edited_at_its_target(quickstart, tmp_path):
+    link = tmp_path / "link.yaml"
+    link.symlink_to(quickstart)
+    add_expert(link, SPEC)
+    assert link.is_symlink() and link.resolve() == quickstart.resolve()  # still a link, to the same file
+    assert "name: tiny" in quickstart.read_text() and quickstart.stat().st_mode & 0o777 == 0o640
+
+
+def test_add_checks_the_model_as_validate_does_before_writing(quickstart):
+    before = quickstart.read_text()
+    for model, match in (("/nonexistent/model", r"experts\.3\.model: /nonexistent/model: model directory not found"),
+                         ("packaged:gpt-9", r"experts\.3\.model: packaged:gpt-9: unknown packaged model")):
+        with pytest.raises(ConfigError, match=match + r".*; nothing was written$"):
+            add_expert(quickstart, {"name": "new", "model": model})
+    assert quickstart.read_text() == before
+    # an endpoint is not contacted (it may not be up yet): only its shape is checked
+    add_expert(quickstart, {"name": "remote", "model": "served", "backend": "openai", "base_url": "http://127.0.0.1:9/v1"})
