@@ -26,7 +26,10 @@ from gateway.traffic import Traffic
 from schemas.store import Store
 from schemas.traffic import FEEDBACK, FEEDBACK_DIR, REQUESTS, REQUESTS_DIR
 from tasks.ingest import text_id
-from tests.flows.test_gateway import CHAT, KEY, ROUTERS, crown, experts, free_port, serving, store_dir  # noqa: F401
+from tests.flows import test_gateway
+from tests.flows.test_gateway import CHAT, KEY, free_port, serving
+
+store_dir, experts = test_gateway.store_dir, test_gateway.experts  # the gateway tests' fixtures, used here too
 
 ROOT = Path(__file__).resolve().parents[2]
 
