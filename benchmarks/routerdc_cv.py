@@ -79,9 +79,10 @@ Labels = tuple[pl.DataFrame, pl.DataFrame, list[str]]  # what `labels` returns
 def labels(s: Setup, agg: AggregateConfig) -> Labels:
     """(labels with the setup's tags and the embed step's `vector`, the same rows with task tags, the experts),
     sorted by query id: the router trains on the first, is measured per task on the second."""
-    labels_fp, _ = run_aggregate(s.store, s.experts, s.sources, s.tagger_fp, s.shards, agg, s.cfg.test_fraction)
+    labels_fp = run_aggregate(s.store, s.experts, s.sources, s.tagger_fp, s.shards, agg,
+                              s.cfg.test_fraction).fingerprint
     eval_fp = labels_fp if s.eval_tagger_fp == s.tagger_fp else run_aggregate(
-        s.store, s.experts, s.sources, s.eval_tagger_fp, s.shards, agg, s.cfg.test_fraction)[0]
+        s.store, s.experts, s.sources, s.eval_tagger_fp, s.shards, agg, s.cfg.test_fraction).fingerprint
     read = lambda fp: pl.from_arrow(s.store.read_table(labels_path(fp), LABELS)).sort("query_id")  # noqa: E731
     rows, by_task = read(labels_fp), read(eval_fp)
     if not rows["query_id"].equals(by_task["query_id"]):  # same queries, same rewards: only the tags differ

@@ -119,7 +119,8 @@ def held_out(store: Store, cfg: TrainConfig, labels: pl.DataFrame, meta: dict, l
     n_e = len(experts)
     fp = four_task_labels(store, labels, meta, labels_fp, task, embed_fp)
     t0 = time.perf_counter()
-    router_fp, rmeta = run_train_router(store, fp, cfg.router, embed_fp)
+    trained = run_train_router(store, fp, cfg.router, embed_fp)
+    router_fp, rmeta = trained.fingerprint, trained.meta
     seconds = round(time.perf_counter() - t0, 1)
     router = Router.from_store(store, router_fp)
     four = pl.from_arrow(store.read_table(labels_path(fp), LABELS))
@@ -229,8 +230,8 @@ def main() -> None:
     tagger = make_tagger(cfg.tagger, cfg)
     run_tag(store, tagger, rec.shards)
     embed_fp = embed_fingerprint(cfg.router) if AVAILABLE else run_embed(store, cfg.router, rec.shards).fingerprint
-    labels_fp, _ = run_aggregate(store, rec.experts, [ScoreSource(rec.name, rec.rm_fingerprint, 1.0)],
-                                 tagger.fingerprint, rec.shards, cfg.aggregate, cfg.test_fraction)
+    labels_fp = run_aggregate(store, rec.experts, [ScoreSource(rec.name, rec.rm_fingerprint, 1.0)],
+                              tagger.fingerprint, rec.shards, cfg.aggregate, cfg.test_fraction).fingerprint
     labels = pl.from_arrow(store.read_table(labels_path(labels_fp), LABELS))
     meta = store.read_meta(labels_path(labels_fp))
     tasks = sorted(labels.select(pl.col("tags").list.explode()).unique().to_series().drop_nulls().to_list())

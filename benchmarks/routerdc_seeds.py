@@ -88,11 +88,12 @@ def setup(config: Path = CONFIG, tagger: dict | None = None) -> Setup:
 def one_seed(s: Setup, router: RouterConfig, agg: AggregateConfig, seed: int) -> dict:
     """Train and evaluate one seed; returns its validation and test numbers (percent for credits), per task."""
     t = time.perf_counter()
-    labels_fp, _ = run_aggregate(s.store, s.experts, s.sources, s.tagger_fp, s.shards, agg, s.cfg.test_fraction)
-    router_fp, _ = run_train_router(s.store, labels_fp, router.model_copy(update={"seed": seed}), s.embed_fp)
-    eval_fp = labels_fp if s.eval_tagger_fp == s.tagger_fp else run_aggregate(  # same rewards, task tags
-        s.store, s.experts, s.sources, s.eval_tagger_fp, s.shards, agg, s.cfg.test_fraction)[0]
-    _, rep = run_evaluate(s.store, eval_fp, router_fp, s.sources, s.experts, s.shards, s.embed_fp)
+    labels = run_aggregate(s.store, s.experts, s.sources, s.tagger_fp, s.shards, agg, s.cfg.test_fraction)
+    router_fp = run_train_router(s.store, labels, router.model_copy(update={"seed": seed}), s.embed_fp).fingerprint
+    by_task = labels if s.eval_tagger_fp == s.tagger_fp else run_aggregate(  # same rewards, task tags
+        s.store, s.experts, s.sources, s.eval_tagger_fp, s.shards, agg, s.cfg.test_fraction)
+    rep = run_evaluate(s.store, by_task, router_fp, sources=s.sources, experts=s.experts, shards=s.shards,
+                       embed_fp=s.embed_fp).report
     return {"seed": seed, "router": router_fp, "val_avg": 100 * rep.validation.tag_average,
             "val_queries": rep.validation.queries, "test_avg": 100 * rep.per_tag.strategies["router"]["tag_average"],
             "test": {t: 100 * v for t, v in rep.per_tag.strategies["router"].items() if t != "tag_average"},

@@ -26,7 +26,7 @@ from schemas.plan import RunPlan
 from schemas.store import Store
 from tasks.aggregate import run_aggregate
 from tasks.embed import run_embed
-from tasks.evaluate import run_evaluate
+from tasks.evaluate import run_evaluate, to_markdown
 from tasks.plan import write_plan
 from tasks.publish import publish
 from tasks.tag import Tagger, make_tagger, run_tag
@@ -141,19 +141,24 @@ def train_tail(store: Store, m: RunManifest, plan: RunPlan, leases: Leases, inpu
     if inputs.embed is not None:
         emb = inputs.embed.result()
         m.embed, embed_fp = StageRecord.of(emb), emb.fingerprint
+    # each step takes the previous one's ref (nothing read back that the run just wrote); the manifest records each
+    # ref as it comes, so a run that fails later still names what it made
     with timed(m, "aggregate"):
-        m.labels, m.label_rows = step(run_aggregate, name="aggregate")(
-            store, experts, sources, m.tagger, m.shards, cfg.aggregate, plan.test_fraction)
+        labels = step(run_aggregate, name="aggregate")(store, experts, sources, m.tagger, m.shards, cfg.aggregate,
+                                                       plan.test_fraction)
+    m.labels, m.label_rows = labels.fingerprint, labels.rows
     with timed(m, "train_router"):
-        m.router, meta = step(run_train_router, name="train_router")(store, m.labels, cfg.router, embed_fp,
-                                                                     plan.encoder_identity)
-    m.router_nodes = meta.get("nodes", [])
+        router = step(run_train_router, name="train_router")(store, labels, cfg.router, embed_fp,
+                                                             plan.encoder_identity)
+    m.router, m.router_nodes = router.fingerprint, router.nodes
     with timed(m, "evaluate"):
-        m.evaluation, report = step(run_evaluate, name="evaluate")(
-            store, m.labels, m.router, sources, experts, m.shards, embed_fp, plan.costs, plan.routing.lam,
-            plan.routing.fallback_below)
+        ev = step(run_evaluate, name="evaluate")(
+            store, labels, router.fingerprint, sources=sources, experts=experts, shards=m.shards, embed_fp=embed_fp,
+            costs=plan.costs, lam=plan.routing.lam, fallback_below=plan.routing.fallback_below)
+    m.evaluation, report = ev.fingerprint, ev.report
     with timed(m, "publish"):
-        m.champion = step(publish, name="publish")(store, m.router, m.evaluation, report, m.run_id, leases)
+        m.champion = step(publish, name="publish")(store, router.fingerprint, ev.fingerprint, report, m.run_id,
+                                                   leases, labels)
     log.info("router %s: reward %s; champion/challenger: %s (%s)", m.router, report.router_reward,
              m.champion.decision, m.champion.reason)
     publish_artifacts(store, m, report)
@@ -165,7 +170,7 @@ def publish_artifacts(store: Store, m: RunManifest, report: EvalReport) -> None:
     and a link to the run manifest (written when the run ends)."""
     create_table_artifact(report.table(), key=EVALUATION_KEY,
                           description=f"Evaluation {m.evaluation} on {report.test_queries} held-out queries")
-    markdown = store.read_bytes(report_path(m.evaluation, "md")).decode()
+    markdown = to_markdown(report)  # what evaluate wrote as report.md
     create_markdown_artifact(f"{markdown}\n\nChart: {store.uri(report_path(m.evaluation, 'png'))}\n",
                              key=REPORT_KEY, description=f"Evaluation report of router {m.router}")
     create_link_artifact(store.uri(run_manifest_path(m.run_id)), link_text=f"run manifest {m.run_id}", key=MANIFEST_KEY,

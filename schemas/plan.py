@@ -5,6 +5,10 @@ costs a LIST, a local directory a read of its weight files' ends); the embed fin
 routing inputs sit beside them. The flow passes the plan's parts to its steps, which never fingerprint a spec again;
 the plan is written as `runs/<run_id>/plan.json` (store options redacted) and is a run's lineage together with its
 manifest. `Expert` and `ScoreSource` are how the labels name their columns and rewards.
+
+The steps after aggregation hand each other refs (`LabelsRef`, `RouterRef`, `EvalRef`): what the step wrote, typed,
+with the labels' rows kept in memory where the run just computed them, so that training, evaluation and publishing
+do not read back what the run wrote a moment ago.
 """
 
 from __future__ import annotations
@@ -12,9 +16,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
+import polars as pl
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_serializer
 
-from schemas.config import ExpertSpec, FlowConfig, RewardSpec, RoutingConfig, TrainConfig
+from schemas.artifacts import LABELS, labels_path
+from schemas.config import AggregateConfig, ExpertSpec, FlowConfig, RewardSpec, RoutingConfig, TrainConfig
+from schemas.evaluation import EvalReport
+from schemas.store import Store
 
 
 class Expert(NamedTuple):
@@ -109,3 +117,51 @@ class RunPlan(_Frozen):
 
     def expert(self, name: str) -> PlannedExpert:
         return next(e for e in self.experts if e.name == name)
+
+
+class LabelsRef(_Frozen):
+    """The labels artifact a run aggregated (or found): its fingerprint and what it was made with."""
+
+    fingerprint: str = Field(description="The labels' fingerprint (labels/<fp>.parquet).")
+    rows: int = Field(description="Labelled queries.")
+    experts: list[str] = Field(description="Expert names in the labels' (and the router's) column order.")
+    aggregate: AggregateConfig = Field(description="How rewards became soft labels.")
+    test_fraction: float = Field(description="Held-out share for queries without a split.")
+    _frame: object = PrivateAttr(default=None)
+
+    @classmethod
+    def read(cls, store: Store, fingerprint: str) -> LabelsRef:
+        """The ref of labels already in the store (their footer: experts, aggregation, rows); the rows are read
+        when first needed (`frame`)."""
+        meta = store.read_meta(labels_path(fingerprint))
+        agg = AggregateConfig.model_validate({k: meta[k] for k in AggregateConfig.model_fields if k in meta})
+        return cls(fingerprint=fingerprint, rows=meta["rows"], experts=meta["experts"], aggregate=agg,
+                   test_fraction=meta.get("test_fraction", 0.25))
+
+    def with_frame(self, frame: pl.DataFrame) -> LabelsRef:
+        self._frame = frame  # private: frozen covers the fields only
+        return self
+
+    def frame(self, store: Store) -> pl.DataFrame:
+        """The label rows: as the run computed them, else read once from the store."""
+        if self._frame is None:
+            self._frame = pl.from_arrow(store.read_table(labels_path(self.fingerprint), LABELS))
+        return self._frame
+
+
+class RouterRef(_Frozen):
+    """A trained router: its fingerprint and its metadata file (routers/<fp>/router.json)."""
+
+    fingerprint: str = Field(description="The router's fingerprint.")
+    meta: dict = Field(description="Its router.json: labels, experts, encoder, best epoch, history, nodes.")
+
+    @property
+    def nodes(self) -> list[str]:
+        return self.meta.get("nodes", [])
+
+
+class EvalRef(_Frozen):
+    """An evaluation: its fingerprint and its report."""
+
+    fingerprint: str = Field(description="The evaluation's fingerprint (evaluations/<fp>/).")
+    report: EvalReport = Field(description="The report.")

@@ -26,7 +26,7 @@ from schemas.artifacts import (
 )
 from schemas.config import SCORE_LIMIT, AggregateConfig
 from schemas.errors import ArtifactError
-from schemas.plan import ScoreSource  # noqa: F401 - also imported from here
+from schemas.plan import LabelsRef, ScoreSource
 from schemas.store import Store
 
 CODE_VERSION = 1
@@ -196,14 +196,17 @@ def check_finite(labels: pl.DataFrame, experts: list[tuple[str, str]]) -> None:
 
 
 def run_aggregate(store: Store, experts: list[tuple[str, str]], sources: list[ScoreSource], tagger_fp: str,
-                  shards: list[int], agg: AggregateConfig, test_fraction: float) -> tuple[str, int]:
+                  shards: list[int], agg: AggregateConfig, test_fraction: float) -> LabelsRef:
     """Write the labels artifact unless it exists, and beside it the test queries' scores (`held_out_scores_path`:
-    evaluate reads them there instead of every score cell again); returns (labels fingerprint, rows). A score
-    outside [-SCORE_LIMIT, SCORE_LIMIT] or a non-finite label is an ArtifactError before anything is written."""
+    evaluate reads them there instead of every score cell again); returns its ref, with the rows in memory when
+    computed here. A score outside [-SCORE_LIMIT, SCORE_LIMIT] or a non-finite label is an ArtifactError before
+    anything is written."""
     fp = labels_fingerprint(experts, sources, tagger_fp, shards, agg, test_fraction)
     rel = labels_path(fp)
+    ref = LabelsRef(fingerprint=fp, rows=0, experts=[n for n, _ in experts], aggregate=agg,
+                    test_fraction=test_fraction)
     if store.valid_cell(rel, LABELS, fp):
-        return fp, store.read_meta(rel)["rows"]
+        return ref.model_copy(update={"rows": store.read_meta(rel)["rows"]})
     big = out_of_range(scan_scores(store, experts, sources, shards))
     df, test, big = pl.collect_all([*label_plans(store, experts, sources, tagger_fp, shards, agg, test_fraction),
                                     big], engine="streaming")
@@ -220,4 +223,4 @@ def run_aggregate(store: Store, experts: list[tuple[str, str]], sources: list[Sc
         "stage": "labels", "fingerprint": fp, "experts": [n for n, _ in experts],
         "expert_fingerprints": dict(experts), "scores": [s.__dict__ for s in sources], "tagger": tagger_fp,
         **agg.model_dump(mode="json"), "test_fraction": test_fraction, "rows": df.height})
-    return fp, df.height
+    return ref.model_copy(update={"rows": df.height}).with_frame(df)

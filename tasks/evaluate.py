@@ -36,16 +36,15 @@ import polars as pl
 
 from schemas.artifacts import (
     HELD_OUT_SCORES,
-    LABELS,
     curve_path,
     fingerprint,
     held_out_scores_path,
-    labels_path,
     report_path,
     router_dir,
 )
 from schemas.errors import ArtifactError, ConfigError
 from schemas.evaluation import CostCurve, CurvePoint, EvalReport, PerTag, StrategyRow, Validation, fmt, read_report
+from schemas.plan import EvalRef, LabelsRef
 from schemas.store import Store
 from tasks.aggregate import ScoreSource, scan_scores, scores_key, train_val
 from tasks.baselines import Rows, fit_baselines
@@ -298,22 +297,24 @@ def _curve_markdown(report: EvalReport) -> str:
             + f". Mean cost to reach 95 % of the best single expert's reward ({c.target:.4f}): {reach}.\n")
 
 
-def run_evaluate(store: Store, labels_fp: str, router_fp: str, sources: list[ScoreSource],
+def run_evaluate(store: Store, labels: LabelsRef | str, router_fp: str, *, sources: list[ScoreSource],
                  experts: list[tuple[str, str]], shards: list[int], embed_fp: str | None = None,
-                 costs: dict[str, float] | None = None, lam: float = 0.0,
-                 fallback_below: float = 0.0) -> tuple[str, EvalReport]:
-    """Load labels, the router and the test scores from the store; write the report (JSON, Markdown, PNG, and
-    curve.png when there is a quality-cost curve). A router with a frozen encoder is applied to the embed step's
-    cells (`embed_fp`) when given. `costs`: expert -> cost of one call, for every expert or None (the plan's `costs`);
-    `lam`: the config's routing lambda; `fallback_below`: routing.fallback_below."""
+                 costs: dict[str, float] | None = None, lam: float = 0.0, fallback_below: float = 0.0) -> EvalRef:
+    """Evaluate the router on the labels' test split (and its validation slice) and write the report (JSON,
+    Markdown, PNG, and curve.png when there is a quality-cost curve); returns its ref. `labels`: the aggregate
+    step's ref (rows in memory when the run just computed them) or a labels fingerprint; the router and the test
+    scores come from the store. A router with a frozen encoder is applied to the embed step's cells (`embed_fp`)
+    when given. `sources`, `experts`, `shards`: what the labels combine (the plan's); `costs`: expert -> cost of one
+    call, for every expert or None; `lam`: the routing lambda; `fallback_below`: routing.fallback_below."""
+    ref = labels if isinstance(labels, LabelsRef) else LabelsRef.read(store, labels)
+    labels_fp = ref.fingerprint
     key = {"labels": labels_fp, "router": router_fp, "code": CODE_VERSION}
     if fallback_below:  # off: the same fingerprint as before the option existed
         key["fallback_below"] = fallback_below
     fp = fingerprint(key | {"costs": costs, "lambda": lam} if costs or lam else key)  # no costs: the same fp as before
     if store.exists(report_path(fp)):
-        return fp, read_report(store, fp)
-    labels = pl.from_arrow(store.read_table(labels_path(labels_fp), LABELS))
-    names = store.read_meta(labels_path(labels_fp))["experts"]
+        return EvalRef(fingerprint=fp, report=read_report(store, fp))
+    labels, names = ref.frame(store), ref.experts
     if costs is not None and (missing := [e for e in names if e not in costs]):
         raise ConfigError(f"expert costs: no cost for {missing}; give every expert a cost (`cost`, or "
                           "`routing.costs` in a `zooter train` config) or none")
@@ -354,7 +355,7 @@ def run_evaluate(store: Store, labels_fp: str, router_fp: str, sources: list[Sco
     if report.curve is not None:
         store.write_bytes(curve_path(fp), plot_cost_curve(report.curve, report.lam))
     store.write_json(report_path(fp), report.model_dump(mode="json"))  # last: the report exists when this does
-    return fp, report
+    return EvalRef(fingerprint=fp, report=report)
 
 
 def _rewards(rows: pl.DataFrame) -> np.ndarray:

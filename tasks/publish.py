@@ -28,6 +28,7 @@ from schemas.artifacts import CHAMPION_PATH, LABELS, evaluation_dir, labels_path
 from schemas.evaluation import Champion, EvalReport, read_champion
 from schemas.leases import Leases
 from schemas.manifest import ChampionDecision
+from schemas.plan import LabelsRef
 from schemas.store import Store
 from tasks.aggregate import train_val
 
@@ -49,13 +50,17 @@ def reward_on(router, rows: pl.DataFrame, names: list[str]) -> float | None:
     return float(np.nanmean(rewards[np.arange(rows.height), picked]))
 
 
-def remeasure(store: Store, champion: Champion, challenger_fp: str, report: EvalReport
-              ) -> tuple[float | None, float | None, int]:
+def remeasure(store: Store, champion: Champion, challenger_fp: str, report: EvalReport,
+              labels_ref: LabelsRef | None = None) -> tuple[float | None, float | None, int]:
     """(challenger reward, champion reward, queries) on the challenger's validation queries that the champion did
-    not train on either (see the module docstring)."""
+    not train on either (see the module docstring). `labels_ref`: the challenger's labels as the run holds them
+    (else read from the store)."""
     from cluster.router import Router  # torch + transformers: only when a re-measurement is needed
 
-    labels, names = _labels(store, report.labels)
+    if labels_ref is not None and labels_ref.fingerprint == report.labels:
+        labels, names = labels_ref.frame(store), labels_ref.experts
+    else:
+        labels, names = _labels(store, report.labels)
     seed = report.validation.seed if report.validation else 0
     _, val = train_val(labels, seed)
     old = None
@@ -89,18 +94,20 @@ def decide(challenger: float | None, champion: float | None, has_champion: bool)
 
 
 def publish(store: Store, router_fp: str, eval_fp: str, report: EvalReport, run_id: str,
-            leases: Leases | None = None) -> ChampionDecision:
+            leases: Leases | None = None, labels: LabelsRef | None = None) -> ChampionDecision:
     """Compare the run's router with the champion on validation, write the champion record if it wins; return the
     decision. Concurrent runs publish one after the other, under a lease on the champion record: the run's
-    `leases`, or leases of this call's own (closed when it returns)."""
+    `leases`, or leases of this call's own (closed when it returns). `labels`: the run's labels ref, for a
+    re-measurement on its validation slice without reading them back."""
     if leases is None:
         with Leases(store, owner=run_id) as own:
-            return publish(store, router_fp, eval_fp, report, run_id, own)
+            return publish(store, router_fp, eval_fp, report, run_id, own, labels)
     with leases.hold(CHAMPION_PATH):
-        return _publish(store, router_fp, eval_fp, report, run_id)
+        return _publish(store, router_fp, eval_fp, report, run_id, labels)
 
 
-def _publish(store: Store, router_fp: str, eval_fp: str, report: EvalReport, run_id: str) -> ChampionDecision:
+def _publish(store: Store, router_fp: str, eval_fp: str, report: EvalReport, run_id: str,
+             labels: LabelsRef | None = None) -> ChampionDecision:
     challenger, test = report.val_reward, report.router_reward
     val = report.validation
     queries = val.queries if val else None
@@ -116,7 +123,7 @@ def _publish(store: Store, router_fp: str, eval_fp: str, report: EvalReport, run
                 and old.val_unseen):
             champ = old.val_reward
         else:
-            challenger, champ, queries = remeasure(store, old, router_fp, report)
+            challenger, champ, queries = remeasure(store, old, router_fp, report, labels)
     decision, reason = decide(challenger, champ, old is not None)
     if decision == "promoted":
         new = Champion(router=router_dir(router_fp), evaluation=evaluation_dir(eval_fp), labels=report.labels,

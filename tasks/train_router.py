@@ -18,17 +18,16 @@ import polars as pl
 
 from cluster import models
 from schemas.artifacts import (
-    LABELS,
     ROUTER_JSON,
     embeddings_dir,
     fingerprint,
-    labels_path,
     router_file,
     router_train_dir,
 )
 from schemas.config import AggregateConfig, RouterConfig
 from schemas.errors import ArtifactError, ConfigError
 from schemas.leases import compute_once
+from schemas.plan import LabelsRef, RouterRef
 from schemas.store import Store
 from tasks.aggregate import refit_targets, train_val
 
@@ -90,35 +89,34 @@ def fit_targets(labels: pl.DataFrame, seed: int, agg: AggregateConfig) -> tuple[
     return both.head(train.height), both.tail(val.height)
 
 
-def run_train_router(store: Store, labels_fp: str, cfg: RouterConfig, embed_fp: str | None = None,
-                     encoder_identity: str | None = None) -> tuple[str, dict]:
-    """Train unless this exact router exists; returns (router fingerprint, the router's metadata file).
+def run_train_router(store: Store, labels: LabelsRef | str, cfg: RouterConfig, embed_fp: str | None = None,
+                     encoder_identity: str | None = None) -> RouterRef:
+    """Train unless this exact router exists; returns its ref (fingerprint and metadata file). `labels`: the
+    aggregate step's ref (its rows in memory when the run just computed them), or a labels fingerprint.
     With `cfg.freeze_encoder`, `embed_fp` names the embedding cells the head trains on. Leased: two runs that
     need the same router train it once, the other waits for it."""
+    labels = labels if isinstance(labels, LabelsRef) else LabelsRef.read(store, labels)
     encoder_identity = encoder_identity or models.identity(cfg.encoder)  # the plan's, in a run
-    fp = router_fingerprint(cfg, labels_fp, encoder_identity)
+    fp = router_fingerprint(cfg, labels.fingerprint, encoder_identity)
     done = router_file(fp, ROUTER_JSON)
 
     def compute(keys: list[str], claim: Callable[[str], bool]) -> Iterator[str]:
         if claim(fp):
-            _train(store, labels_fp, cfg, embed_fp, fp, encoder_identity)
+            _train(store, labels, cfg, embed_fp, fp, encoder_identity)
             yield fp
 
     compute_once(store, [fp], lambda _: done, lambda _: store.exists(done), compute)
-    return fp, store.read_json(done)
+    return RouterRef(fingerprint=fp, meta=store.read_json(done))
 
 
-def _train(store: Store, labels_fp: str, cfg: RouterConfig, embed_fp: str | None, fp: str,
+def _train(store: Store, ref: LabelsRef, cfg: RouterConfig, embed_fp: str | None, fp: str,
            encoder_identity: str) -> None:
     # torch and Ray Train: imported when a router trains, not by every import of the flow (`zooter serve`)
     from cluster.router import build_from_config, save
     from cluster.train import fit
 
-    labels = pl.from_arrow(store.read_table(labels_path(labels_fp), LABELS))
-    meta = store.read_meta(labels_path(labels_fp))
-    experts = meta["experts"]
-    agg = AggregateConfig.model_validate({k: meta[k] for k in AggregateConfig.model_fields if k in meta})
-    train, val = fit_targets(labels, cfg.seed, agg)
+    labels_fp, experts, agg = ref.fingerprint, ref.experts, ref.aggregate
+    train, val = fit_targets(ref.frame(store), cfg.seed, agg)
     if train.height == 0:
         raise ConfigError(f"labels {labels_fp}: no training rows (data.test_fraction leaves none)")
     if cfg.loss == "bce":

@@ -42,7 +42,8 @@ def staged(config: Path) -> str:
     run_tag(store, tagger, shards)
     experts = [(e.name, expert_fingerprint(e)) for e in cfg.experts]
     sources = [ScoreSource(rm.name, rm_fingerprint(rm), rm.weight) for rm in cfg.reward_models]
-    return run_aggregate(store, experts, sources, tagger.fingerprint, shards, cfg.aggregate, cfg.data.test_fraction)[0]
+    return run_aggregate(store, experts, sources, tagger.fingerprint, shards, cfg.aggregate,
+                         cfg.data.test_fraction).fingerprint
 
 
 def cells(root: Path) -> dict[str, tuple[str, pl.DataFrame]]:

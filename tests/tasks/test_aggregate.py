@@ -149,14 +149,17 @@ def test_run_aggregate_writes_labels_in_expert_order_once(tmp_path):
         store.write_table(score_path("rm", "r1", name, efp, 0),
                           pa.table({"query_id": ids, "score": rewards[name], "flag": [None, None]}), SCORES)
     agg = AggregateConfig(beta=1.0)
-    fp, rows = run_aggregate(store, EXPERTS, SOURCES[:1], "tagfp", [0], agg, 0.25)
+    ref = run_aggregate(store, EXPERTS, SOURCES[:1], "tagfp", [0], agg, 0.25)
+    fp, rows = ref.fingerprint, ref.rows
     assert (fp, rows) == (labels_fingerprint(EXPERTS, SOURCES[:1], "tagfp", [0], agg, 0.25), 2)
     df = pl.from_arrow(store.read_table(labels_path(fp), LABELS))
     assert df["rewards"].to_list() == [[1.0, 0.0], [0.0, 2.0]]  # a, b order
     assert df["target"].to_list()[1] == pytest.approx([1 / (1 + math.exp(2)), 1 / (1 + math.exp(-2))])
     meta = store.read_meta(labels_path(fp))
     assert (meta["experts"], meta["beta"], meta["tag_temperature"]) == (["a", "b"], 1.0, None)
-    assert run_aggregate(store, EXPERTS, SOURCES[:1], "tagfp", [0], agg, 0.25) == (fp, 2)  # reused
+    again = run_aggregate(store, EXPERTS, SOURCES[:1], "tagfp", [0], agg, 0.25)  # reused: read from the footer
+    assert (again.fingerprint, again.rows, again.aggregate, again.experts) == (fp, 2, agg, [e for e, _ in EXPERTS])
+    assert again.frame(store).equals(ref.frame(store))
 
 
 def _score_store(tmp_path, scores: dict[str, list[float]]) -> Store:

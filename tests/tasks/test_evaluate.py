@@ -201,7 +201,7 @@ def test_held_out_scores_come_from_aggregate_and_equal_a_scan_of_the_score_cells
                 store.write_table(score_path(src.rm, src.rm_fp, e, efp, s), pa.table({
                     "query_id": ids, "score": [None if src.rm == "judge" and i == 1 else float(i + s + len(e))
                                                for i in range(4)], "flag": [None] * 4}), SCORES)
-    labels_fp, _ = run_aggregate(store, experts, sources, "tg", shards, AggregateConfig(), 0.5)
+    labels_fp = run_aggregate(store, experts, sources, "tg", shards, AggregateConfig(), 0.5).fingerprint
     labels = pl.from_arrow(store.read_table(labels_path(labels_fp), LABELS))
     test = labels.filter(pl.col("split") == "test")
     cols = ["query_id", "expert", "rm"]

@@ -110,7 +110,7 @@ def test_labels_without_training_rows_are_a_config_error(tmp_path):
     store = Store(str(tmp_path))
     store.write_table(labels_path("l1"), pa.table({
         "query_id": ["q1"], "text": ["t"], "split": ["test"], "tags": [[]], "rewards": [[1.0, 0.0]],
-        "soft": [[0.7, 0.3]], "target": [[0.7, 0.3]]}), LABELS, {"fingerprint": "l1", "experts": ["a", "b"]})
+        "soft": [[0.7, 0.3]], "target": [[0.7, 0.3]]}), LABELS, {"fingerprint": "l1", "experts": ["a", "b"], "rows": 1})
     with pytest.raises(ConfigError, match="labels l1: no training rows"):
         run_train_router(store, "l1", RouterConfig())
     assert not [p for p in (tmp_path / "leases").rglob("*") if p.is_file()]  # the router's lease was given back
