@@ -31,6 +31,17 @@ def check_plot(path: Path, store_root: Path | None = None, overwrite: bool = Fal
 
 
 def plot_labels(summary: dict, path: str | Path, title: str = "") -> Path:
+    """The label summary's figure (`labels_figure`) as a PNG at `path`, written whole or not at all."""
+    fig = labels_figure(summary, title)
+    try:  # the complete PNG or none (the temporary name has no .png suffix: the format is given)
+        return write_file(Path(path), lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    finally:
+        plt.close(fig)
+
+
+def labels_figure(summary: dict, title: str = ""):
+    """A label summary (tasks/inspect.py) drawn: a tag x expert heatmap of the mean target probability (blank where
+    a tag has none) beside each expert's win rate as a bar."""
     experts = [r["expert"] for r in summary["experts"]]
     tags = [r["tag"] for r in summary["tag_target"]]
     grid = np.array([[r[e] if r[e] is not None else np.nan for e in experts] for r in summary["tag_target"]],
@@ -58,10 +69,7 @@ def plot_labels(summary: dict, path: str | Path, title: str = "") -> Path:
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    try:  # the complete PNG or none (the temporary name has no .png suffix: the format is given)
-        return write_file(Path(path), lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    finally:
-        plt.close(fig)
+    return fig
 
 
 def plot_cost_curve(curve: CostCurve, lam: float = 0.0) -> bytes:
