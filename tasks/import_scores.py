@@ -18,14 +18,15 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
+from pydantic import BaseModel, ConfigDict, Field
 
 from schemas.artifacts import QUERIES, SCORES, fingerprint, import_path, queries_path, score_path
 from schemas.config import NAME_RE, SCORE_LIMIT
-from schemas.errors import ArtifactError, InputError
+from schemas.errors import InputError
+from schemas.plan import Expert
 from schemas.store import Store
 from tasks.ingest import store_shards, text_id, write_shards
 
@@ -36,17 +37,19 @@ ROUTERDC_BINARY = {"mmlu", "cmmlu", "arc_challenge"}
 _ROUTERDC_FILE = re.compile(r"^(?P<task>.+?)[_-](?P<split>train|test)\.json$")
 
 
-@dataclass(frozen=True)
-class ImportRecord:
-    name: str  # also the reward model's name in score paths
-    rm_fingerprint: str
-    experts: list[tuple[str, str]]
-    shards: list[int]
-    rows: int
-    queries: int
+class ImportRecord(BaseModel):
+    """`imports/<name>.json`: what one `zooter import-scores` wrote (a `zooter train` config's `source`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str = Field(description="The import's name; also its reward model's name in score paths.")
+    rm_fingerprint: str = Field(description="The imported scores' fingerprint (a hash of the scores).")
+    experts: list[Expert] = Field(description="The imported experts (name, fingerprint), in column order.")
+    shards: list[int] = Field(description="The query shards the scores cover.")
+    rows: int = Field(description="Scores imported.")
+    queries: int = Field(description="Queries imported.")
 
     def to_json(self) -> dict:
-        return self.__dict__ | {"experts": [list(e) for e in self.experts]}
+        return self.model_dump(mode="json")
 
 
 def read_routerdc(folder: str | Path) -> pl.DataFrame:
@@ -204,7 +207,8 @@ def import_scores(store: Store, long: pl.DataFrame, name: str = "imported", shar
             store.write_table(rel, cell.to_arrow(), SCORES,
                               {"stage": "scores", "fingerprint": rm_fp, "rm": name, "expert": e,
                                "expert_fingerprint": efp, "shard": s, "imported": True})
-    rec = ImportRecord(name, rm_fp, efps, shards, long.height, queries.height)
+    rec = ImportRecord(name=name, rm_fingerprint=rm_fp, experts=efps, shards=shards, rows=long.height,
+                       queries=queries.height)
     store.write_json(import_path(name), rec.to_json())
     return rec
 
@@ -213,10 +217,4 @@ def read_import(store: Store, name: str) -> ImportRecord:
     rel = import_path(name)
     if not store.exists(rel):
         raise InputError(f"{store.uri(rel)}: no import named {name!r}; run `zooter import-scores` first")
-    try:
-        d = store.read_json(rel)
-        return ImportRecord(d["name"], d["rm_fingerprint"], [tuple(e) for e in d["experts"]], d["shards"],
-                            d["rows"], d["queries"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise ArtifactError(f"{store.uri(rel)}: corrupted import record ({type(e).__name__}: {e}); run "
-                            "`zooter import-scores` again") from None
+    return store.read_model(rel, ImportRecord, "corrupted import record ({why}); run `zooter import-scores` again")
