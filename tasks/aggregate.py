@@ -26,7 +26,7 @@ from schemas.artifacts import (
 )
 from schemas.config import SCORE_LIMIT, AggregateConfig
 from schemas.errors import ArtifactError
-from schemas.plan import LabelsRef, ScoreSource
+from schemas.plan import Expert, LabelsRef, ScoreSource
 from schemas.store import Store
 
 CODE_VERSION = 1
@@ -119,7 +119,7 @@ def refit_targets(rows: pl.DataFrame, fit: pl.Series, agg: AggregateConfig) -> p
     return rows.drop("target").join(target, on="query_id", how="left", maintain_order="left").select(rows.columns)
 
 
-def labels_fingerprint(experts: list[tuple[str, str]], sources: list[ScoreSource], tagger_fp: str,
+def labels_fingerprint(experts: list[Expert], sources: list[ScoreSource], tagger_fp: str,
                        shards: list[int], agg: AggregateConfig, test_fraction: float) -> str:
     d = {"experts": experts, "scores": [s.__dict__ for s in sources], "tagger": tagger_fp, "shards": shards,
          "beta": agg.beta, "temperature": agg.temperature, "test_fraction": test_fraction, "code": CODE_VERSION}
@@ -128,7 +128,7 @@ def labels_fingerprint(experts: list[tuple[str, str]], sources: list[ScoreSource
     return fingerprint(d)
 
 
-def scan_scores(store: Store, experts: list[tuple[str, str]], sources: list[ScoreSource],
+def scan_scores(store: Store, experts: list[Expert], sources: list[ScoreSource],
                 shards: list[int]) -> pl.LazyFrame:
     """Every score cell as one long frame: (query_id, score, expert, rm, weight)."""
     return pl.concat([
@@ -137,13 +137,13 @@ def scan_scores(store: Store, experts: list[tuple[str, str]], sources: list[Scor
         for src in sources for name, efp in experts])
 
 
-def scores_key(experts: list[tuple[str, str]], sources: list[ScoreSource], shards: list[int]) -> str:
+def scores_key(experts: list[Expert], sources: list[ScoreSource], shards: list[int]) -> str:
     """Names the score cells `scan_scores` reads (the test scores' file name: evaluate finds them only for its own
     experts, RMs and shards; weights change no score)."""
     return fingerprint({"experts": experts, "scores": [(s.rm, s.rm_fp) for s in sources], "shards": shards})
 
 
-def label_plans(store: Store, experts: list[tuple[str, str]], sources: list[ScoreSource], tagger_fp: str,
+def label_plans(store: Store, experts: list[Expert], sources: list[ScoreSource], tagger_fp: str,
                 shards: list[int], agg: AggregateConfig, test_fraction: float) -> tuple[pl.LazyFrame, pl.LazyFrame]:
     """(labels, test scores) over one scan of the score cells: one row per query with rewards / soft / target as
     lists in `experts` order; and (query_id, expert, rm, score) of the test split's queries (HELD_OUT_SCORES)."""
@@ -165,7 +165,7 @@ def label_plans(store: Store, experts: list[tuple[str, str]], sources: list[Scor
     return queries.join(wide, on="query_id").select(LABELS.names).sort("query_id"), test
 
 
-def build_labels(store: Store, experts: list[tuple[str, str]], sources: list[ScoreSource], tagger_fp: str,
+def build_labels(store: Store, experts: list[Expert], sources: list[ScoreSource], tagger_fp: str,
                  shards: list[int], agg: AggregateConfig, test_fraction: float,
                  engine: Engine = "streaming") -> pl.DataFrame:
     """The labels (`label_plans`). `engine`: Polars' engine for the plan. Streaming by default: at 10M score rows it
@@ -182,7 +182,7 @@ def out_of_range(scores: pl.LazyFrame) -> pl.LazyFrame:
     return scores.filter(big).select("rm", "expert", "query_id", "score").head(1)
 
 
-def check_finite(labels: pl.DataFrame, experts: list[tuple[str, str]]) -> None:
+def check_finite(labels: pl.DataFrame, experts: list[Expert]) -> None:
     """Labels never hold a non-finite reward, soft label or target (they would train a NaN router): the first
     one is an ArtifactError naming the query, the expert and the column, before anything is written."""
     for col in ("rewards", "soft", "target"):
@@ -195,7 +195,7 @@ def check_finite(labels: pl.DataFrame, experts: list[tuple[str, str]]) -> None:
                                 "reward_models.*.weight or rescale the scores; nothing was written")
 
 
-def run_aggregate(store: Store, experts: list[tuple[str, str]], sources: list[ScoreSource], tagger_fp: str,
+def run_aggregate(store: Store, experts: list[Expert], sources: list[ScoreSource], tagger_fp: str,
                   shards: list[int], agg: AggregateConfig, test_fraction: float) -> LabelsRef:
     """Write the labels artifact unless it exists, and beside it the test queries' scores (`held_out_scores_path`:
     evaluate reads them there instead of every score cell again); returns its ref, with the rows in memory when

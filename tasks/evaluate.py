@@ -44,7 +44,7 @@ from schemas.artifacts import (
 )
 from schemas.errors import ArtifactError, ConfigError
 from schemas.evaluation import CostCurve, CurvePoint, EvalReport, PerTag, StrategyRow, Validation, fmt, read_report
-from schemas.plan import EvalRef, LabelsRef
+from schemas.plan import EvalRef, Expert, LabelsRef
 from schemas.store import Store
 from tasks.aggregate import ScoreSource, scan_scores, scores_key, train_val
 from tasks.baselines import Rows, fit_baselines
@@ -298,7 +298,7 @@ def _curve_markdown(report: EvalReport) -> str:
 
 
 def run_evaluate(store: Store, labels: LabelsRef | str, router_fp: str, *, sources: list[ScoreSource],
-                 experts: list[tuple[str, str]], shards: list[int], embed_fp: str | None = None,
+                 experts: list[Expert], shards: list[int], embed_fp: str | None = None,
                  costs: dict[str, float] | None = None, lam: float = 0.0, fallback_below: float = 0.0) -> EvalRef:
     """Evaluate the router on the labels' test split (and its validation slice) and write the report (JSON,
     Markdown, PNG, and curve.png when there is a quality-cost curve); returns its ref. `labels`: the aggregate
@@ -380,7 +380,7 @@ def baseline_choices(train: pl.DataFrame, train_x: np.ndarray, test: pl.DataFram
     return {name: b.route(Rows(test_x, test["tags"].to_list())) for name, b in fitted.items()}
 
 
-def held_out_scores(store: Store, labels_fp: str, test: pl.DataFrame, experts: list[tuple[str, str]],
+def held_out_scores(store: Store, labels_fp: str, test: pl.DataFrame, experts: list[Expert],
                     sources: list[ScoreSource], shards: list[int]) -> pl.DataFrame:
     """(query_id, expert, rm, score) of the `test` label rows: from the file aggregate wrote beside the labels (one
     read), else (labels written before it did so, or not by `run_aggregate`) from every score cell again."""
