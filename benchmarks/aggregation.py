@@ -7,8 +7,9 @@ plus the queries and tag cells. RM `judge` (weight 1): a normal score, 1 % null;
 
 Variants, each in its own process (peak RSS = that process's `ru_maxrss`; time = the computation only, imports
 and data generation excluded), median of --repeats (one run where the first takes over a minute):
-    polars_streaming  tasks/aggregate.py `build_labels` as the flow calls it (combine -> softmax -> tag
-                      enhance -> one row per query with lists), on Polars' streaming engine (the flow's default)
+    polars_streaming  tasks/aggregate.py `label_plans`, the labels plan `run_aggregate` collects in the flow
+                      (combine -> softmax -> tag enhance -> one row per query with lists), on Polars' streaming
+                      engine (the flow's)
     polars_in_memory  the same on the in-memory engine
     pandas            the same computation written in pandas (read every cell, groupby/transform/explode/merge)
 The outputs must agree to 1e-9 (asserted). Goals (on the flow's engine): pandas / polars time >= 5, Polars peak
@@ -87,10 +88,10 @@ def make_data(root: Path, n_queries: int, seed: int = 0) -> list[int]:
 def run_polars(root: Path, shards: list[int], engine: str) -> pa.Table:
     from schemas.config import AggregateConfig
     from schemas.store import Store
-    from tasks.aggregate import build_labels
+    from tasks.aggregate import label_plans
 
-    return build_labels(Store(str(root)), EXPERTS, sources(), TAGGER, shards, AggregateConfig(), 0.25,
-                        engine=engine).to_arrow()
+    labels, _ = label_plans(Store(str(root)), EXPERTS, sources(), TAGGER, shards, AggregateConfig(), 0.25)
+    return labels.collect(engine=engine).to_arrow()
 
 
 def run_pandas(root: Path, shards: list[int]) -> pa.Table:
@@ -227,7 +228,7 @@ def main() -> None:
         res["max_abs_diff"] = {v: compare(outs[base], outs[v]) for v in variants[1:]}
         assert all(d <= 1e-9 for d in res["max_abs_diff"].values()), res["max_abs_diff"]
     res["setup"]["load_after"] = round(os.getloadavg()[0], 2)
-    best = "polars_streaming"  # the flow's engine (tasks/aggregate.py build_labels)
+    best = "polars_streaming"  # the flow's engine (tasks/aggregate.py run_aggregate)
     if "pandas" in variants and best in variants:
         res["speedup_pandas_over_polars"] = round(res["pandas"]["seconds_median"] / res[best]["seconds_median"], 2)
         res["cpu_ratio_pandas_over_polars"] = round(res["pandas"]["cpu_seconds_median"]

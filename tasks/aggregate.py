@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Literal
 
 import polars as pl
 
@@ -30,7 +29,6 @@ from schemas.plan import Expert, LabelsRef, ScoreSource
 from schemas.store import Store
 
 CODE_VERSION = 1
-Engine = Literal["auto", "in-memory", "streaming"]
 
 
 def hash_split(query_ids: list[str], test_fraction: float, salt: str = "split") -> list[str]:
@@ -165,16 +163,6 @@ def label_plans(store: Store, experts: list[Expert], sources: list[ScoreSource],
     return queries.join(wide, on="query_id").select(LABELS.names).sort("query_id"), test
 
 
-def build_labels(store: Store, experts: list[Expert], sources: list[ScoreSource], tagger_fp: str,
-                 shards: list[int], agg: AggregateConfig, test_fraction: float,
-                 engine: Engine = "streaming") -> pl.DataFrame:
-    """The labels (`label_plans`). `engine`: Polars' engine for the plan. Streaming by default: at 10M score rows it
-    took about half the peak memory (1.2 vs 2.1 GiB) and half the CPU time of the in-memory engine
-    (benchmarks/aggregation.py); the labels are equal to rounding (sums may run in another order -- so they do
-    between two in-memory runs as well)."""
-    return label_plans(store, experts, sources, tagger_fp, shards, agg, test_fraction)[0].collect(engine=engine)
-
-
 def out_of_range(scores: pl.LazyFrame) -> pl.LazyFrame:
     """The first score (rm, expert, query_id, score) outside [-SCORE_LIMIT, SCORE_LIMIT]: finite, but large enough
     that weights x scores could overflow (NaN/inf are null, flagged, by the score step and import)."""
@@ -208,6 +196,9 @@ def run_aggregate(store: Store, experts: list[Expert], sources: list[ScoreSource
     if store.valid_cell(rel, LABELS, fp):
         return ref.model_copy(update={"rows": store.read_meta(rel)["rows"]})
     big = out_of_range(scan_scores(store, experts, sources, shards))
+    # Polars' streaming engine: at 10M score rows about half the peak memory (1.2 vs 2.1 GiB) and half the CPU time
+    # of the in-memory engine (benchmarks/aggregation.py); the labels are equal to rounding (sums may run in another
+    # order -- so they do between two in-memory runs as well)
     df, test, big = pl.collect_all([*label_plans(store, experts, sources, tagger_fp, shards, agg, test_fraction),
                                     big], engine="streaming")
     if big.height:

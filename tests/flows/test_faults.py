@@ -193,7 +193,7 @@ def test_sigkilled_run_resumes_without_recomputing_a_finished_cell(tmp_path, tin
     _no_duplicate_ids(root)
     assert m["labels"] == ref["labels"]
     store, ref_store = Store(str(root)), Store(str(ref_root))
-    # the same labels, to rounding (Polars' streaming sums may run in another order: tasks.aggregate.build_labels)
+    # the same labels, to rounding (Polars' streaming sums may run in another order: tasks.aggregate.run_aggregate)
     assert_frame_equal(_labels(store, m["labels"]), _labels(ref_store, ref["labels"]), check_exact=False)
     statuses = sorted(x["status"] for x in _manifests(root))
     assert statuses == ["completed"]  # the killed run never got to write its manifest; the rerun did

@@ -73,7 +73,7 @@ def test_pipelined_flow_makes_the_staged_orders_cells_and_scoring_overlaps_gener
     assert m.labels == labels_fp
     a, b = (pl.from_arrow(Store(str(root)).read_table(labels_path(labels_fp), LABELS))
             for root in (labeled.root, tmp_path / "staged" / "store"))
-    # equal to rounding: Polars' streaming engine may sum the tag means in another order (tasks.aggregate.build_labels)
+    # equal to rounding: Polars' streaming engine may sum the tag means in another order (tasks.aggregate.run_aggregate)
     assert_frame_equal(a, b, check_exact=False)
 
     # Recorded job times: some reward model started scoring before the last generation job ended.

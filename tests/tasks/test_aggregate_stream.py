@@ -1,5 +1,6 @@
-"""build_labels on Polars' streaming engine gives the same labels as the in-memory engine (to rounding), over real
-score cells (several shards, two reward models with null scores, queries without tags)."""
+"""The labels plan (`label_plans`, what run_aggregate collects) on Polars' streaming engine gives the same labels as
+the in-memory engine (to rounding), over real score cells (several shards, two reward models with null scores,
+queries without tags)."""
 
 import numpy as np
 import pyarrow as pa
@@ -8,7 +9,7 @@ import pytest
 from schemas.artifacts import QUERIES, SCORES, TAGS, queries_path, score_path, tags_path
 from schemas.config import AggregateConfig
 from schemas.store import Store
-from tasks.aggregate import ScoreSource, build_labels
+from tasks.aggregate import ScoreSource, label_plans
 
 EXPERTS = [("a", "fa"), ("b", "fb"), ("c", "fc")]
 SOURCES = [ScoreSource("judge", "fj", 1.0), ScoreSource("exact", "fx", 0.5)]
@@ -37,8 +38,8 @@ def _store(tmp_path, shards: int = 3, n: int = 40) -> Store:
 def test_streaming_engine_gives_the_same_labels(tmp_path, tag_temperature):
     store = _store(tmp_path)
     agg = AggregateConfig(beta=0.3, tag_temperature=tag_temperature)
-    base = build_labels(store, EXPERTS, SOURCES, "tg", [0, 1, 2], agg, 0.25, engine="in-memory")
-    stream = build_labels(store, EXPERTS, SOURCES, "tg", [0, 1, 2], agg, 0.25, engine="streaming")
+    plan = label_plans(store, EXPERTS, SOURCES, "tg", [0, 1, 2], agg, 0.25)[0]
+    base, stream = plan.collect(engine="in-memory"), plan.collect(engine="streaming")
     assert base.height == 120 and base["query_id"].is_sorted()
     assert base.drop("rewards", "soft", "target").equals(stream.drop("rewards", "soft", "target"))
     for c in ("rewards", "soft", "target"):  # the engines may sum in another order: equal to rounding
