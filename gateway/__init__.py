@@ -12,12 +12,14 @@
 - `GET /v1/models`, `GET /health` (never behind the key), `GET /metrics` (Prometheus text).
 
 Errors have OpenAI's shape `{"error": {"message", "type", "param", "code"}}`: 400 malformed body (`param` names the
-field), 401 missing or wrong bearer key, 404 unknown model or router, 502 expert unreachable or failing (names it),
-504 expert timed out. An expert's own 4xx answer is passed through as it came.
+field), 401 missing or wrong bearer key, 404 unknown model or router, 408 body too slow, 413 body too large, 429 the
+router's queue is full, 502 expert unreachable or failing (names it), 504 expert timed out. An expert's own error
+answer is summarised, never relayed (`errors.upstream_status`). Every limit and its default: docs/failures.md.
 
 The champion is re-read from the store's `champion.json` every `reload_s` seconds in the background; a promotion
 swaps the router (and its recorded costs and lambda) in once it has loaded, with no restart. Routers are called in
-a thread pool, one call at a time per router (a fast tokenizer must not be shared by threads).
+a worker thread of their own, one call at a time per router (a fast tokenizer must not be shared by threads), each
+call taking up to 32 of the requests queued for it.
 
 Modules: `app` (the FastAPI app and `serve`), `routers` (the champion's routing policy and the loaded routers),
 `experts` (endpoints and local experts), `errors` (the OpenAI error shape).
