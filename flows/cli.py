@@ -110,9 +110,9 @@ def run(config: ConfigArg, json_out: JsonOpt = False) -> Result:
 
     def show(c: Console) -> None:
         _show_outcome(c, out)
-        c.print(f"reward: the mean combined reward of the answers each strategy picks on the "
-                f"{out.report.test_queries} held-out queries (higher is better); the oracle picks each query's "
-                "best expert in hindsight (an upper bound)")
+        c.print(f"reward: mean combined reward of the answers a strategy picks on the {out.report.test_queries} "
+                "held-out queries (higher is better);\n        the oracle picks each query's best expert in hindsight "
+                "(an upper bound)")
         messages.print(table)  # after the results, then what to do next with this run's store
         url = plan.config.store.url
         if "://" not in url and Path(url).is_relative_to(Path.cwd()):
