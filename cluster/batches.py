@@ -7,6 +7,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from schemas.artifacts import ROW_FAILED
+
 
 @dataclass
 class Generation:
@@ -17,6 +19,16 @@ class Generation:
     prompt_tokens: int
     new_tokens: int
     finish_reason: str
+    error: str | None = None  # this row failed alone (tokenizer, endpoint, context): why, one line; response ""
+
+
+FAILED = ROW_FAILED  # a failed row's finish_reason in a generation cell, and its flag in a score cell
+
+
+def failed_row(error: BaseException | str) -> Generation:
+    """The answer of a row that failed alone: no text, no tokens, the error kept (the cell records it)."""
+    why = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    return Generation("", 0, 0, FAILED, " ".join(why.split())[:500])
 
 
 def length_batches(lengths: Sequence[int], max_rows: int, per_batch: float = 0.0) -> list[list[int]]:

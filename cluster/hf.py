@@ -19,7 +19,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from cluster import models
-from cluster.batches import Generation, length_batches
+from cluster.batches import Generation, failed_row, length_batches
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # A forward pass's fixed cost (reading every weight once) in tokens of compute, for `length_batches`. Measured on a
@@ -100,10 +100,17 @@ class HFGenerator:
         bos = self.tok.bos_token
         if bos:  # chat templates usually carry BOS already; plain templates need it (Gemma is lost without it)
             prompts = [p if p.startswith(bos) else bos + p for p in prompts]
-        ids = [self.tok(p, add_special_tokens=False, truncation=True, max_length=max_prompt)["input_ids"]
-               for p in prompts]
         out: list[Generation | None] = [None] * len(prompts)
-        for idx in length_batches([len(x) for x in ids], batch_size, max_new_tokens * _step_tokens(self.device)):
+        ids: dict[int, list[int]] = {}
+        for i, p in enumerate(prompts):
+            try:  # a row the tokenizer refuses fails alone
+                ids[i] = self.tok(p, add_special_tokens=False, truncation=True, max_length=max_prompt)["input_ids"]
+            except Exception as e:  # noqa: BLE001 - recorded as that row's error
+                out[i] = failed_row(e)
+        rows = sorted(ids)
+        for batch in length_batches([len(ids[i]) for i in rows], batch_size,
+                                    max_new_tokens * _step_tokens(self.device)):
+            idx = [rows[b] for b in batch]
             enc = self.tok.pad({"input_ids": [ids[i] for i in idx]}, return_tensors="pt").to(self.device)
             kw: dict = {"max_new_tokens": max_new_tokens, "pad_token_id": self.tok.pad_token_id}
             if temperature > 0:

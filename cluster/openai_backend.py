@@ -8,12 +8,14 @@ Same interface as cluster/hf.py `HFGenerator` (`render`, `generate`), so the gen
 - template prompts go to `/completions` as text; the server tokenizes them by its own rule (e.g. whether it adds
   BOS), so their first tokens may differ from the in-process backends'.
 - Token counts are the response's `usage`; a prompt longer than the served context is the server's error (the
-  in-process backends cut it from the left).
+  in-process backends cut it from the left): that row fails alone (`row_failure`).
 
 Requests run concurrently, at most `max_in_flight` per actor. The `openai` client retries each one with
 exponential backoff (0.5 s doubling, at most 8 s, honouring Retry-After) on connection errors, timeouts, 408, 409,
-429 and 5xx; after `max_retries` retries the endpoint counts as down: `EndpointUnavailable` names the expert and
-URL. Other 4xx answers (bad key, unknown model, a rejected request) are a `ConfigError` at once.
+429 and 5xx; after `max_retries` retries that request's row fails alone (its error names the expert and URL; a run
+fails once more rows failed than `data.max_failed_fraction`), unless no request of the call got through: then the
+endpoint counts as down, `EndpointUnavailable`. A rejected request (400, 422: e.g. a prompt over the served context)
+fails its row too; a bad key or unknown model (401, 403, 404) is a `ConfigError` at once.
 
 The API key is read from the environment variable `api_key_env` at every `generate` call, in the actor's process:
 it is never an argument, a config value or part of anything written.
@@ -26,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import openai
 
-from cluster.batches import Generation
+from cluster.batches import Generation, failed_row
 from schemas.errors import ConfigError, ZooterError
 
 NO_KEY = "EMPTY"  # what the client sends where no key is configured (vLLM's convention; servers without auth ignore it)
@@ -84,6 +86,13 @@ def endpoint_error(e: openai.OpenAIError, expert: str, base_url: str, model: str
     return ConfigError(f"{where}: rejected the request ({said})")
 
 
+def row_failure(e: openai.OpenAIError) -> bool:
+    """Whether a failed request fails only its row: unreachable or overloaded after every retry, or a request the
+    endpoint rejected (e.g. a prompt longer than its context: 400). A refused key (401/403) or an unknown model
+    (404) is every row's problem: the stage stops."""
+    return not isinstance(e, openai.APIStatusError) or e.status_code not in (401, 403, 404)
+
+
 class OpenAIGenerator:
     backend = "openai"
 
@@ -109,7 +118,7 @@ class OpenAIGenerator:
         if stops := [s for s in (stop or []) if s]:
             kw["stop"] = stops
 
-        def one(prompt: str) -> Generation:
+        def one(prompt: str) -> Generation | ZooterError:
             try:
                 if self.chat:
                     r = api.chat.completions.create(messages=[{"role": "user", "content": prompt}], **kw)
@@ -118,8 +127,11 @@ class OpenAIGenerator:
                     r = api.completions.create(prompt=prompt, **kw)
                     text = r.choices[0].text
             except openai.OpenAIError as e:
-                raise endpoint_error(e, self.expert, self.base_url, self.model, self.max_retries + 1,
-                                     self.api_key_env) from None
+                err = endpoint_error(e, self.expert, self.base_url, self.model, self.max_retries + 1,
+                                     self.api_key_env)
+                if row_failure(e):  # this request's own failure (after the retries): the row fails alone
+                    return err
+                raise err from None
             if r.usage is None:
                 raise ConfigError(f"expert {self.expert!r}: {self.base_url} answered without `usage` (token counts "
                                   "the cells record); use an endpoint that reports it")
@@ -128,6 +140,10 @@ class OpenAIGenerator:
 
         pool = ThreadPoolExecutor(self.max_in_flight, thread_name_prefix=f"openai-{self.expert}")
         try:
-            return list(pool.map(one, prompts))
+            outs = list(pool.map(one, prompts))
         finally:
             pool.shutdown(cancel_futures=True)  # a failed request: the queued ones never start
+        down = [o for o in outs if isinstance(o, EndpointUnavailable)]
+        if down and len(down) == len(outs):  # no request got through: the endpoint is down, not one row's fault
+            raise down[0]
+        return [failed_row(str(o)) if isinstance(o, ZooterError) else o for o in outs]

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from cluster.pool import POLL_S, PoolUsage, run_pool
 from schemas.config import Resources
-from schemas.errors import ArtifactError
+from schemas.errors import ArtifactError, ZooterError
 from schemas.leases import Leases, compute_once
 from schemas.store import Store, cell_todo
 
@@ -54,6 +54,9 @@ class Stage(Generic[K]):
     # needs(key) -> the path of the cell (another stage's) the key's job reads; in a Pipeline the key starts once
     # that cell is valid. None: the inputs exist before the stage starts (queries).
     needs: Callable[[K], str] | None = None
+    # More failed rows (a job's `errors`: rows that failed alone, non-finite rewards) than this share of the
+    # stage's rows fail the stage, naming the first error; fewer are counted and left out of the labels.
+    max_failed_fraction: float = 1.0
 
 
 @dataclass
@@ -70,6 +73,8 @@ class StageResult(Generic[K]):
     seconds: float = 0.0  # wall time of the stage, actor start and model load included
     job_seconds: float = 0.0  # summed time inside the jobs (read, model, write)
     flags: dict[str, int] = field(default_factory=dict)  # flagged rows in the cells computed, by flag
+    failed: int = 0  # rows that failed alone in the cells computed (a cell with any is computed again next run)
+    first_error: str | None = None  # "query q1: ValueError: ..." (the first failed row's, in key order)
     nodes: list[str] = field(default_factory=list)  # Ray node ids of the actors that computed cells
     busy: float | None = None  # share of its actors' time (model loaded, until released) spent in jobs
     jobs_from: datetime | None = None  # when its first job in this run started (UTC)
@@ -87,6 +92,27 @@ class StageResult(Generic[K]):
         for k, n in out.get("flags", {}).items():
             if n:
                 self.flags[k] = self.flags.get(k, 0) + n
+        errors = out.get("errors") or []
+        self.failed += len(errors)
+        if errors and self.first_error is None:
+            self.first_error = f"query {errors[0][0]}: {errors[0][1]}"
+
+
+class TooManyFailedRows(ZooterError):
+    """More rows of a stage failed alone than `data.max_failed_fraction` allows."""
+
+
+def check_failed(label: str, res: StageResult, fraction: float) -> None:
+    """Fail the stage when its failed rows exceed `fraction` of its rows. The cells reused hold no failed row (a
+    cell with one is computed again), so the stage's rows are the computed ones plus the reused cells' at the
+    computed cells' mean size."""
+    if not res.failed:
+        return
+    total = res.rows + round(len(res.skipped) * res.rows / max(1, len(res.computed)))
+    if res.failed > fraction * total:
+        raise TooManyFailedRows(
+            f"{label}: {res.failed} of {total} rows failed, more than data.max_failed_fraction = {fraction:g}; "
+            f"first: {res.first_error}")
 
 
 class StageAborted(RuntimeError):
@@ -257,7 +283,8 @@ def _run(store: Store, stage: Stage[K], leases: Leases | None, pipe: Pipeline | 
         # one listing of the folder after a batch of leases (a run would then hold leases ahead of its actors), or
         # an exclusive write of the cell (If-None-Match) that fails when another run got there first (the jobs'
         # writes and compute_once would change).
-        return store.valid_cell(stage.path(k), stage.schema, stage.fingerprint)
+        why, meta = store.cell(stage.path(k), stage.schema, stage.fingerprint)
+        return why is None and not meta.get("failed")
 
     computed, by_others = compute_once(leases or store, todo, stage.path, valid, compute)
     if pipe is not None:
@@ -268,4 +295,5 @@ def _run(store: Store, stage: Stage[K], leases: Leases | None, pipe: Pipeline | 
     res.nodes = sorted(nodes)
     res.busy = usage.busy
     res.seconds = time.perf_counter() - t0
+    check_failed(f"{stage.step} {stage.name}", res, stage.max_failed_fraction)
     return res

@@ -13,7 +13,7 @@ import os
 import torch
 
 from cluster import models
-from cluster.batches import Generation
+from cluster.batches import Generation, failed_row
 from cluster.hf import render_chat
 
 # The CPU build's default KV cache takes a fraction of RAM that does not fit beside other actors; 1 GiB also
@@ -43,6 +43,33 @@ def _engine(ref: str, dtype: str, trust_remote_code: bool, max_model_len: int | 
     return LLM(**args)
 
 
+def tokenize_rows(tok, prompts: list[str], bos: str | None, limit: int) -> tuple[dict[int, list[int]], dict[int, str]]:
+    """(row -> token ids, BOS added where the text lacks it and cut from the left to `limit`; row -> error for the
+    rows the tokenizer refused): one bad row fails alone instead of the engine's whole batch."""
+    ids: dict[int, list[int]] = {}
+    failed: dict[int, str] = {}
+    for i, p in enumerate(prompts):
+        try:
+            ids[i] = tok((bos + p) if bos and not p.startswith(bos) else p, add_special_tokens=False)[
+                "input_ids"][-limit:]
+        except Exception as e:  # noqa: BLE001 - recorded as that row's error
+            failed[i] = f"{type(e).__name__}: {e}"
+    return ids, failed
+
+
+def over_context(lengths: dict[int, int], max_context: int, max_new_tokens: int) -> dict[int, str]:
+    """The rows vLLM would refuse, with why: no prompt token, or prompt + new tokens over `max_model_len`. vLLM
+    raises for the whole `generate` call on one such row, so they are taken out before it and fail alone."""
+    out = {}
+    for i, n in lengths.items():
+        if n == 0:
+            out[i] = "empty prompt (0 tokens)"
+        elif n + max_new_tokens > max_context:
+            out[i] = (f"prompt of {n} tokens + max_new_tokens {max_new_tokens} exceeds the context "
+                      f"(max_model_len {max_context})")
+    return out
+
+
 class VLLMGenerator:
     backend = "vllm"
 
@@ -69,15 +96,17 @@ class VLLMGenerator:
         # Same prompt handling as the hf backend: BOS added where the text lacks it, left-truncated to fit.
         bos = self.tok.bos_token
         limit = max(8, self.max_context - max_new_tokens)
-        inputs = []
-        for p in prompts:
-            if bos and not p.startswith(bos):
-                p = bos + p
-            ids = self.tok(p, add_special_tokens=False)["input_ids"][-limit:]
-            inputs.append(TokensPrompt(prompt_token_ids=ids))
-        outs = self.llm.generate(inputs, params, use_tqdm=False)
-        return [Generation(o.outputs[0].text.strip(), len(o.prompt_token_ids), len(o.outputs[0].token_ids),
-                           "length" if o.outputs[0].finish_reason == "length" else "stop") for o in outs]
+        ids, failed = tokenize_rows(self.tok, prompts, bos, limit)
+        failed.update(over_context({i: len(x) for i, x in ids.items()}, self.max_context, max_new_tokens))
+        out: list[Generation] = [failed_row(failed[i]) for i in range(len(prompts)) if i in failed]
+        rows = [i for i in range(len(prompts)) if i not in failed]
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=ids[i]) for i in rows], params,
+                                 use_tqdm=False) if rows else []
+        by_row = {i: Generation(o.outputs[0].text.strip(), len(o.prompt_token_ids), len(o.outputs[0].token_ids),
+                                "length" if o.outputs[0].finish_reason == "length" else "stop")
+                  for i, o in zip(rows, outs, strict=True)}
+        out_iter = iter(out)
+        return [by_row[i] if i in by_row else next(out_iter) for i in range(len(prompts))]
 
 
 class VLLMClassifierScorer:

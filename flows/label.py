@@ -50,9 +50,11 @@ def label_dag(plan: RunPlan) -> Outcome:
         log.info("ingest: %d queries in %d shards (%d new queries)", ing.n_queries, len(ing.shards), ing.n_new)
 
         inputs = submit_inputs(store, m, plan, leases)
-        gens = [produces(pipe, step(run_generate, name=f"generate-{e.name}").submit(store, e, ing.shards, leases),
+        most = cfg.data.max_failed_fraction  # rows that fail alone: more than this share fails the stage
+        gens = [produces(pipe, step(run_generate, name=f"generate-{e.name}").submit(store, e, ing.shards, leases,
+                                                                                    most),
                          f"generate {e.name}") for e in plan.experts]
-        scores = [step(run_score, name=f"score-{rm.name}").submit(store, rm, plan.experts, ing.shards, leases)
+        scores = [step(run_score, name=f"score-{rm.name}").submit(store, rm, plan.experts, ing.shards, leases, most)
                   for rm in plan.reward_models]
         try:
             settle(gens + scores + inputs.futures)

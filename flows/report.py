@@ -65,7 +65,8 @@ def report_table(report: EvalReport) -> Table:
     rows = report.table()
     labels = short_names(report.experts)
     header = [HEADERS.get(k, k) for k in (rows[0] if rows else ["strategy"])]
-    t = _table(*header, title=f"Evaluation on {report.test_queries} held-out queries")
+    left = f" ({report.left_out} queries left out: a row failed alone)" if report.left_out else ""
+    t = _table(*header, title=f"Evaluation on {report.test_queries} held-out queries{left}")
     for r in rows:
         name, *rest = map(fmt, r.values())
         t.add_row(_named(name, labels), *rest)
@@ -177,12 +178,12 @@ def stage_table(m: RunManifest, wall_s: float | None = None) -> Table:
 
 
 def _show_inspect(c: Console, info: dict, store: str) -> None:
-    t = Table("run", "status", "queries", "computed", "reused", "repaired", "flagged", "seconds",
+    t = Table("run", "status", "queries", "computed", "reused", "repaired", "flagged", "failed", "seconds",
               title=f"Runs in {store}")
     for r in info["runs"]:
         status = r["status"] + (f": {r['error']}" if r.get("error") else "")
         t.add_row(r["run_id"], status[:40], str(r["queries"]), str(r["cells_computed"]),
-                  str(r["cells_reused"]), str(r["cells_repaired"]), str(r["flagged"]),
+                  str(r["cells_reused"]), str(r["cells_repaired"]), str(r["flagged"]), str(r.get("failed", 0)),
                   "-" if r["seconds"] is None else f"{r['seconds']:.0f}")
     show_table(c, t)
     cells = info["cells"]
@@ -200,6 +201,12 @@ def _show_inspect(c: Console, info: dict, store: str) -> None:
         for f in cells["flags"]:
             t.add_row(f["reward_model"], f["expert"], str(f.get("empty_response", 0)), str(f.get("nonfinite", 0)))
         show_table(c, t)
+    if cells.get("failed"):
+        t = Table("stage", "model", "expert", "failed rows", "first error",
+                  title="Rows that failed alone (left out of the labels; the next run retries them)")
+        for f in cells["failed"]:
+            t.add_row(f["stage"], f["name"], f.get("expert", f["name"]), str(f["rows"]), f["first_error"][:120])
+        show_table(c, t)
     tags = info.get("tags")
     if tags and tags.get("cells"):
         fails = f", {tags['parse_failures']} parse failures" if "parse_failures" in tags else ""
@@ -208,7 +215,8 @@ def _show_inspect(c: Console, info: dict, store: str) -> None:
                 f"{fails}; top: " + ", ".join(f"{t['tag']} ({t['n']})" for t in tags["top"][:10]), soft_wrap=True)
     if "labels" in info:
         lab = info["labels"]
-        t = Table("expert", "mean reward", "win rate", title=f"Labels ({lab['rows']} queries)")
+        left = f", {lab['left_out']} left out: a row failed" if lab.get("left_out") else ""
+        t = Table("expert", "mean reward", "win rate", title=f"Labels ({lab['rows']} queries{left})")
         for r in lab["experts"]:
             t.add_row(r["expert"], fmt(r["mean_reward"]), fmt(r["win_rate"]))
         show_table(c, t)

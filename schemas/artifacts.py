@@ -39,8 +39,11 @@ GENERATIONS = pa.schema([
 SCORES = pa.schema([
     pa.field("query_id", pa.string(), nullable=False),
     pa.field("score", pa.float64()),  # null: no score for this row (e.g. no reference answer)
-    pa.field("flag", pa.string()),  # null, or why the row is suspect: "empty_response" | "nonfinite"
+    pa.field("flag", pa.string()),  # null, or why the row is suspect: "empty_response" | "nonfinite" | "error"
 ])
+# A row that failed alone (docs/failures.md#row-failures): its finish_reason in a generation cell (response "") and
+# its flag in a score cell (score null); the cell's metadata has `failed` and `errors`, and the next run redoes it.
+ROW_FAILED = "error"
 
 LABELS = pa.schema([
     pa.field("query_id", pa.string(), nullable=False),

@@ -297,6 +297,10 @@ class DataConfig(Strict):
     test_fraction: float = Field(0.25, ge=0, lt=1, description="Share of queries held out for evaluation "
                                  "(chosen by a hash of the query id, so it is stable as data grows).")
     limit: int | None = Field(None, ge=1, le=10**12, description="Use only the first N queries of the file.")
+    max_failed_fraction: float = Field(
+        0.01, ge=0, le=1, description="Rows that fail alone (a tokenizer or endpoint error, a prompt the engine "
+        "refuses, a non-finite reward) are recorded in their cell, left out of the labels and retried by the next "
+        "run; a stage with more failed rows than this share of its rows fails the run, naming the first error.")
 
 
 class TaggerConfig(Strict):

@@ -101,6 +101,8 @@ class EvalReport(_Model):
     router: str = Field(description="Fingerprint of the router evaluated.")
     experts: list[str] = Field(description="Experts in the router's output order.")
     test_queries: int = Field(description="Held-out queries evaluated.")
+    left_out: int = Field(0, description="Queries the labels left out, any split: a row of theirs failed alone "
+                          "(docs/failures.md#row-failures); the next run retries them.")
     best_single: str = Field(description="The expert with the best training reward (tag average when tagged).")
     rows: list[StrategyRow] = Field(description="One row per strategy.")
     router_share: dict[str, float] = Field(description="Share of test queries the router sends to each expert.")

@@ -73,6 +73,9 @@ class StageRecord(BaseModel):
     nodes: list[str] = Field(default_factory=list, description="Ray node ids the stage's actors ran on.")
     flags: dict[str, int] = Field(default_factory=dict, description="Rows flagged in the cells computed, by "
                                   "flag: empty_response, nonfinite (see tasks/score.py).")
+    failed: int = Field(0, description="Rows that failed alone in the cells computed (docs/failures.md#row-failures): "
+                        "left out of the labels, retried by the next run; non-finite rewards included.")
+    first_error: str | None = Field(None, description="The first failed row's query id and error.")
     busy: float | None = Field(None, description="Share of its actors' time, from model loaded to released, spent "
                                "in jobs (None: no actor ran, e.g. a verifiable reward or nothing to compute).")
     jobs_from: datetime | None = Field(None, description="When its first job in this run started (UTC): stages of "
@@ -84,6 +87,7 @@ class StageRecord(BaseModel):
         return cls(name=r.name, fingerprint=r.fingerprint, cells_computed=len(r.computed),
                    cells_reused=len(r.skipped), cells_repaired=len(r.repaired), rows=r.rows,
                    new_tokens=r.new_tokens, seconds=round(r.seconds, 2), nodes=r.nodes, flags=r.flags,
+                   failed=getattr(r, "failed", 0), first_error=getattr(r, "first_error", None),
                    busy=None if r.busy is None else round(r.busy, 3), jobs_from=r.jobs_from, jobs_until=r.jobs_until)
 
 

@@ -127,6 +127,8 @@ class LabelsRef(_Frozen):
     experts: list[str] = Field(description="Expert names in the labels' (and the router's) column order.")
     aggregate: AggregateConfig = Field(description="How rewards became soft labels.")
     test_fraction: float = Field(description="Held-out share for queries without a split.")
+    left_out: int = Field(0, description="Queries left out because a row of theirs failed alone (an expert's "
+                          "generation or a reward model's score, docs/failures.md#row-failures).")
     _frame: object = PrivateAttr(default=None)
 
     @classmethod
@@ -136,7 +138,7 @@ class LabelsRef(_Frozen):
         meta = store.read_meta(labels_path(fingerprint))
         agg = AggregateConfig.model_validate({k: meta[k] for k in AggregateConfig.model_fields if k in meta})
         return cls(fingerprint=fingerprint, rows=meta["rows"], experts=meta["experts"], aggregate=agg,
-                   test_fraction=meta.get("test_fraction", 0.25))
+                   test_fraction=meta.get("test_fraction", 0.25), left_out=meta.get("left_out", 0))
 
     def with_frame(self, frame: pl.DataFrame) -> LabelsRef:
         self._frame = frame  # private: frozen covers the fields only

@@ -495,7 +495,8 @@ K = TypeVar("K", bound=Hashable)
 def cell_todo(store: Store, cells: Iterable[tuple[K, str]], schema: pa.Schema, fp: str) -> tuple[list[K], list[K],
                                                                                                   list[K]]:
     """Split cells (key, path) into (todo, done, repaired): `repaired` are in todo because the file there is
-    broken (truncated, foreign schema...); each is logged, then recomputed over.
+    broken (truncated, foreign schema...); each is logged, then recomputed over. A valid cell whose metadata
+    counts failed rows (`failed`, written only when some row failed alone) is in todo too: each run retries them.
 
     One listing per folder tells which cells are there at all; only those are read (their footers), so planning
     a fresh stage costs a request per folder, not per cell."""
@@ -511,9 +512,13 @@ def cell_todo(store: Store, cells: Iterable[tuple[K, str]], schema: pa.Schema, f
         if folder and name not in listed[folder]:
             todo.append(key)
             continue
-        why = store.check_cell(rel, schema, fp)
-        if why is None:
+        why, meta = store.cell(rel, schema, fp)
+        if why is None and not meta.get("failed"):
             done.append(key)
+            continue
+        if why is None:  # rows failed alone in it (tasks/generate.py, tasks/score.py): retried, the cell with them
+            log.info("%s has %d failed rows: computing it again", store.uri(rel), meta["failed"])
+            todo.append(key)
             continue
         if why != "missing":
             log.warning("%s is invalid (%s): recomputing it", store.uri(rel), why)

@@ -16,6 +16,7 @@ import polars as pl
 from schemas.artifacts import (
     HELD_OUT_SCORES,
     LABELS,
+    ROW_FAILED,
     fingerprint,
     held_out_scores_path,
     labels_path,
@@ -157,10 +158,17 @@ def label_plans(store: Store, experts: list[Expert], sources: list[ScoreSource],
     wide = (target.join(order, on="expert").sort("query_id", "_i")
             .group_by("query_id", maintain_order=True)
             .agg(pl.col("reward").alias("rewards"), pl.col("soft"), pl.col("target"), pl.len().alias("_n"))
-            .filter(pl.col("_n") == len(experts)).drop("_n"))
+            .filter(pl.col("_n") == len(experts)).drop("_n")
+            .join(failed_queries(scores), on="query_id", how="anti"))  # a row that failed alone: left out
     test = (scores.join(q.lazy().filter(pl.col("split") == "test").select("query_id"), on="query_id")
             .select(HELD_OUT_SCORES.names))
     return queries.join(wide, on="query_id").select(LABELS.names).sort("query_id"), test
+
+
+def failed_queries(scores: pl.LazyFrame) -> pl.LazyFrame:
+    """The queries (query_id) with a row that failed alone under some expert or reward model (flag `error`,
+    tasks/score.py): the labels leave them out; their cells are computed again by the next run."""
+    return scores.filter(pl.col("flag") == ROW_FAILED).select("query_id").unique()
 
 
 def out_of_range(scores: pl.LazyFrame) -> pl.LazyFrame:
@@ -193,14 +201,17 @@ def run_aggregate(store: Store, experts: list[Expert], sources: list[ScoreSource
     rel = labels_path(fp)
     ref = LabelsRef(fingerprint=fp, rows=0, experts=[n for n, _ in experts], aggregate=agg,
                     test_fraction=test_fraction)
-    if store.valid_cell(rel, LABELS, fp):
-        return ref.model_copy(update={"rows": store.read_meta(rel)["rows"]})
+    why, meta = store.cell(rel, LABELS, fp)
+    if why is None and not meta.get("left_out"):  # labels that left queries out wait for their retried rows
+        return ref.model_copy(update={"rows": meta["rows"]})
     big = out_of_range(scan_scores(store, experts, sources, shards))
+    left = failed_queries(scan_scores(store, experts, sources, shards)).select(pl.len())
     # Polars' streaming engine: at 10M score rows about half the peak memory (1.2 vs 2.1 GiB) and half the CPU time
     # of the in-memory engine (benchmarks/aggregation.py); the labels are equal to rounding (sums may run in another
     # order -- so they do between two in-memory runs as well)
-    df, test, big = pl.collect_all([*label_plans(store, experts, sources, tagger_fp, shards, agg, test_fraction),
-                                    big], engine="streaming")
+    df, test, big, left = pl.collect_all([*label_plans(store, experts, sources, tagger_fp, shards, agg,
+                                                       test_fraction), big, left], engine="streaming")
+    left_out = int(left.item())
     if big.height:
         r = big.row(0, named=True)
         raise ArtifactError(f"reward model {r['rm']!r}: score {r['score']!r} of expert {r['expert']!r} on query "
@@ -213,5 +224,6 @@ def run_aggregate(store: Store, experts: list[Expert], sources: list[ScoreSource
     store.write_table(rel, df.to_arrow(), LABELS, {  # last: labels that exist have their test scores
         "stage": "labels", "fingerprint": fp, "experts": [n for n, _ in experts],
         "expert_fingerprints": dict(experts), "scores": [s.__dict__ for s in sources], "tagger": tagger_fp,
-        **agg.model_dump(mode="json"), "test_fraction": test_fraction, "rows": df.height})
-    return ref.model_copy(update={"rows": df.height}).with_frame(df)
+        **agg.model_dump(mode="json"), "test_fraction": test_fraction, "rows": df.height,
+        **({"left_out": left_out} if left_out else {})})
+    return ref.model_copy(update={"rows": df.height, "left_out": left_out}).with_frame(df)

@@ -255,6 +255,9 @@ def to_markdown(report: EvalReport) -> str:
     share = ", ".join(f"{e}: {p:.0%}" for e, p in report.router_share.items())
     md = (f"# Evaluation ({report.test_queries} held-out queries)\n\n" + "\n".join(lines)
           + f"\n\nRouter sends queries to: {share}. Best single expert (by train reward): {report.best_single}.\n")
+    if report.left_out:
+        md += (f"\n{report.left_out} queries were left out of the labels (and so of this evaluation): a row of "
+               "theirs failed alone; the next run retries them (docs/failures.md#row-failures).\n")
     v = report.validation
     if v is not None:
         md += (f"\nValidation slice ({v.queries} training queries held out by seed {v.seed}; champion/challenger "
@@ -311,6 +314,8 @@ def run_evaluate(store: Store, labels: LabelsRef | str, router_fp: str, *, sourc
     key = {"labels": labels_fp, "router": router_fp, "code": CODE_VERSION}
     if fallback_below:  # off: the same fingerprint as before the option existed
         key["fallback_below"] = fallback_below
+    if ref.left_out:  # labels that left queries out (rows that failed alone) are not the labels made after a retry
+        key["left_out"] = ref.left_out
     fp = fingerprint(key | {"costs": costs, "lambda": lam} if costs or lam else key)  # no costs: the same fp as before
     if store.exists(report_path(fp)):
         return EvalRef(fingerprint=fp, report=read_report(store, fp))
@@ -348,6 +353,7 @@ def run_evaluate(store: Store, labels: LabelsRef | str, router_fp: str, *, sourc
     report = evaluate(test, train, names, probs, scores, evaluation=fp, labels=labels_fp, router=router_fp,
                       costs=costs and {e: costs[e] for e in names}, lam=lam, validation=validation,
                       fallback_below=fallback_below, baselines=baselines)
+    report = report.model_copy(update={"left_out": ref.left_out})
     store.write_bytes(report_path(fp, "md"), to_markdown(report).encode())
     from tasks.plots import bar_chart, plot_cost_curve  # matplotlib: imported only to draw
 

@@ -12,22 +12,20 @@ from collections.abc import Callable
 from functools import partial
 from importlib.resources import files
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import pyarrow as pa
 
 from cluster import models
 from cluster.backends import generator_builder
+from cluster.batches import FAILED, Generation, failed_row
 from cluster.stage import Stage, StageResult, run_stage
 from schemas.artifacts import GENERATIONS, QUERIES, fingerprint, generation_path, queries_path
 from schemas.config import ExpertSpec
-from schemas.errors import ConfigError
+from schemas.errors import ConfigError, ZooterError
 from schemas.leases import Leases
 from schemas.plan import PlannedExpert
 from schemas.store import Store
-
-if TYPE_CHECKING:
-    from cluster.batches import Generation
 
 CODE_VERSION = 1  # bump when a change here alters generated text
 # ExpertSpec fields outside a local (hf/vllm) expert's fingerprint: identity is hashed as `weights`; the rest
@@ -114,13 +112,37 @@ def answer(model: Generator, spec: ExpertSpec, texts: list[str], seed: int, batc
                           temperature=s.temperature, top_p=s.top_p, seed=seed, stop=s.stop, batch_size=batch_size)
 
 
+def answer_rows(model: Generator, spec: ExpertSpec, texts: list[str], seed: int, batch_size: int) -> list[Generation]:
+    """`answer`, where one row fails alone: a backend reports a row's own failure as a `failed_row`; a batch that
+    raises anyway (a tokenizer or model error on one row) is answered again row by row, and the rows that still
+    raise are failed rows. A ZooterError (a bad key, a missing model) is no row's fault: it stops the stage."""
+    try:
+        return answer(model, spec, texts, seed, batch_size)
+    except ZooterError:
+        raise
+    except Exception:  # noqa: BLE001 - which row? each alone tells
+        out = []
+        for i, t in enumerate(texts):
+            try:
+                out += answer(model, spec, [t], seed + i, 1)
+            except ZooterError:
+                raise
+            except Exception as e:  # noqa: BLE001 - this row's failure, recorded in the cell
+                out.append(failed_row(e))
+        return out
+
+
 def generate_cell(model: Generator, shard: int, *, spec: ExpertSpec, fp: str, store: Store) -> dict:
-    """Answer one shard and write its cell (the stage's job: runs inside the expert's actor)."""
+    """Answer one shard and write its cell (the stage's job: runs inside the expert's actor). A row that failed
+    alone is kept with an empty response and finish_reason `error`; its error is in the cell's metadata
+    (`errors`: [[query_id, error], ...], `failed`: their count), and the next run computes the cell again."""
     t0 = time.perf_counter()
     q = store.read_table(queries_path(shard), QUERIES)
-    gens = answer(model, spec, q["text"].to_pylist(), spec.sampling.seed + shard * 100_003,
-                  spec.resources.batch_size)
-    empty = sum(not g.response.strip() for g in gens)  # kept; scoring flags them (see tasks/score.py)
+    gens = answer_rows(model, spec, q["text"].to_pylist(), spec.sampling.seed + shard * 100_003,
+                       spec.resources.batch_size)
+    errors = [[qid, g.error or "failed"] for qid, g in zip(q["query_id"].to_pylist(), gens, strict=True)
+              if g.error is not None or g.finish_reason == FAILED]
+    empty = sum(not g.response.strip() for g in gens) - len(errors)  # kept; scoring flags them (tasks/score.py)
     table = pa.table({
         "query_id": q["query_id"],
         "response": [g.response for g in gens],
@@ -130,18 +152,20 @@ def generate_cell(model: Generator, shard: int, *, spec: ExpertSpec, fp: str, st
     })
     store.write_table(generation_path(spec.name, fp, shard), table, GENERATIONS, {
         "stage": "generations", "fingerprint": fp, "shard": shard, "expert": spec.name,
-        "spec": spec.model_dump(mode="json", exclude={"resources"}), "flags": {"empty_response": empty}})
+        "spec": spec.model_dump(mode="json", exclude={"resources"}), "flags": {"empty_response": empty},
+        **({"failed": len(errors), "errors": errors} if errors else {})})
     return {"rows": table.num_rows, "new_tokens": sum(g.new_tokens for g in gens),
-            "seconds": time.perf_counter() - t0, "flags": {"empty_response": empty}}
+            "seconds": time.perf_counter() - t0, "flags": {"empty_response": empty}, "errors": errors}
 
 
 def run_generate(store: Store, expert: PlannedExpert | ExpertSpec, shards: list[int],
-                 leases: Leases | None = None) -> StageResult:
-    """Write the expert's missing cells (leased, so a concurrent run never computes the same cell)."""
+                 leases: Leases | None = None, max_failed_fraction: float = 1.0) -> StageResult:
+    """Write the expert's missing cells (leased, so a concurrent run never computes the same cell), and those with
+    failed rows again; more failed rows than `max_failed_fraction` of its rows fail the stage."""
     expert = planned(expert)
     spec, fp = expert.spec, expert.fingerprint
     return run_stage(store, Stage(
         step="generate", name=spec.name, fingerprint=fp, schema=GENERATIONS, keys=shards,
         path=partial(generation_path, spec.name, fp), job=partial(generate_cell, spec=spec, fp=fp, store=store),
         build=generator_builder(expert), resources=spec.resources,
-        tensor_parallel=spec.tensor_parallel_size, unit="shard"), leases)
+        tensor_parallel=spec.tensor_parallel_size, unit="shard", max_failed_fraction=max_failed_fraction), leases)

@@ -47,6 +47,7 @@ def runs(store: Store) -> list[dict]:
                         "cells_computed": m.cells_computed, "cells_reused": sum(s.cells_reused for s in stages),
                         "cells_repaired": sum(s.cells_repaired for s in stages),
                         "flagged": sum(sum(s.flags.values()) for s in m.score),
+                        "failed": sum(s.failed for s in stages),
                         "labels": m.labels, "router": m.router, "seconds": m.timings.get("total_s")})
     return sorted(out, key=lambda r: r["started"])
 
@@ -56,8 +57,19 @@ def cell_matrix(store: Store, manifest: dict) -> dict:
     shards = manifest["shards"]
     gens = {g["name"]: g["fingerprint"] for g in manifest["generate"]}
     matrix = {"shards": shards, "generations": {}, "scores": {}}
+    # rows that failed alone, per stage and model, from the cells' footers (docs/failures.md#row-failures)
+    matrix["failed"] = []
+
+    def failed(stage: str, name: str, metas: list[dict], **more: str) -> None:
+        errors = [e for m in metas for e in m.get("errors", [])]
+        if errors:
+            matrix["failed"].append({"stage": stage, "name": name, **more, "rows": len(errors),
+                                     "first_error": f"query {errors[0][0]}: {errors[0][1]}"})
+
     for e, fp in gens.items():
-        matrix["generations"][e] = [store.valid_cell(generation_path(e, fp, s), GENERATIONS, fp) for s in shards]
+        cells = [store.cell(generation_path(e, fp, s), GENERATIONS, fp) for s in shards]  # one footer read each
+        matrix["generations"][e] = [why is None for why, _ in cells]
+        failed("generate", e, [meta for _, meta in cells])
     matrix["flags"] = []  # flagged rows per (reward model, expert), summed over the valid cells' footers
     for r in manifest["score"]:
         per: dict[str, list[bool]] = {}
@@ -65,6 +77,7 @@ def cell_matrix(store: Store, manifest: dict) -> dict:
             cells = [store.cell(score_path(r["name"], r["fingerprint"], e, efp, s), SCORES, r["fingerprint"])
                      for s in shards]  # one footer read per cell: validity and flag counts
             per[e] = [why is None for why, _ in cells]
+            failed("score", r["name"], [meta for _, meta in cells], expert=e)
             counts: dict[str, int] = {}
             for _, meta in cells:
                 for k, n in meta.get("flags", {}).items():
@@ -77,7 +90,8 @@ def cell_matrix(store: Store, manifest: dict) -> dict:
 
 def label_summary(store: Store, labels_fp: str) -> dict:
     """Rows, per-expert mean reward and win rate, and the tag x expert mean target of a labels artifact."""
-    experts = store.read_meta(labels_path(labels_fp))["experts"]
+    meta = store.read_meta(labels_path(labels_fp))
+    experts = meta["experts"]
     df = pl.from_arrow(store.read_table(labels_path(labels_fp), LABELS))
     wide = df.select(
         "tags",
@@ -88,7 +102,8 @@ def label_summary(store: Store, labels_fp: str) -> dict:
                    "win_rate": (wide["winner"] == i).mean()} for i, e in enumerate(experts)]
     by_tag = (wide.explode("tags").drop_nulls("tags").group_by("tags")
               .agg(pl.len().alias("n"), *[pl.col(e).mean() for e in experts]).sort("tags").rename({"tags": "tag"}))
-    return {"rows": df.height, "experts": per_expert, "tag_target": by_tag.to_dicts()}
+    return {"rows": df.height, "left_out": meta.get("left_out", 0), "experts": per_expert,
+            "tag_target": by_tag.to_dicts()}
 
 
 def tag_summary(store: Store, tagger_fp: str, shards: list[int], top: int = 20) -> dict:

@@ -23,9 +23,11 @@ import pyarrow.compute as pc
 
 from cluster import models
 from cluster.backends import scorer_builder
+from cluster.batches import FAILED
 from cluster.stage import Stage, StageResult, run_stage
 from schemas.artifacts import GENERATIONS, QUERIES, SCORES, fingerprint, generation_path, queries_path, score_path
 from schemas.config import MODEL_FREE, ExpertSpec, RewardSpec
+from schemas.errors import ZooterError
 from schemas.leases import Leases
 from schemas.plan import PlannedExpert, PlannedRM
 from schemas.store import Store
@@ -115,6 +117,7 @@ def score_cell(model: Scorer | None, key: tuple[str, int], *, rm: RewardSpec, rm
     g = store.read_table(generation_path(expert, expert_fp, shard), GENERATIONS)
     g = g.take(pc.index_in(q["query_id"], g["query_id"]))  # align answers with the shard's query order
     answers = g["response"].to_pylist()
+    row_errors: dict[int, str] = {}
     if rm.kind == "verifiable":
         scores = [verify(a, r) for a, r in zip(answers, q["reference"].to_pylist(), strict=True)]
     elif rm.kind == "feedback":  # by the text's hash: a data-file query with its own id gets its traffic's feedback
@@ -122,16 +125,53 @@ def score_cell(model: Scorer | None, key: tuple[str, int], *, rm: RewardSpec, rm
         got = dict(zip(fb["query_id"], fb["score"], strict=True))
         scores = [got.get(text_id(t)) for t in q["text"].to_pylist()]
     else:
-        scores = model.score(q["text"].to_pylist(), answers, batch_size=rm.resources.batch_size)
+        scores, row_errors = score_rows(model, q["text"].to_pylist(), answers, rm.resources.batch_size)
     scores, flags = flag_scores(answers, scores)
+    ids = q["query_id"].to_pylist()
+    # the generation's failed rows, then the RM's own: no score, flag `error`, the error in the metadata
+    failed: dict[int, str] = {}
+    if FAILED in g["finish_reason"].to_pylist():
+        gen_errors = dict(map(tuple, store.read_meta(generation_path(expert, expert_fp, shard)).get("errors", [])))
+        failed = {i: f"generation: {gen_errors.get(qid, 'failed')}"
+                  for i, (qid, r) in enumerate(zip(ids, g["finish_reason"].to_pylist(), strict=True)) if r == FAILED}
+    failed.update({i: e for i, e in row_errors.items() if i not in failed})
+    for i in failed:
+        scores[i], flags[i] = None, FAILED
+    errors = [[ids[i], failed[i]] for i in sorted(failed)]
     table = pa.table({"query_id": q["query_id"], "score": pa.array(scores, pa.float64()),
                       "flag": pa.array(flags, pa.string())})
-    counts = {f: flags.count(f) for f in FLAGS}
+    counts = {f: flags.count(f) for f in FLAGS} | ({FAILED: len(errors)} if errors else {})
     store.write_table(score_path(rm.name, rm_fp, expert, expert_fp, shard), table, SCORES, {
         "stage": "scores", "fingerprint": rm_fp, "shard": shard, "reward_model": rm.name, "expert": expert,
         "expert_fingerprint": expert_fp, "backend_used": model.backend if model else None,
-        "spec": rm.model_dump(mode="json", exclude={"resources"}), "flags": counts})
-    return {"rows": table.num_rows, "seconds": time.perf_counter() - t0, "flags": counts}
+        "spec": rm.model_dump(mode="json", exclude={"resources"}), "flags": counts,
+        **({"failed": len(errors), "errors": errors} if errors else {})})
+    nonfinite = [[ids[i], "reward is not finite"] for i, f in enumerate(flags) if f == "nonfinite"]
+    return {"rows": table.num_rows, "seconds": time.perf_counter() - t0, "flags": counts,
+            "errors": errors + nonfinite}
+
+
+def score_rows(model: Scorer, queries: list[str], answers: list[str],
+               batch_size: int) -> tuple[list[float | None], dict[int, str]]:
+    """The model's scores, where one row fails alone: a batch that raises (a tokenizer or model error on one row)
+    is scored again row by row; a row that still raises has no score and its error (row index -> one line). A
+    ZooterError is no row's fault: it stops the stage."""
+    try:
+        return model.score(queries, answers, batch_size=batch_size), {}
+    except ZooterError:
+        raise
+    except Exception:  # noqa: BLE001 - which row? each alone tells
+        out: list[float | None] = []
+        errors: dict[int, str] = {}
+        for i, (qq, a) in enumerate(zip(queries, answers, strict=True)):
+            try:
+                out += model.score([qq], [a], batch_size=1)
+            except ZooterError:
+                raise
+            except Exception as e:  # noqa: BLE001 - this row's failure, recorded in the cell
+                out.append(None)
+                errors[i] = " ".join(f"{type(e).__name__}: {e}".split())[:500]
+        return out, errors
 
 
 FLAGS = ("empty_response", "nonfinite")
@@ -154,7 +194,7 @@ def flag_scores(answers: list[str], scores: list[float | None]) -> tuple[list[fl
 
 
 def run_score(store: Store, rm: PlannedRM | RewardSpec, experts: list[PlannedExpert | ExpertSpec],
-              shards: list[int], leases: Leases | None = None) -> StageResult:
+              shards: list[int], leases: Leases | None = None, max_failed_fraction: float = 1.0) -> StageResult:
     """Write the RM's missing cells for every expert (leased, like run_generate); keys are (expert, shard). In the
     label flow's pipeline a key starts as soon as its generation cell exists (cluster/stage.py `Pipeline`).
     Planned specs come from the run's plan; bare ones are planned here (tests, benchmarks)."""
@@ -167,4 +207,4 @@ def run_score(store: Store, rm: PlannedRM | RewardSpec, experts: list[PlannedExp
         job=partial(score_cell, rm=spec, rm_fp=fp, expert_fps=efps, store=store),
         build=None if spec.kind in MODEL_FREE else scorer_builder(planned_rm),
         resources=spec.resources, tensor_parallel=spec.tensor_parallel_size,
-        needs=lambda k: generation_path(k[0], efps[k[0]], k[1])), leases)
+        needs=lambda k: generation_path(k[0], efps[k[0]], k[1]), max_failed_fraction=max_failed_fraction), leases)

@@ -86,8 +86,8 @@ def test_inspect_store_picks_the_last_completed_run_and_shows_the_champion(store
     assert [r["run_id"] for r in out["runs"]] == ["run-1", "run-2"]
     assert out["runs"][0] | {"seconds": None} == {
         "run_id": "run-1", "status": "completed", "error": None, "started": "2025-01-01T00:00:00", "queries": 2,
-        "cells_computed": 2, "cells_reused": 2, "cells_repaired": 0, "flagged": 1, "labels": "l1", "router": None,
-        "seconds": None}
+        "cells_computed": 2, "cells_reused": 2, "cells_repaired": 0, "flagged": 1, "failed": 0, "labels": "l1",
+        "router": None, "seconds": None}
     assert out["run"] == "run-1" and out["labels"]["rows"] == 4 and "champion" not in out
     assert inspect_store(store, "run-2")["run"] == "run-2"
 
@@ -127,3 +127,21 @@ def test_tag_summary_counts_tags_and_an_llm_taggers_parse_failures(store):
     m = manifest("run-3", "completed") | {"tagger": "llm-1", "started": "2025-01-03T00:00:00"}
     store.write_json(run_manifest_path("run-3"), m)
     assert inspect_store(store)["tags"]["top"][0] == {"tag": "math", "n": 2}  # the latest completed run's tags
+
+
+def test_inspect_counts_rows_that_failed_alone(store):
+    """The manifest's per-stage failed rows in the run summary, the cells' failed rows with the first error, and the
+    queries the labels left out (docs/failures.md#row-failures)."""
+    store.write_table(generation_path("a", "ga", 1), pa.table({
+        "query_id": ["q"], "response": [""], "prompt_tokens": [0], "new_tokens": [0], "finish_reason": ["error"]}),
+        GENERATIONS, {"fingerprint": "ga", "failed": 1, "errors": [["q", "ValueError: bad token"]]})
+    m = manifest("run-3", "completed", "l1")
+    m["generate"][0] |= {"failed": 1, "first_error": "query q: ValueError: bad token"}
+    store.write_json(run_manifest_path("run-3"), m)
+    labels = store.read_table(labels_path("l1"), LABELS)
+    store.write_table(labels_path("l1"), labels, LABELS, {"fingerprint": "l1", "experts": ["a", "b"], "left_out": 1})
+    out = inspect_store(store, "run-3")
+    assert [r["failed"] for r in out["runs"]] == [0, 0, 1]
+    assert out["cells"]["failed"] == [{"stage": "generate", "name": "a", "rows": 1,
+                                       "first_error": "query q: ValueError: bad token"}]
+    assert out["labels"]["left_out"] == 1
