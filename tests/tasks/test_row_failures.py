@@ -249,3 +249,37 @@ def test_vllm_generator_keeps_refused_rows_out_of_the_engine(tiny_models):
     long = gen.generate(["hi " * 200, "yo"], max_new_tokens=60)  # prompts are cut to 8 tokens: 8 + 60 > 64
     assert long[0].finish_reason == "error" and "exceeds the context (max_model_len 64)" in long[0].error
     assert (long[1].response, long[1].finish_reason) == ("ok", "stop")
+
+
+@pytest.mark.parametrize("endpoint", [{"fail": [400]}], indirect=True)
+def test_openai_stage_in_its_actor_pool_fails_past_the_fraction_and_retries(tmp_path, endpoint, ray_session):
+    """Through the stage runner and the expert's Ray actor: one failed row of 4 is over 1 % (the config's default),
+    so the stage fails with one line naming it and the first error; the next run retries the cell (the endpoint
+    now answers every row), and the one after finds it done."""
+    from tasks.generate import expert_fingerprint, run_generate
+
+    store, ids = shard_store(tmp_path)
+    spec = ExpertSpec(name="remote", model="m", backend="openai", base_url=endpoint.url, max_in_flight=1,
+                      resources={"pool_size": 1})
+    with pytest.raises(TooManyFailedRows, match=rf"^generate remote: 1 of 4 rows failed, more than "
+                                                rf"data.max_failed_fraction = 0.01; first: query {ids[0]}: expert "
+                                                r"'remote': .* rejected the request \(400: scripted 400\)") as e:
+        run_generate(store, spec, [0], max_failed_fraction=DataConfig(path="x").max_failed_fraction)
+    assert "\n" not in str(e.value)  # one line
+    rel = generation_path("remote", expert_fingerprint(spec), 0)
+    assert store.read_meta(rel)["failed"] == 1  # the cell is written, its failed row recorded
+    retried = run_generate(store, spec, [0], max_failed_fraction=0.01)
+    assert (retried.computed, retried.failed) == ([0], 0)
+    assert set(store.read_table(rel, GENERATIONS)["finish_reason"].to_pylist()) == {"length"}
+    assert run_generate(store, spec, [0]).skipped == [0]  # done now
+
+
+def test_evaluation_report_says_how_many_queries_were_left_out():
+    from schemas.evaluation import EvalReport, StrategyRow
+    from tasks.evaluate import to_markdown
+
+    row = StrategyRow(strategy="router", reward=1.0, rm={"rm": 0.5}, expert_calls=1, rm_calls=0)
+    report = EvalReport(evaluation="e", labels="l", router="r", experts=["a"], test_queries=3, best_single="a",
+                        rows=[row], router_share={"a": 1.0}, left_out=2)
+    assert "2 queries were left out of the labels (and so of this evaluation)" in to_markdown(report)
+    assert "left out" not in to_markdown(report.model_copy(update={"left_out": 0}))
