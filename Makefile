@@ -14,7 +14,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export ZOOTER_CACHE ?= $(CURDIR)/.zooter/cache
 
 .PHONY: install install-gpu lock-gpu lock-gpu-upgrade lock-gpu-check demo test test-fast lint bench bench-table bench-serving bench-scale routerdc \
-	routerdc-sweep routerdc-shift clean clean-cache docs gpu-check
+	routerdc-sweep routerdc-shift clean clean-cache docs gpu-check bench-sim
 
 install: $(STAMP)
 
@@ -132,6 +132,14 @@ bench-serving: install
 SCALE_SIZES ?= 1000,10000,100000
 bench-scale: install
 	$(BIN)/python benchmarks/scale.py --sizes $(SCALE_SIZES)
+
+# A simulated GPU cluster (benchmarks/sim_cluster.py): Ray with declared GPUs (nothing touches a device), the label
+# flow's stages with synthetic experts and RMs given a latency model from published vLLM throughput, pipelined vs
+# staged vs Ray Data, 100k and 1M queries on 8/16/32 GPUs; prints the grid table, writes
+# benchmarks/results/sim_cluster.json. SIM_ARGS=--quick for one tiny point.
+SIM_ARGS ?=
+bench-sim: install
+	$(BIN)/python benchmarks/sim_cluster.py $(SIM_ARGS)
 
 # The GPU check (benchmarks/gpu_check.py, one CUDA card, torch and transformers only, under 8 minutes): the hf
 # backend's generator and both scorers on random-weight 0.5B and 7B shapes in bf16, GPU_STEP_TOKENS measured, a router
