@@ -129,7 +129,14 @@ class LabelsRef(_Frozen):
     test_fraction: float = Field(description="Held-out share for queries without a split.")
     left_out: int = Field(0, description="Queries left out because a row of theirs failed alone (an expert's "
                           "generation or a reward model's score, docs/failures.md#row-failures).")
+    left_out_key: str | None = Field(None, description="Fingerprint of the left-out query ids (None: none).")
     _frame: object = PrivateAttr(default=None)
+
+    @property
+    def content_key(self) -> str:
+        """What a router or an evaluation of these labels is keyed on: the fingerprint, and the left-out queries'
+        when some are (the retry that answers them rewrites the labels under the same fingerprint)."""
+        return self.fingerprint if not self.left_out else f"{self.fingerprint}-{self.left_out_key}"
 
     @classmethod
     def read(cls, store: Store, fingerprint: str) -> LabelsRef:
@@ -138,7 +145,8 @@ class LabelsRef(_Frozen):
         meta = store.read_meta(labels_path(fingerprint))
         agg = AggregateConfig.model_validate({k: meta[k] for k in AggregateConfig.model_fields if k in meta})
         return cls(fingerprint=fingerprint, rows=meta["rows"], experts=meta["experts"], aggregate=agg,
-                   test_fraction=meta.get("test_fraction", 0.25), left_out=meta.get("left_out", 0))
+                   test_fraction=meta.get("test_fraction", 0.25), left_out=meta.get("left_out", 0),
+                   left_out_key=meta.get("left_out_key"))
 
     def with_frame(self, frame: pl.DataFrame) -> LabelsRef:
         self._frame = frame  # private: frozen covers the fields only

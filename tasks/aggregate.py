@@ -205,13 +205,14 @@ def run_aggregate(store: Store, experts: list[Expert], sources: list[ScoreSource
     if why is None and not meta.get("left_out"):  # labels that left queries out wait for their retried rows
         return ref.model_copy(update={"rows": meta["rows"]})
     big = out_of_range(scan_scores(store, experts, sources, shards))
-    left = failed_queries(scan_scores(store, experts, sources, shards)).select(pl.len())
+    left = failed_queries(scan_scores(store, experts, sources, shards)).sort("query_id")
     # Polars' streaming engine: at 10M score rows about half the peak memory (1.2 vs 2.1 GiB) and half the CPU time
     # of the in-memory engine (benchmarks/aggregation.py); the labels are equal to rounding (sums may run in another
     # order -- so they do between two in-memory runs as well)
     df, test, big, left = pl.collect_all([*label_plans(store, experts, sources, tagger_fp, shards, agg,
                                                        test_fraction), big, left], engine="streaming")
-    left_out = int(left.item())
+    left_out = left.height
+    left_key = fingerprint(left["query_id"].to_list()) if left_out else None
     if big.height:
         r = big.row(0, named=True)
         raise ArtifactError(f"reward model {r['rm']!r}: score {r['score']!r} of expert {r['expert']!r} on query "
@@ -225,5 +226,5 @@ def run_aggregate(store: Store, experts: list[Expert], sources: list[ScoreSource
         "stage": "labels", "fingerprint": fp, "experts": [n for n, _ in experts],
         "expert_fingerprints": dict(experts), "scores": [s.__dict__ for s in sources], "tagger": tagger_fp,
         **agg.model_dump(mode="json"), "test_fraction": test_fraction, "rows": df.height,
-        **({"left_out": left_out} if left_out else {})})
-    return ref.model_copy(update={"rows": df.height, "left_out": left_out}).with_frame(df)
+        **({"left_out": left_out, "left_out_key": left_key} if left_out else {})})
+    return ref.model_copy(update={"rows": df.height, "left_out": left_out, "left_out_key": left_key}).with_frame(df)

@@ -315,7 +315,7 @@ def run_evaluate(store: Store, labels: LabelsRef | str, router_fp: str, *, sourc
     if fallback_below:  # off: the same fingerprint as before the option existed
         key["fallback_below"] = fallback_below
     if ref.left_out:  # labels that left queries out (rows that failed alone) are not the labels made after a retry
-        key["left_out"] = ref.left_out
+        key["labels"] = ref.content_key
     fp = fingerprint(key | {"costs": costs, "lambda": lam} if costs or lam else key)  # no costs: the same fp as before
     if store.exists(report_path(fp)):
         return EvalRef(fingerprint=fp, report=read_report(store, fp))

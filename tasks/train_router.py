@@ -97,7 +97,7 @@ def run_train_router(store: Store, labels: LabelsRef | str, cfg: RouterConfig, e
     need the same router train it once, the other waits for it."""
     labels = labels if isinstance(labels, LabelsRef) else LabelsRef.read(store, labels)
     encoder_identity = encoder_identity or models.identity(cfg.encoder)  # the plan's, in a run
-    fp = router_fingerprint(cfg, labels.fingerprint, encoder_identity)
+    fp = router_fingerprint(cfg, labels.content_key, encoder_identity)  # labels with left-out queries: their own
     done = router_file(fp, ROUTER_JSON)
 
     def compute(keys: list[str], claim: Callable[[str], bool]) -> Iterator[str]:

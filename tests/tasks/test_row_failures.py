@@ -19,7 +19,7 @@ from cluster.stage import Stage, TooManyFailedRows, run_stage
 from schemas.artifacts import GENERATIONS, QUERIES, SCORES, TAGS, generation_path, queries_path, score_path, tags_path
 from schemas.config import AggregateConfig, DataConfig, ExpertSpec, RewardSpec
 from schemas.manifest import StageRecord
-from schemas.plan import Expert
+from schemas.plan import Expert, LabelsRef
 from schemas.store import Store, cell_todo
 from tasks.aggregate import ScoreSource, run_aggregate
 from tasks.generate import generate_cell
@@ -111,6 +111,9 @@ def test_hf_poisoned_query_fails_alone_and_its_cell_is_retried(tmp_path, tiny_mo
     again = run_aggregate(store, [Expert("a", "efp")], [ScoreSource("exact", "rfp", 1.0)], "tagfp", [0],
                           AggregateConfig(), 0.25)
     assert (again.fingerprint, again.left_out, again.rows) == (ref.fingerprint, 0, 4)
+    # a router or evaluation of the labels that left the query out is not one of the labels after the retry
+    assert ref.content_key == f"{ref.fingerprint}-{ref.left_out_key}" and again.content_key == ref.fingerprint
+    assert LabelsRef.read(store, ref.fingerprint).content_key == ref.fingerprint
 
 
 class BatchFails:
