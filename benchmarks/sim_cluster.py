@@ -471,7 +471,8 @@ def child(point: dict) -> dict[str, Any]:
                "HF_HUB_OFFLINE": "1", "RAY_prestart_worker_first_driver": "0"}
         os.environ[LATENCY_ENV] = env[LATENCY_ENV]
         t = time.perf_counter()
-        start_ray(gpus, point["cpus"], env, Path(tempfile.mkdtemp(prefix="zr-", dir="/tmp")))
+        ray_tmp = Path(tempfile.mkdtemp(prefix="zr-", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
+        start_ray(gpus, point["cpus"], env, ray_tmp)
         out["ray_start_s"] = round(time.perf_counter() - t, 2)
         for mode in point["modes"]:
             store = Store(str(base / f"store-{mode}"))
@@ -499,7 +500,12 @@ def child(point: dict) -> dict[str, Any]:
                   file=sys.stderr, flush=True)
             shutil.rmtree(base / f"store-{mode}", ignore_errors=True)
     finally:
+        import ray
+
+        ray.shutdown()
         shutil.rmtree(base, ignore_errors=True)
+        if "ray_tmp" in locals():
+            shutil.rmtree(ray_tmp, ignore_errors=True)
     return out
 
 
