@@ -227,9 +227,13 @@ def save(model: RouterModel, tok, cfg: RouterConfig, out: Path, meta: dict) -> N
 # shipped encoders' tokens are a few characters each (a word longer than WordPiece's 100 characters is one [UNK]),
 # so the cut changes no decision short of text made to defeat it, and bounds a decision's tokenising.
 CHARS_PER_TOKEN = 64
-# A forward's fixed cost in tokens of compute, for `length_batches` in Router.features: measured on 2 CPU cores
-# (benchmarks/serving.py), e5-small and MiniLM in torch and ONNX Runtime.
-FORWARD_TOKENS = 64.0
+# A forward's fixed cost in tokens of compute, per runtime, for `length_batches` in Router.features: texts of
+# different lengths share a forward (padded) only where that costs less than another forward. Torch's eager forward
+# has a fixed cost (dispatch, weight reads) that batching spreads: 32 served requests per call route 1.4x as fast as
+# one at a time (benchmarks/serving.py, (c)). ONNX Runtime has none worth padding for: on 2 cores a 64-token RouterDC
+# question takes 30.9, 33.0 and 34.5 ms a text at batch 1, 8 and 32 (e5-small, int8), so only texts of equal
+# length share a forward.
+FORWARD_TOKENS = {"torch": 64.0, "onnx": 0.0}
 
 Quantize = Literal["int8"]  # what `Router(quantize=...)` and `zooter gateway --quantize` take
 Runtime = Literal["torch", "onnx", "auto"]  # what `Router(runtime=...)` and `zooter gateway --runtime` take
@@ -378,17 +382,15 @@ class Router:
         """(len(texts), hidden) pooled encoder features: what the head reads (the baselines' feature space). Texts
         are cut to `max_chars`, tokenised once, and grouped by token length (`length_batches`: padding against a
         forward's fixed cost), so a served batch of short questions is not padded to its one long one."""
-        try:
-            from cluster.batches import length_batches
-        except ImportError:  # until cluster/batches.py (split out of cluster/backends.py) is committed
-            from cluster.backends import length_batches
+        from cluster.batches import length_batches
 
         out = np.zeros((len(texts), self.model.encoder.config.hidden_size), dtype=np.float32)
         if not texts:
             return out
         ids = self.tok([self.config.prefix + t[:self.max_chars] for t in texts], truncation=True,
                        max_length=self.config.max_length)["input_ids"]
-        for idx in length_batches([len(x) for x in ids], batch_size, FORWARD_TOKENS):
+        for idx in length_batches([len(x) for x in ids], batch_size,
+                                  FORWARD_TOKENS["torch" if self.onnx is None else "onnx"]):
             enc = self.tok.pad({"input_ids": [ids[i] for i in idx]}, return_tensors="np")
             out[idx] = self._encode(enc["input_ids"], enc["attention_mask"])
         return out
