@@ -102,14 +102,22 @@ def render(model: Generator | None, template: str, texts: list[str]) -> list[str
 
 
 def answer(model: Generator, spec: ExpertSpec, texts: list[str], seed: int, batch_size: int,
-           max_new_tokens: int | None = None) -> list[Generation]:
+           max_new_tokens: int | None = None, keep_failed: bool = False) -> list[Generation]:
     """The expert's answers: `texts` rendered with its prompt and sampled with its settings (at most
     `max_new_tokens` new tokens when given, never more than its own limit). The generate step's cells and the
-    gateway's local experts both answer through here."""
+    gateway's local experts both answer through here. A row that failed alone raises `RowFailed` unless
+    `keep_failed` (the generate step keeps it in its cell; the gateway answers its caller with the error)."""
     s = spec.sampling
     limit = min(max_new_tokens or s.max_new_tokens, s.max_new_tokens)
-    return model.generate(render(model, template_text(spec.prompt), texts), max_new_tokens=limit,
-                          temperature=s.temperature, top_p=s.top_p, seed=seed, stop=s.stop, batch_size=batch_size)
+    out = model.generate(render(model, template_text(spec.prompt), texts), max_new_tokens=limit,
+                         temperature=s.temperature, top_p=s.top_p, seed=seed, stop=s.stop, batch_size=batch_size)
+    if not keep_failed and (bad := next((g for g in out if g.finish_reason == FAILED), None)):
+        raise RowFailed(f"expert {spec.name!r}: {bad.error}")
+    return out
+
+
+class RowFailed(RuntimeError):
+    """A row the expert could not answer (cluster/batches.py `failed_row`), outside a generate cell."""
 
 
 def answer_rows(model: Generator, spec: ExpertSpec, texts: list[str], seed: int, batch_size: int) -> list[Generation]:
@@ -117,14 +125,14 @@ def answer_rows(model: Generator, spec: ExpertSpec, texts: list[str], seed: int,
     raises anyway (a tokenizer or model error on one row) is answered again row by row, and the rows that still
     raise are failed rows. A ZooterError (a bad key, a missing model) is no row's fault: it stops the stage."""
     try:
-        return answer(model, spec, texts, seed, batch_size)
+        return answer(model, spec, texts, seed, batch_size, keep_failed=True)
     except ZooterError:
         raise
     except Exception:  # noqa: BLE001 - which row? each alone tells
         out = []
         for i, t in enumerate(texts):
             try:
-                out += answer(model, spec, [t], seed + i, 1)
+                out += answer(model, spec, [t], seed + i, 1, keep_failed=True)
             except ZooterError:
                 raise
             except Exception as e:  # noqa: BLE001 - this row's failure, recorded in the cell

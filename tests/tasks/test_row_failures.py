@@ -22,7 +22,7 @@ from schemas.manifest import StageRecord
 from schemas.plan import Expert, LabelsRef
 from schemas.store import Store, cell_todo
 from tasks.aggregate import ScoreSource, run_aggregate
-from tasks.generate import generate_cell
+from tasks.generate import RowFailed, answer, generate_cell
 from tasks.ingest import read_queries, write_shards
 from tasks.score import score_cell
 from tests.cluster.test_openai_backend import Endpoint
@@ -87,6 +87,8 @@ def test_hf_poisoned_query_fails_alone_and_its_cell_is_retried(tmp_path, tiny_mo
     assert store.valid_cell(rel, GENERATIONS, "efp")  # a valid cell (same schema) ...
     assert store.read_meta(rel)["failed"] == 1
     assert cell_todo(store, [(0, rel)], GENERATIONS, "efp") == ([0], [], [])  # ... that the next run computes again
+    with pytest.raises(RowFailed, match="expert 'a': ValueError: tokenizer cannot encode"):  # the gateway's call
+        answer(gen, spec, [TEXTS[1]], 0, 1)
 
     # scored: the failed row has no score and flag `error`, under every reward model; the good rows are scored
     rm = RewardSpec(name="exact", kind="verifiable")
