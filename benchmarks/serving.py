@@ -18,12 +18,23 @@
         same client (httpx, in this process). Once with an instant router (the HTTP path alone) and once with the
         MiniLM router (what a request really waits for; calls to one router run one at a time).
 
-Queries are MT-Bench's first turns (examples/data/mtbench.jsonl), cycled. Every statistic (p50, p90, p99 in ms) is
-the median over `--repeats` repeats; `runs` keeps each repeat's p50. Timing is only meaningful on an otherwise
-idle machine. Results go to benchmarks/results/serving.json.
+    (c) routing throughput over HTTP, one at a time vs 32 in flight, per runtime (torch, onnx, onnx int8): the
+        gateway app in one process (on .zooter/routerdc's champion if there is one, else an e5-small router as
+        RouterDC's with a random head), an httpx client in another, POST /v1/route with RouterDC's test questions.
+        Each variant reports requests/s, latency, the router's calls (mean batch, share of the wall time it was
+        busy: near 1 means the encoder is the bottleneck, well below means HTTP or the client are) and the time of
+        one batch of 32 through the encoder (measured in the gateway's process before it listens). The goal
+        (issue 37): at 32 in flight at least the serial rate, p50 within 2x one batch of 32. Run at an earlier
+        commit (PYTHONPATH at its tree, --throughput-section routing_throughput_before --commit C) for a before.
+
+Queries for (a) and (b) are MT-Bench's first turns (examples/data/mtbench.jsonl), cycled. Every statistic (p50,
+p90, p99 in ms) is the median over `--repeats` repeats; `runs` keeps each repeat's p50. Timing is only meaningful
+on an otherwise idle machine: (c) records the load average before, per phase and after. Results go to
+benchmarks/results/serving.json.
 
     make bench-serving
     python benchmarks/serving.py --repeats 3 --calls 200 --requests 400
+    python benchmarks/serving.py --only-throughput --repeats 2 --throughput-requests 64
 """
 
 from __future__ import annotations
@@ -37,6 +48,7 @@ import multiprocessing as mp
 import os
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -234,13 +246,13 @@ def serve_gateway(store_url: str, experts_file: str, port: int, instant: bool) -
 
 
 @contextlib.contextmanager
-def process(target: Callable[..., None], *args: object, health: str) -> Iterator[None]:
+def process(target: Callable[..., None], *args: object, health: str, start_s: float = 180) -> Iterator[None]:
     """Run a server in a fresh process until `health` answers 200; stop it afterwards."""
     import httpx
 
     p = mp.get_context("spawn").Process(target=target, args=args, daemon=True)
     p.start()
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + start_s
     try:
         while True:
             if not p.is_alive() or time.monotonic() > deadline:
@@ -318,6 +330,160 @@ def gateway_overhead(texts: list[str], requests: int, repeats: int, tmp: Path) -
     return out
 
 
+# --- (c) routing throughput over HTTP ------------------------------------------------------------------------------
+
+VARIANTS = {"torch": ("torch", None), "onnx": ("onnx", None), "onnx_int8": ("onnx", "int8")}
+
+
+def routerdc_queries(n: int) -> list[str] | None:
+    """A seeded sample of RouterDC's test questions (all five tasks), or None where the dataset is absent."""
+    import random
+
+    folder = Path(os.environ.get("ROUTERDC_DATA", ROOT.parent / "shared" / "datasets" / "routerdc"))
+    files = sorted(folder.glob("*test*.json"))
+    if not files:
+        return None
+    texts = [row["question"] for f in files for row in json.loads(f.read_text(encoding="utf-8"))]
+    return random.Random(0).sample(texts, min(n, len(texts)))
+
+
+def serve_routing(store_url: str, port: int, runtime: str, quantize: str | None, probe: list[str]) -> None:
+    """The gateway app on the store's champion in `runtime` (as `zooter gateway --runtime R [--quantize int8]`
+    builds it), plus /bench/stats: the router's calls (batch sizes, seconds inside `probs`) and the median time of
+    one batch of 32 `probe` texts through it, measured before the gateway listens."""
+    import functools
+
+    import uvicorn
+
+    from gateway.app import create_app
+    from gateway.routers import Routers, load_router
+    from schemas.store import Store
+
+    _quiet()
+    routers = Routers(Store(store_url), functools.partial(load_router, quantize=quantize, runtime=runtime))
+    router = routers.champion.router
+    inner = router.probs
+    for i in range(3):  # warm-up
+        inner(probe[32 * i:32 * (i + 1)])
+    batch32 = []
+    for i in range(3, 10):
+        t = time.perf_counter()
+        inner(probe[32 * i:32 * (i + 1)])
+        batch32.append(time.perf_counter() - t)
+    calls: list[tuple[int, float]] = []
+
+    def probs(texts: list[str]):
+        t = time.perf_counter()
+        out = inner(texts)
+        calls.append((len(texts), time.perf_counter() - t))
+        return out
+
+    router.probs = probs
+    app = create_app(routers, {})
+
+    @app.get("/bench/stats")
+    def stats_() -> dict:
+        out = {"batch32_ms": round(1e3 * statistics.median(batch32), 2), "calls": len(calls),
+               "texts": sum(n for n, _ in calls), "busy_s": round(sum(s for _, s in calls), 3),
+               "runtime": getattr(router, "runtime", runtime), "batch_sizes": sorted(n for n, _ in calls)}
+        calls.clear()
+        return out
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="info")  # as `serve` runs it: access log included
+
+
+def _route_client(conn, url: str, texts: list[str], requests: int, concurrency: int) -> None:
+    """The load, in a process of its own: `requests` /v1/route calls, `concurrency` at a time; sends back each
+    latency and the wall time."""
+    import httpx
+
+    async def run() -> tuple[list[float], float]:
+        took: list[float] = []
+        async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=concurrency)) as client:
+            async def worker(w: int, n: int) -> None:
+                for i in range(w, n, concurrency):
+                    body = {"model": "zooter", "messages": [{"role": "user", "content": texts[i % len(texts)]}]}
+                    t = time.perf_counter()
+                    r = await client.post(f"{url}/v1/route", json=body)
+                    took.append(time.perf_counter() - t)
+                    r.raise_for_status()
+
+            await asyncio.gather(*(worker(w, concurrency) for w in range(concurrency)))  # connections open
+            took.clear()
+            (await client.get(f"{url}/bench/stats")).raise_for_status()  # the router's counts start here
+            t0 = time.perf_counter()
+            await asyncio.gather(*(worker(w, requests) for w in range(concurrency)))
+            return took, time.perf_counter() - t0
+
+    conn.send(asyncio.run(run()))
+    conn.close()
+
+
+def route_load(url: str, texts: list[str], requests: int, concurrency: int) -> tuple[list[float], float]:
+    ctx = mp.get_context("spawn")
+    mine, theirs = ctx.Pipe(duplex=False)
+    p = ctx.Process(target=_route_client, args=(theirs, url, texts, requests, concurrency), daemon=True)
+    p.start()
+    try:
+        if not mine.poll(600):
+            raise RuntimeError("the load client did not finish in 600 s")
+        return mine.recv()
+    finally:
+        p.join(10)
+
+
+def routing_throughput(texts: list[str], requests: int, repeats: int, tmp: Path,
+                       variants: list[str]) -> dict:
+    """Serial vs 32 in flight over HTTP, per runtime: the gateway in one process, the client in another."""
+    import httpx
+
+    store = ROOT / ".zooter" / "routerdc"
+    if (store / "champion.json").exists():
+        router, store_url = "the RouterDC champion (.zooter/routerdc)", str(store)
+    else:
+        crown(tmp / "store-e5", "e5-small")
+        router, store_url = ("an e5-small router as RouterDC's (max_length 256, prefix 'query: ') with a random head: "
+                             ".zooter/routerdc has no champion"), str(tmp / "store-e5")
+    out: dict = {"router": router, "requests": requests, "concurrency": [1, 32], "client": "httpx.AsyncClient in "
+                 "its own process, POST /v1/route", "threads": os.cpu_count()}
+    from cluster.router import Router
+    from schemas.evaluation import read_champion
+    from schemas.store import Store
+
+    fp = read_champion(Store(store_url)).router_fp
+    for name in variants:  # ONNX graphs exported into the model cache first (once; not timed)
+        runtime, quantize = VARIANTS[name]
+        if runtime == "onnx":
+            Router.from_store(Store(store_url), fp, quantize, runtime)
+    for name in variants:
+        runtime, quantize = VARIANTS[name]
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        with process(serve_routing, store_url, port, runtime, quantize, texts, health=f"{url}/health", start_s=600):
+            first = httpx.get(f"{url}/bench/stats", timeout=30).json()
+            res: dict = {"runtime": first["runtime"], "batch32_ms": first["batch32_ms"]}
+            runs: dict[str, list] = {"serial": [], "concurrent_32": []}
+            for _ in range(repeats):  # interleaved: drift on the machine hits both alike
+                for label, conc in (("serial", 1), ("concurrent_32", 32)):
+                    load_before = round(os.getloadavg()[0], 2)
+                    took, wall = route_load(url, texts, requests, conc)
+                    st = httpx.get(f"{url}/bench/stats", timeout=30).json()
+                    sizes = st["batch_sizes"]
+                    runs[label].append(stats(took) | {
+                        "per_s": round(len(took) / wall, 2), "wall_s": round(wall, 2),
+                        "router_busy": round(st["busy_s"] / wall, 3), "router_calls": st["calls"],
+                        "mean_batch": round(st["texts"] / max(1, st["calls"]), 2),
+                        "batch_p50": sizes[len(sizes) // 2] if sizes else 0, "load_1m": load_before})
+            for label, r in runs.items():
+                res[label] = {k: round(statistics.median(x[k] for x in r), 3) for k in r[0]} | {
+                    "runs_per_s": [x["per_s"] for x in r], "runs_p50": [x["p50"] for x in r]}
+            res["concurrent_vs_serial"] = round(res["concurrent_32"]["per_s"] / res["serial"]["per_s"], 2)
+            res["p50_vs_2x_batch32"] = round(res["concurrent_32"]["p50"] / (2 * res["batch32_ms"]), 2)
+            out[name] = res
+            print(name, json.dumps(res), file=sys.stderr)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=3, help="Repeats of every measurement (>= 3: medians).")
@@ -327,6 +493,14 @@ def main() -> None:
                     "in each variant are compared with float32 torch's on its test queries (repeatable).")
     ap.add_argument("--agreement-queries", type=int, default=1000, help="Test queries sampled per store.")
     ap.add_argument("--skip-gateway", action="store_true", help="Measure router latency and agreement only.")
+    ap.add_argument("--only-throughput", action="store_true", help="Measure (c) only; keep the file's other "
+                    "sections.")
+    ap.add_argument("--throughput-requests", type=int, default=256, help="(c): requests per concurrency, variant "
+                    "and repeat.")
+    ap.add_argument("--throughput-variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--throughput-section", default="routing_throughput", help="(c)'s key in the results file "
+                    "(e.g. routing_throughput_before, run with PYTHONPATH at an earlier commit's tree).")
+    ap.add_argument("--commit", default=None, help="The commit measured (default: git HEAD).")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serving.json"))
     args = ap.parse_args()
 
@@ -334,6 +508,17 @@ def main() -> None:
     import transformers
 
     texts = queries()
+    commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                           text=True).stdout.strip() or None
+    out = Path(args.out)
+    if args.only_throughput:
+        res = json.loads(out.read_text()) if out.exists() else {}
+        with tempfile.TemporaryDirectory() as d:
+            res[args.throughput_section] = throughput_section(args, commit, Path(d))
+        out.write_text(json.dumps(res, indent=2) + "\n")
+        record_throughput(res[args.throughput_section], args.throughput_section)
+        print(json.dumps(res[args.throughput_section], indent=2))
+        return
     # the output path is not a result (and must not carry this machine's absolute paths)
     res: dict = {"setup": {k: v for k, v in vars(args).items() if k not in ("out", "agreement_store")} | {
         "cpus": os.cpu_count(), "torch": torch.__version__, "transformers": transformers.__version__,
@@ -348,9 +533,10 @@ def main() -> None:
         print(json.dumps(res["agreement"], indent=2), file=sys.stderr)
         if not args.skip_gateway:
             res["gateway_overhead"] = gateway_overhead(texts, args.requests, args.repeats, tmp)
-    out = Path(args.out)
-    if args.skip_gateway and out.exists():  # keep the last gateway measurement
-        res["gateway_overhead"] = json.loads(out.read_text()).get("gateway_overhead")
+            res[args.throughput_section] = throughput_section(args, commit, tmp)
+    if args.skip_gateway and out.exists():  # keep the last gateway measurements
+        res |= {k: v for k, v in json.loads(out.read_text()).items() if k in ("gateway_overhead",
+                                                                                args.throughput_section)}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2) + "\n")
     from summary import record
@@ -361,7 +547,39 @@ def main() -> None:
         record(f"router decision p50, batch 1 ({name})", r[best]["p50"], "<= 10", "ms", r[best]["p50"] <= 10,
                {"variant": best} | {k: r[k]["p50"] for k in variants}
                | {"agreement": [a for a in res["agreement"] if a["encoder"] == r["encoder"]]})
+    if args.throughput_section in res:
+        record_throughput(res[args.throughput_section], args.throughput_section)
     print(json.dumps(res, indent=2))
+
+
+def throughput_section(args: argparse.Namespace, commit: str | None, tmp: Path) -> dict:
+    """(c) with where and when it was measured (commit, date, cores, load before and after)."""
+    texts = routerdc_queries(1000)
+    what = "RouterDC test questions (1,000 sampled, seed 0)"
+    if texts is None:
+        texts, what = queries(), "MT-Bench first turns (RouterDC's dataset is absent)"
+    head = {"commit": commit, "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "cores": os.cpu_count(), "load": load_now(), "queries": what}
+    body = routing_throughput(texts, args.throughput_requests, args.repeats, tmp, args.throughput_variants)
+    return head | body | {"load_after": load_now()}
+
+
+def load_now() -> dict[str, float]:
+    return dict(zip(("load_1m", "load_5m", "load_15m"), (round(x, 2) for x in os.getloadavg()), strict=True))
+
+
+def record_throughput(sec: dict, name: str) -> None:
+    """The goal of issue 37: with 32 in flight at least the serial rate, p50 within 2x one batch of 32."""
+    from summary import record
+
+    for v in VARIANTS:
+        if v in sec:
+            r = sec[v]
+            record(f"gateway routing, 32 in flight vs serial ({v}, {name})", r["concurrent_vs_serial"], ">= 1 "
+                   "(and p50 <= 2 x batch of 32)", "x", r["concurrent_vs_serial"] >= 1 and r["p50_vs_2x_batch32"] <= 1,
+                   {"commit": sec["commit"], "date": sec["date"], "cores": sec["cores"], "load": sec["load"],
+                    "serial_per_s": r["serial"]["per_s"], "concurrent_per_s": r["concurrent_32"]["per_s"],
+                    "concurrent_p50_ms": r["concurrent_32"]["p50"], "batch32_ms": r["batch32_ms"]})
 
 
 if __name__ == "__main__":

@@ -313,3 +313,26 @@ def test_the_cli_takes_the_limits_and_refuses_nonsense(tmp_path):
     for args in (["--max-body-bytes", "10"], ["--body-timeout", "0"], ["--max-queue", "0"]):
         result = CliRunner().invoke(cli, ["gateway", "--store", str(tmp_path), *args])
         assert result.exit_code == 2 and args[0] in result.output, result.output
+
+
+# --- the default runtime ---------------------------------------------------------------------------------------
+
+def test_the_default_runtime_is_onnx_on_cpu_and_torch_where_onnx_cannot_serve(store_dir, monkeypatch, tmp_path):
+    from gateway.routers import load_router
+
+    monkeypatch.setenv("ZOOTER_CACHE", str(tmp_path / "cache"))
+    store = Store(str(store_dir))
+    auto = load_router(store, "a1a1a1", runtime="auto")
+    torch_router = load_router(store, "a1a1a1", runtime="torch")
+    assert auto.runtime == "onnx" and auto.onnx is not None and torch_router.onnx is None
+    texts = ["a question", "another, somewhat longer question about routing"]
+    np.testing.assert_allclose(auto.probs(texts), torch_router.probs(texts), atol=1e-5)
+    from cluster.onnx_encoder import OnnxEncoder
+
+    def broken(*_a, **_kw):
+        raise RuntimeError("no ONNX Runtime here")
+
+    monkeypatch.setattr(OnnxEncoder, "load_or_export", broken)  # an encoder ONNX Runtime cannot take
+    fallback = load_router(store, "a1a1a1", runtime="auto")
+    assert fallback.runtime == "torch" and fallback.onnx is None
+    np.testing.assert_allclose(fallback.probs(texts), torch_router.probs(texts), atol=1e-6)
