@@ -343,8 +343,11 @@ class Leases:
                 self._sweep()
 
     def _sweep(self) -> None:
-        """Delete the leases this run left in place, unless another live run may still rely on them (one that
-        planned before their cells were written); then this run's announcement."""
+        """Withdraw this run's announcement, then delete the leases it left in place unless another live run may
+        still rely on them (one that planned before their cells were written). The announcement goes first: two runs
+        closing at once would otherwise each see the other alive and both leave their leases behind; this way the
+        later of the two sees nobody and deletes what both left."""
+        self.store.delete(self._run)  # a closing run relies on no lease any more
         others = [p for p in self.store.list_stamped(RUNS_DIR) if f"{RUNS_DIR}/{p}" != self._run]
         alive = []
         for name in others:
@@ -364,7 +367,6 @@ class Leases:
                 path = f"{LEASES_DIR}/{name}"
                 if path not in mine and not name.startswith(".clock-"):
                     self.store.delete_if(path, etag)
-        self.store.delete(self._run)
 
 
 def _warn_waiting(leases: Leases, rel: str, cur: Lease, n: int, since: float) -> None:

@@ -34,7 +34,9 @@ import yaml  # noqa: E402
 GROUPS = {"labeled-store": [*(f"tests/flows/test_{n}.py" for n in ("deploy", "faults", "label_flow", "pipeline",
                                                                     "pool_change", "relabel", "s3")),
                             "tests/tasks/test_export.py"],
-          "vllm": ["tests/cluster/test_vllm.py", "tests/cluster/test_openai_backend.py"]}
+          # vLLM's engine in-process walks sys.modules: it must not share a worker with moto's Flask proxies
+          "vllm": ["tests/cluster/test_vllm.py", "tests/cluster/test_openai_backend.py",
+                   "tests/tasks/test_row_failures.py"]}
 SHARED = {"labeled": "labeled-store", "smol_vllm": "vllm"}  # the session fixture each group shares
 FIRST = ["labeled-store", "vllm", "tests/flows/test_cluster_job.py", "tests/flows/test_cluster.py"]
 

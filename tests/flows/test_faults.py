@@ -292,6 +292,9 @@ def test_nan_rewards_and_empty_answers_are_kept_flagged_and_counted(tmp_path, ti
         c["reward_models"].append({"name": "nan", "kind": "classifier", "model": str(broken_models["nan_rm"]),
                                    "dtype": "float32", "resources": res})
         c["router"] = tiny_router(tiny_models)  # fitted on the tiny encoder: the flags and labels are checked
+        # a reward model whose every score is NaN fails the run at the default 1 % of failed rows, naming the stage
+        # (tests/tasks/test_row_failures.py); here its rows are let through to check how they are kept and counted
+        c["data"]["max_failed_fraction"] = 1.0
 
     path = _config(tmp_path, tiny_models, edit, labeled)  # a and b's cells for judge, rm and exact are reused
     m = label_flow(str(path)).manifest.model_dump(mode="json")
