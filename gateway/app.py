@@ -35,7 +35,7 @@ from tasks.records import visible
 from tasks.route import choose
 
 if TYPE_CHECKING:
-    from cluster.backends import Generation
+    from cluster.batches import Generation
 
 log = logging.getLogger("zooter.gateway")
 
