@@ -120,25 +120,31 @@ def crown(store_dir: Path, fp: str, lam: float = 0.0) -> None:
 def store_dir(tmp_path_factory) -> Path:
     """A store with the ROUTERS (real router directories: a tiny random BERT, the head's weights zero and its bias
     the log of the wanted probabilities) and a1a1a1 as champion."""
+    root = tmp_path_factory.mktemp("gw")
+    write_routers(root, ROUTERS, max_length=16)
+    crown(root / "store", "a1a1a1")
+    return root / "store"
+
+
+def write_routers(root: Path, routers: dict[str, tuple[list[str], list[float]]], max_length: int) -> None:
+    """Real router directories under root/store/routers/<fp> on one tiny random BERT (root/enc): each head's weights
+    zero and its bias the log of the wanted probabilities, so the router gives those for any text."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     from cluster.router import build_from_config, save
 
-    root = tmp_path_factory.mktemp("gw")
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(minilm_dir())
     BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=2, max_position_embeddings=128)).save_pretrained(root / "enc")
     tok.save_pretrained(root / "enc")
-    cfg = RouterConfig(encoder=str(root / "enc"), max_length=16)
-    for fp, (experts, p) in ROUTERS.items():
+    cfg = RouterConfig(encoder=str(root / "enc"), max_length=max_length)
+    for fp, (experts, p) in routers.items():
         model, tok = build_from_config(cfg, len(experts))
         with torch.no_grad():
             model.head.weight.zero_()
             model.head.bias.copy_(torch.log(torch.tensor(p)))
         save(model, tok, cfg, root / "store" / "routers" / fp, {"experts": experts})
-    crown(root / "store", "a1a1a1")
-    return root / "store"
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import torch
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, PlainTextResponse
 from typer.testing import CliRunner
@@ -25,11 +24,9 @@ from gateway.app import MAX_BODY_BYTES, MAX_JSON_DEPTH, create_app
 from gateway.experts import Endpoint
 from gateway.routers import Routers
 from schemas.artifacts import CHAMPION_PATH, report_path
-from schemas.config import RouterConfig
 from schemas.evaluation import Champion, EvalReport
 from schemas.store import Store
-from tests.conftest import minilm_dir
-from tests.flows.test_gateway import fake_expert, serving
+from tests.flows.test_gateway import fake_expert, serving, write_routers
 
 SECRET = "internal-db-password-7f3a"  # what a failing expert's body holds; never for the client
 # router fingerprint -> (experts, probabilities it gives every text)
@@ -67,23 +64,8 @@ def failing_experts() -> dict[str, FastAPI]:
 @pytest.fixture(scope="module")
 def store_dir(tmp_path_factory) -> Path:
     """A store with the ROUTERS (real router directories on a tiny random BERT) and a1a1a1 as champion."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    from cluster.router import build_from_config, save
-
     root = tmp_path_factory.mktemp("limits")
-    torch.manual_seed(0)
-    tok = AutoTokenizer.from_pretrained(minilm_dir())
-    BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=128)).save_pretrained(root / "enc")
-    tok.save_pretrained(root / "enc")
-    cfg = RouterConfig(encoder=str(root / "enc"), max_length=MAX_LENGTH)
-    for fp, (experts, p) in ROUTERS.items():
-        model, tok = build_from_config(cfg, len(experts))
-        with torch.no_grad():
-            model.head.weight.zero_()
-            model.head.bias.copy_(torch.log(torch.tensor(p)))
-        save(model, tok, cfg, root / "store" / "routers" / fp, {"experts": experts})
+    write_routers(root, ROUTERS, max_length=MAX_LENGTH)
     store = Store(str(root / "store"))
     experts = ROUTERS["a1a1a1"][0]
     report = EvalReport(evaluation="eva1", labels="l0", router="a1a1a1", experts=experts, test_queries=1,

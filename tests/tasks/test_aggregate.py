@@ -138,16 +138,7 @@ def test_labels_fingerprint_is_unchanged_by_the_typed_config():
 
 
 def test_run_aggregate_writes_labels_in_expert_order_once(tmp_path):
-    store = Store(str(tmp_path / "store"))
-    ids = ["q1", "q2"]
-    store.write_table(queries_path(0), pa.table({
-        "query_id": ids, "text": ["one", "two"], "input_tags": [[], []], "reference": [None, None],
-        "split": ["train", "test"], "source_line": [1, 2]}), QUERIES)
-    store.write_table(tags_path("tagfp", 0), pa.table({"query_id": ids, "tags": [["t"], ["t"]]}), TAGS)
-    rewards = {"a": [1.0, 0.0], "b": [0.0, 2.0]}
-    for name, efp in EXPERTS:
-        store.write_table(score_path("rm", "r1", name, efp, 0),
-                          pa.table({"query_id": ids, "score": rewards[name], "flag": [None, None]}), SCORES)
+    store = _score_store(tmp_path, {"a": [1.0, 0.0], "b": [0.0, 2.0]})
     agg = AggregateConfig(beta=1.0)
     ref = run_aggregate(store, EXPERTS, SOURCES[:1], "tagfp", [0], agg, 0.25)
     fp, rows = ref.fingerprint, ref.rows
